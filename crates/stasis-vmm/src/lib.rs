@@ -1,1 +1,21 @@
-//! placeholder
+//! The stasis VM core: a KVM VM with its guest memory, vCPUs, boot loaders
+//! and devices.
+//!
+//! Layers, bottom up: [`layout`] (the guest address map), [`memory`]
+//! (guest RAM), [`boot`] (kernel loading and entry protocols),
+//! [`platform`] (ACPI and MP tables in guest memory), [`cpu`] (CPUID,
+//! register state, vCPU threads), [`devices`] (each emulated device), and
+//! [`vm`] which puts them together and exposes [`vm::VmControl`] to the
+//! control API above.
+
+pub mod boot;
+pub mod cpu;
+pub mod devices;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod platform;
+pub mod vm;
+
+pub use exit::ExitReason;
+pub use vm::{RunState, Vm, VmControl, VmDescription, VmError};

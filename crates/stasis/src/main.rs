@@ -1,1 +1,34 @@
-fn main() {}
+//! The `stasis` command: run VMs, and steer running ones by name.
+
+mod api_glue;
+mod cli;
+mod clients;
+mod demo;
+mod run;
+mod signals;
+
+use clap::Parser;
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = cli::Cli::parse();
+    init_logging(&cli.log_level);
+    let code = match cli.command {
+        cli::Command::Run(a) => run::run(a),
+        cli::Command::Demo(a) => demo::demo(a),
+        cli::Command::List => clients::list(),
+        cli::Command::Status(a) => clients::status(&a),
+        cli::Command::Pause(a) => clients::action(&a, "pause"),
+        cli::Command::Resume(a) => clients::action(&a, "resume"),
+        cli::Command::Stop(a) => clients::stop(&a),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,271 @@
+//! The endpoint table: from (method, path, body) to an [`ApiRequest`].
+//!
+//! Adding an endpoint is three small steps: a variant in [`ApiRequest`], a
+//! row in `ENDPOINTS` (method, path, body parser), and the VM core's
+//! handling of the new variant. Unknown paths get 404, a known path with
+//! another method gets 405 with an `Allow` header, and a body that does not
+//! parse gets 400 with serde's message.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::http;
+use crate::types::{ActionResponse, EmptyRequest, ErrorBody, VmState};
+
+/// A request the API understood, ready for the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApiRequest {
+    /// `GET /v1/ping`: is the API alive? Answered by the server itself
+    /// with `{"ok": true}`; it never reaches an
+    /// [`ApiHandler`](crate::server::ApiHandler).
+    Ping,
+    /// `GET /v1/vm`: describe the VM ([`VmInfo`](crate::types::VmInfo)).
+    GetVm,
+    /// `PUT /v1/vm/pause`: stop the vCPUs ([`ActionResponse`]).
+    Pause,
+    /// `PUT /v1/vm/resume`: restart the vCPUs ([`ActionResponse`]).
+    Resume,
+    /// `PUT /v1/vm/shutdown`: stop the VM; the process exits
+    /// ([`ActionResponse`] with state `stopping`).
+    Shutdown,
+}
+
+/// A response to send: a status, extra headers and a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    /// Extra header fields (such as `Allow`); `Content-Type`,
+    /// `Content-Length` and `Connection` are added when it is written.
+    pub headers: Vec<(String, String)>,
+    /// The JSON body.
+    pub body: serde_json::Value,
+}
+
+impl ApiResponse {
+    /// A response with `status` and `body` serialized to JSON. If `body`
+    /// cannot be serialized, the result is a 500 error saying so.
+    pub fn json<T: Serialize + ?Sized>(status: u16, body: &T) -> Self {
+        match serde_json::to_value(body) {
+            Ok(body) => ApiResponse {
+                status,
+                headers: Vec::new(),
+                body,
+            },
+            Err(e) => ApiResponse::error(500, format!("cannot serialize the response: {e}")),
+        }
+    }
+
+    /// `200 OK` with `body`.
+    pub fn ok<T: Serialize + ?Sized>(body: &T) -> Self {
+        Self::json(200, body)
+    }
+
+    /// An error: `status` with `{"error": message}`.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        Self::json(
+            status,
+            &ErrorBody {
+                error: message.into(),
+            },
+        )
+    }
+
+    /// `200 OK` with an [`ActionResponse`]: what pause, resume and shutdown
+    /// return on success.
+    pub fn action(state: VmState, message: impl Into<String>) -> Self {
+        Self::ok(&ActionResponse {
+            state,
+            message: message.into(),
+        })
+    }
+
+    /// Adds a header field.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Whether the status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The HTTP message: the body as compact JSON plus a newline (so that
+    /// `curl` output ends its line).
+    pub fn to_http(&self) -> http::Response {
+        let mut body = serde_json::to_vec(&self.body).unwrap_or_else(|_| b"null".to_vec());
+        body.push(b'\n');
+        http::Response {
+            status: self.status,
+            headers: self.headers.clone(),
+            body,
+        }
+    }
+}
+
+/// One row of the endpoint table.
+struct Endpoint {
+    /// The method (case-sensitive).
+    method: &'static str,
+    /// The exact path.
+    path: &'static str,
+    /// Makes the request from the body, or says what is wrong with it.
+    parse: fn(&[u8]) -> Result<ApiRequest, String>,
+}
+
+/// Every endpoint. Paths match exactly (no trailing slash, no parameters);
+/// a query string is ignored.
+const ENDPOINTS: &[Endpoint] = &[
+    Endpoint {
+        method: "GET",
+        path: "/v1/ping",
+        parse: |body| no_body(body).map(|()| ApiRequest::Ping),
+    },
+    Endpoint {
+        method: "GET",
+        path: "/v1/vm",
+        parse: |body| no_body(body).map(|()| ApiRequest::GetVm),
+    },
+    Endpoint {
+        method: "PUT",
+        path: "/v1/vm/pause",
+        parse: |body| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Pause),
+    },
+    Endpoint {
+        method: "PUT",
+        path: "/v1/vm/resume",
+        parse: |body| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Resume),
+    },
+    Endpoint {
+        method: "PUT",
+        path: "/v1/vm/shutdown",
+        parse: |body| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Shutdown),
+    },
+];
+
+/// Every (method, path) the API serves, in table order.
+pub fn endpoints() -> impl Iterator<Item = (&'static str, &'static str)> {
+    ENDPOINTS.iter().map(|e| (e.method, e.path))
+}
+
+/// Whether a body is absent (empty or only whitespace).
+fn is_blank(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+}
+
+/// Accepts only an absent body.
+fn no_body(body: &[u8]) -> Result<(), String> {
+    if is_blank(body) {
+        Ok(())
+    } else {
+        Err("this endpoint takes no request body".to_string())
+    }
+}
+
+/// Parses a required JSON body, which must be an object.
+fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    if is_blank(body) {
+        return Err("this endpoint needs a JSON request body".to_string());
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON request body: {e}"))?;
+    if !value.is_object() {
+        return Err("invalid JSON request body: expected a JSON object".to_string());
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid JSON request body: {e}"))
+}
+
+/// Parses an optional JSON body; an absent body is `T::default()`.
+fn optional_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, String> {
+    if is_blank(body) {
+        Ok(T::default())
+    } else {
+        json_body(body)
+    }
+}
+
+/// Finds the endpoint for `method` and `path` and parses `body` for it.
+///
+/// Errors are ready-made responses: 404 for an unknown path, 405 with an
+/// `Allow` header for a known path with another method, 400 for a bad body.
+pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
+    let mut allowed: Vec<&str> = Vec::new();
+    for endpoint in ENDPOINTS.iter().filter(|e| e.path == path) {
+        if endpoint.method == method {
+            return (endpoint.parse)(body).map_err(|msg| ApiResponse::error(400, msg));
+        }
+        allowed.push(endpoint.method);
+    }
+    if allowed.is_empty() {
+        return Err(ApiResponse::error(404, format!("no endpoint at {path}")));
+    }
+    let allow = allowed.join(", ");
+    Err(ApiResponse::error(
+        405,
+        format!("method {method} is not allowed on {path} (allowed: {allow})"),
+    )
+    .with_header("Allow", allow))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_endpoint_routes() {
+        assert_eq!(route("GET", "/v1/ping", b""), Ok(ApiRequest::Ping));
+        assert_eq!(route("GET", "/v1/vm", b""), Ok(ApiRequest::GetVm));
+        assert_eq!(route("PUT", "/v1/vm/pause", b""), Ok(ApiRequest::Pause));
+        assert_eq!(route("PUT", "/v1/vm/resume", b"{}"), Ok(ApiRequest::Resume));
+        assert_eq!(
+            route("PUT", "/v1/vm/shutdown", b" { }\n"),
+            Ok(ApiRequest::Shutdown)
+        );
+    }
+
+    #[test]
+    fn unknown_path_is_404() {
+        for path in ["/", "/v1", "/v1/vm/", "/v2/vm", "/v1/vm/pause/x"] {
+            let resp = route("GET", path, b"").unwrap_err();
+            assert_eq!(resp.status, 404, "{path}");
+            assert_eq!(resp.body, json!({ "error": format!("no endpoint at {path}") }));
+        }
+    }
+
+    #[test]
+    fn wrong_method_is_405_with_allow() {
+        let resp = route("POST", "/v1/vm/pause", b"").unwrap_err();
+        assert_eq!(resp.status, 405);
+        assert_eq!(resp.headers, vec![("Allow".into(), "PUT".into())]);
+        assert!(resp.body["error"].as_str().unwrap().contains("allowed: PUT"));
+        let resp = route("get", "/v1/vm", b"").unwrap_err();
+        assert_eq!(resp.status, 405);
+        assert_eq!(resp.headers, vec![("Allow".into(), "GET".into())]);
+    }
+
+    #[test]
+    fn bad_bodies_are_400() {
+        let msg = |method, path, body: &[u8]| {
+            let resp = route(method, path, body).unwrap_err();
+            assert_eq!(resp.status, 400);
+            resp.body["error"].as_str().unwrap().to_string()
+        };
+        assert!(msg("PUT", "/v1/vm/pause", b"{").contains("invalid JSON request body"));
+        assert!(msg("PUT", "/v1/vm/pause", b"[]").contains("invalid JSON"));
+        assert!(msg("PUT", "/v1/vm/pause", b"{\"now\":1}").contains("unknown field `now`"));
+        assert!(msg("GET", "/v1/vm", b"{}").contains("takes no request body"));
+    }
+
+    #[test]
+    fn response_helpers() {
+        let r = ApiResponse::action(VmState::Paused, "paused");
+        assert!(r.is_success());
+        assert_eq!(r.body, json!({"state": "paused", "message": "paused"}));
+        let http = ApiResponse::error(409, "already paused").to_http();
+        assert_eq!(http.status, 409);
+        assert_eq!(http.body, b"{\"error\":\"already paused\"}\n");
+    }
+}

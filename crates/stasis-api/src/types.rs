@@ -1,0 +1,168 @@
+//! The JSON bodies of the control API.
+//!
+//! Bodies sent by clients reject unknown fields, so a typo is an error and
+//! not a silently ignored option. Bodies sent by the server accept unknown
+//! fields, so an older client keeps working against a newer VM that reports
+//! more.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The run state of a VM, as the API reports it.
+///
+/// Serialized as a lowercase string: `"running"`, `"paused"`, `"stopping"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum VmState {
+    /// The vCPUs are running.
+    Running,
+    /// The vCPUs are stopped; the VM can be resumed.
+    Paused,
+    /// The VM is shutting down; the process will exit.
+    Stopping,
+}
+
+impl VmState {
+    /// The state as it appears in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+        }
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What `GET /v1/vm` returns: a description of the running VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The VM name (also the socket's file name without `.sock`).
+    pub name: String,
+    /// The current run state.
+    pub state: VmState,
+    /// The process id of the `stasis run` process.
+    pub pid: u32,
+    /// The number of vCPUs.
+    pub vcpus: u32,
+    /// The guest memory size in MiB.
+    pub memory_mib: u64,
+    /// The path of the kernel image the VM booted.
+    pub kernel: String,
+    /// The boot protocol used (for example `"linux"` or `"pvh"`).
+    pub boot_protocol: String,
+    /// The path of this control socket.
+    pub api_socket: String,
+    /// When the VM started, in milliseconds since the UNIX epoch.
+    pub started_at_unix_ms: u64,
+    /// How long the VM has been up, in milliseconds.
+    pub uptime_ms: u64,
+    /// The stasis version the VM runs.
+    pub stasis_version: String,
+}
+
+/// The body of every error response: `{"error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, in words meant for a person.
+    pub error: String,
+}
+
+/// What the actions (`pause`, `resume`, `shutdown`) return on success.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionResponse {
+    /// The VM state after the action.
+    pub state: VmState,
+    /// What happened, in words meant for a person.
+    pub message: String,
+}
+
+/// What `GET /v1/ping` returns: `{"ok": true}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingResponse {
+    /// Always `true`.
+    pub ok: bool,
+}
+
+/// The request body the actions accept: nothing, or the empty object `{}`.
+///
+/// It rejects any field, so a future option sent to a VM that does not know
+/// it fails loudly instead of being ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyRequest {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> VmInfo {
+        VmInfo {
+            name: "vm1".into(),
+            state: VmState::Paused,
+            pid: 42,
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/boot/vmlinux".into(),
+            boot_protocol: "pvh".into(),
+            api_socket: "/run/stasis/vm1.sock".into(),
+            started_at_unix_ms: 1_700_000_000_000,
+            uptime_ms: 1234,
+            stasis_version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn vm_info_json_shape() {
+        let v = serde_json::to_value(sample()).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "name": "vm1", "state": "paused", "pid": 42, "vcpus": 2,
+                "memory_mib": 512, "kernel": "/boot/vmlinux", "boot_protocol": "pvh",
+                "api_socket": "/run/stasis/vm1.sock",
+                "started_at_unix_ms": 1_700_000_000_000u64, "uptime_ms": 1234,
+                "stasis_version": "0.1.0"
+            })
+        );
+        let back: VmInfo = serde_json::from_value(v).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn vm_info_tolerates_new_fields() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["devices"] = json!(["virtio-net"]);
+        let back: VmInfo = serde_json::from_value(v).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn states_are_lowercase() {
+        for (state, s) in [
+            (VmState::Running, "running"),
+            (VmState::Paused, "paused"),
+            (VmState::Stopping, "stopping"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), json!(s));
+            assert_eq!(state.to_string(), s);
+            assert_eq!(serde_json::from_value::<VmState>(json!(s)).unwrap(), state);
+        }
+        assert!(serde_json::from_value::<VmState>(json!("Running")).is_err());
+    }
+
+    #[test]
+    fn empty_request_rejects_fields() {
+        assert!(serde_json::from_str::<EmptyRequest>("{}").is_ok());
+        let err = serde_json::from_str::<EmptyRequest>(r#"{"force":true}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `force`"), "{err}");
+    }
+}

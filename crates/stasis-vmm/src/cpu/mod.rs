@@ -1,0 +1,6 @@
+//! vCPUs: their CPUID, their boot state, and the threads that run them.
+
+pub mod cpuid;
+pub mod kick;
+pub mod regs;
+pub mod vcpu;

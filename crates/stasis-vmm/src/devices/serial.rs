@@ -1,0 +1,208 @@
+//! COM1: a 16550A UART (vm-superio) whose output goes to stdout, a file, a
+//! UNIX socket, or nowhere, and whose interrupt is an irqfd.
+
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use stasis_config::SerialConfig;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+
+/// Raises the UART's interrupt through an eventfd bound to a GSI (irqfd).
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The UART with its output sink.
+pub type Uart = Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
+/// COM1 on the port bus.
+pub struct SerialPort(pub Arc<Mutex<Uart>>);
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        data[0] = self.0.lock().expect("uart lock").read(offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Err(e) = self.0.lock().expect("uart lock").write(offset as u8, data[0]) {
+            tracing::debug!("serial write: {e}");
+        }
+    }
+}
+
+/// Errors opening the serial output.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The output file could not be opened.
+    #[error("cannot open serial output file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The socket could not be created.
+    #[error("cannot listen on serial socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The eventfd for the interrupt could not be created.
+    #[error("cannot create the serial interrupt eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// Writes through to `inner`, flushing at each newline so that readers of
+/// a file or pipe see whole lines promptly.
+struct LineFlush<W: Write>(W);
+
+impl<W: Write> Write for LineFlush<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.0.write(buf)?;
+        if buf[..n].contains(&b'\n') {
+            self.0.flush()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Output kept for a socket client that connects later (the last 64 KiB).
+const SOCKET_BACKLOG: usize = 64 * 1024;
+
+/// The output side of a serial socket: the connected client, if any, and
+/// the recent output to replay when one connects.
+#[derive(Default)]
+struct SocketState {
+    client: Option<UnixStream>,
+    backlog: VecDeque<u8>,
+}
+
+struct SocketSink(Arc<Mutex<SocketState>>);
+
+impl Write for SocketSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut st = self.0.lock().expect("serial socket lock");
+        st.backlog.extend(buf);
+        let excess = st.backlog.len().saturating_sub(SOCKET_BACKLOG);
+        st.backlog.drain(..excess);
+        if let Some(c) = st.client.as_mut() {
+            if c.write_all(buf).is_err() {
+                st.client = None;
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Creates COM1 for `config`, raising its interrupt through `irq`.
+/// For a socket, a thread accepts one client at a time: it gets the recent
+/// output, then everything the guest prints, and what it sends is fed to the
+/// guest's receive FIFO.
+pub fn create(config: &SerialConfig, irq: EventFd) -> Result<Arc<Mutex<Uart>>, SerialError> {
+    let (out, socket): (Box<dyn Write + Send>, Option<_>) = match config {
+        SerialConfig::Stdout => (Box::new(LineFlush(io::stdout())), None),
+        SerialConfig::Null => (Box::new(io::sink()), None),
+        SerialConfig::File { path } => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| SerialError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+            (Box::new(LineFlush(f)), None)
+        }
+        SerialConfig::Socket { path } => {
+            let listener = bind_socket(path)?;
+            let state = Arc::new(Mutex::new(SocketState::default()));
+            (
+                Box::new(SocketSink(state.clone())),
+                Some((listener, state, path.clone())),
+            )
+        }
+    };
+    let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out)));
+    if let Some((listener, state, path)) = socket {
+        let uart = uart.clone();
+        std::thread::Builder::new()
+            .name("serial-socket".into())
+            .spawn(move || accept_loop(listener, state, uart, path))
+            .map_err(|source| SerialError::Socket {
+                path: PathBuf::new(),
+                source,
+            })?;
+    }
+    Ok(uart)
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener, SerialError> {
+    let err = |source| SerialError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    UnixListener::bind(path).map_err(err)
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    state: Arc<Mutex<SocketState>>,
+    uart: Arc<Mutex<Uart>>,
+    path: PathBuf,
+) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        {
+            let mut st = state.lock().expect("serial socket lock");
+            let (a, b) = st.backlog.as_slices();
+            if stream.write_all(a).and_then(|_| stream.write_all(b)).is_err() {
+                continue;
+            }
+            match stream.try_clone() {
+                Ok(w) => st.client = Some(w),
+                Err(_) => continue,
+            }
+        }
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            // The FIFO holds 64 bytes; input beyond that is dropped, as a
+            // real UART without flow control would.
+            let _ = uart.lock().expect("uart lock").enqueue_raw_bytes(&buf[..n]);
+        }
+        state.lock().expect("serial socket lock").client = None;
+    }
+    let _ = std::fs::remove_file(path);
+}

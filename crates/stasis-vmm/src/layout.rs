@@ -1,0 +1,124 @@
+//! The guest physical address map of an x86_64 stasis VM.
+//!
+//! ```text
+//! 0x0000_0500  GDT used at boot (4 entries)
+//! 0x0000_0520  IDT placeholder used at boot
+//! 0x0000_6000  PVH hvm_start_info, then its memory map and module list
+//! 0x0000_7000  Linux zero page (struct boot_params)
+//! 0x0000_8ff0  initial stack pointer for the 64-bit entry
+//! 0x0000_9000  PML4, then PDPT (0xa000) and 4 page directories (0xb000..0xf000)
+//! 0x0002_0000  kernel command line (up to one page)
+//! 0x0009_fc00  MP table (top of conventional memory, "EBDA")
+//! 0x000e_0000  ACPI tables (RSDP first, found by the legacy BIOS-area scan)
+//! 0x0010_0000  kernel (1 MiB), then initrd near the top of low RAM
+//! 0xc000_0000  MMIO hole: device windows, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0x1_0000_0000  RAM above 4 GiB, when the VM has more than 3 GiB
+//! ```
+
+/// Start of the boot GDT.
+pub const BOOT_GDT_ADDR: u64 = 0x500;
+/// Start of the boot IDT placeholder.
+pub const BOOT_IDT_ADDR: u64 = 0x520;
+/// PVH start info structure.
+pub const PVH_START_INFO_ADDR: u64 = 0x6000;
+/// Linux zero page.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer for the Linux 64-bit entry.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Page map level 4 of the boot identity map.
+pub const PML4_ADDR: u64 = 0x9000;
+/// Page directory pointer table of the boot identity map.
+pub const PDPT_ADDR: u64 = 0xa000;
+/// First of the page directories of the boot identity map.
+pub const PD_ADDR: u64 = 0xb000;
+/// How many GiB the boot identity map covers (one page directory each).
+pub const BOOT_IDENTITY_MAP_GIB: u64 = 4;
+/// Kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Room for the command line, terminating NUL included.
+pub const CMDLINE_MAX_SIZE: u64 = 0x1000;
+/// End of conventional memory and start of the area we describe as
+/// reserved (EBDA and BIOS area) up to 1 MiB.
+pub const EBDA_START: u64 = 0x9fc00;
+/// The MP table lives at the start of the EBDA.
+pub const MPTABLE_ADDR: u64 = EBDA_START;
+/// ACPI tables start here (RSDP first).
+pub const ACPI_START: u64 = 0xe0000;
+/// ACPI tables must end below this.
+pub const ACPI_END: u64 = 0x10_0000;
+/// Where kernels are loaded and high memory starts.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the 32-bit MMIO hole below 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// First address above 4 GiB.
+pub const FOUR_GIB: u64 = 0x1_0000_0000;
+/// The IOAPIC's MMIO window.
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The local APICs' MMIO window.
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// The KVM TSS (three pages) sits just below the BIOS ROM area at the top of
+/// the 32-bit space, inside the MMIO hole, as is customary.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+/// The KVM identity-map page for real-mode emulation, just below the TSS.
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// The ACPI sleep control register (HW-reduced ACPI), an 8-bit I/O port.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// The ACPI sleep status register.
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// The ACPI reset register; writing [`ACPI_RESET_VALUE`] resets the VM.
+pub const ACPI_RESET_PORT: u16 = 0x3c2;
+/// The value that, written to [`ACPI_RESET_PORT`], resets the VM.
+pub const ACPI_RESET_VALUE: u8 = 0x01;
+
+/// COM1's I/O base and IRQ.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+/// i8042 data and command ports.
+pub const I8042_DATA_PORT: u16 = 0x60;
+/// i8042 command/status port.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// CMOS RTC index/data ports.
+pub const CMOS_PORT: u16 = 0x70;
+
+/// The guest RAM ranges for a VM of `mem_bytes`: everything below the MMIO
+/// hole, the rest above 4 GiB.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+    if mem_bytes <= MMIO_HOLE_START {
+        vec![(0, mem_bytes)]
+    } else {
+        vec![
+            (0, MMIO_HOLE_START),
+            (FOUR_GIB, mem_bytes - MMIO_HOLE_START),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_vm_is_one_range() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+        assert_eq!(ram_ranges(MMIO_HOLE_START), vec![(0, MMIO_HOLE_START)]);
+    }
+
+    #[test]
+    fn large_vm_splits_around_the_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r, vec![(0, MMIO_HOLE_START), (FOUR_GIB, 1 << 30)]);
+        assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 4 << 30);
+    }
+
+    #[test]
+    fn boot_structures_do_not_overlap() {
+        let page_tables_end = PD_ADDR + BOOT_IDENTITY_MAP_GIB * 0x1000;
+        assert!(page_tables_end <= 0x10000);
+        assert!(PVH_START_INFO_ADDR + 0x1000 <= ZERO_PAGE_ADDR);
+        assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_POINTER);
+        assert!(page_tables_end <= CMDLINE_ADDR);
+        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE <= MPTABLE_ADDR);
+    }
+}

@@ -1,0 +1,405 @@
+//! A VM: building it from a [`VmConfig`], running it, steering it.
+//!
+//! [`Vm::create`] does all the work that can fail before the guest runs
+//! (KVM, memory, tables, kernel, devices, vCPU state), so a bad kernel or a
+//! host limit is reported before anything starts. [`Vm::start`] spawns the
+//! vCPU threads; [`VmControl`] pauses, resumes and stops them from other
+//! threads (the API server); [`Vm::wait`] blocks until a reason to end
+//! arrives and tears the VM down.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use stasis_config::VmConfig;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError, BootInfo};
+use crate::cpu::cpuid::{self, CpuidError};
+use crate::cpu::regs::{self, RegsError};
+use crate::cpu::vcpu::{RunControl, VcpuContext, VcpuThreadError, VcpuThreads};
+use crate::devices::acpi_pm::AcpiPmRegisters;
+use crate::devices::bus::{Bus, BusOverlap};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{self, SerialError, SerialPort};
+use crate::exit::{ExitReason, ExitSink};
+use crate::layout;
+use crate::memory::{self, GuestRam, MemoryError};
+use crate::platform::{self, PlatformError};
+
+/// Everything that can stop a VM from being created or started.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] stasis_config::ConfigError),
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available on this host, and may this user use it?)")]
+    KvmOpen(kvm_ioctls::Error),
+    /// The host's KVM lacks something stasis needs.
+    #[error("KVM on this host lacks {0}")]
+    KvmCapability(&'static str),
+    /// More vCPUs than KVM allows.
+    #[error("vcpus = {asked}: KVM on this host allows at most {max} vCPUs per VM")]
+    TooManyVcpus {
+        /// Asked for.
+        asked: u32,
+        /// The host's limit.
+        max: usize,
+    },
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// Its error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The ACPI or MP tables.
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    /// Loading the kernel.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// CPUID.
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    /// vCPU register setup.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// The serial port.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// Two devices overlap (a bug).
+    #[error(transparent)]
+    Bus(#[from] BusOverlap),
+    /// vCPU threads.
+    #[error(transparent)]
+    Threads(#[from] VcpuThreadError),
+    /// An interrupt eventfd.
+    #[error("cannot set up the interrupt for {what}: {source}")]
+    Irq {
+        /// The device.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A control request came in a state that does not allow it.
+    #[error("cannot {action} a VM that is {state}")]
+    BadState {
+        /// What was asked.
+        action: &'static str,
+        /// The current state.
+        state: RunState,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// The VM's run state, as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Created, vCPUs not started yet.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked.
+    Paused,
+    /// Shutting down.
+    Stopping,
+}
+
+impl RunState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Created,
+            1 => Self::Running,
+            2 => Self::Paused,
+            _ => Self::Stopping,
+        }
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+        })
+    }
+}
+
+/// Facts about a VM for `stasis status` and `GET /v1/vm`.
+#[derive(Debug, Clone)]
+pub struct VmDescription {
+    /// The configuration it was started with.
+    pub config: VmConfig,
+    /// The boot protocol actually used.
+    pub boot_protocol: String,
+    /// The guest TSC frequency in kHz.
+    pub tsc_khz: u32,
+    /// The host CPU vendor string.
+    pub cpu_vendor: String,
+    /// When the VM was created (ms since the Unix epoch).
+    pub created_unix_ms: u64,
+}
+
+/// How long pause waits for every vCPU to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A cloneable handle for steering a started VM from other threads.
+#[derive(Clone)]
+pub struct VmControl {
+    threads: Arc<Mutex<Option<VcpuThreads>>>,
+    state: Arc<AtomicU8>,
+    exit: ExitSink,
+    description: Arc<VmDescription>,
+}
+
+impl VmControl {
+    /// The current run state.
+    pub fn state(&self) -> RunState {
+        RunState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    /// What the VM is.
+    pub fn description(&self) -> &VmDescription {
+        &self.description
+    }
+
+    /// Parks every vCPU outside the guest. Idempotent on a paused VM.
+    pub fn pause(&self) -> Result<(), VmError> {
+        let guard = self.threads.lock().expect("threads lock");
+        match self.state() {
+            RunState::Running => {}
+            RunState::Paused => return Ok(()),
+            s => return Err(VmError::BadState { action: "pause", state: s }),
+        }
+        let threads = guard.as_ref().expect("running VM has threads");
+        if let Err(e) = threads.pause(PAUSE_TIMEOUT) {
+            threads.resume();
+            return Err(e.into());
+        }
+        self.state.store(2, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Lets parked vCPUs continue. Idempotent on a running VM.
+    pub fn resume(&self) -> Result<(), VmError> {
+        let guard = self.threads.lock().expect("threads lock");
+        match self.state() {
+            RunState::Paused => {}
+            RunState::Running => return Ok(()),
+            s => return Err(VmError::BadState { action: "resume", state: s }),
+        }
+        guard.as_ref().expect("paused VM has threads").resume();
+        self.state.store(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Asks the VM to stop; [`Vm::wait`] returns with
+    /// [`ExitReason::StopRequested`].
+    pub fn request_stop(&self) {
+        self.exit.report(ExitReason::StopRequested);
+    }
+
+    /// A sink through which others (the signal thread) can end the VM.
+    pub fn exit_sink(&self) -> ExitSink {
+        self.exit.clone()
+    }
+}
+
+/// A created VM.
+pub struct Vm {
+    // Field order is drop order: vCPUs and the VM fd go before the memory
+    // they map.
+    vcpus: Vec<VcpuFd>,
+    control: VmControl,
+    exit_rx: Receiver<ExitReason>,
+    context: VcpuContext,
+    _vm: VmFd,
+    _kvm: Kvm,
+    _mem: GuestRam,
+}
+
+impl Vm {
+    /// Builds the VM described by `config`: validates it, opens KVM, maps
+    /// memory, writes the firmware tables, loads the kernel, creates the
+    /// devices and the vCPUs in their boot state. Nothing runs yet.
+    pub fn create(config: &VmConfig) -> Result<Self, VmError> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+            (kvm_ioctls::Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+            (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (kvm_ioctls::Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::KvmCapability(name));
+            }
+        }
+        let max = kvm.get_max_vcpus().min(kvm.get_nr_vcpus().max(1));
+        if config.vcpus as usize > kvm.get_max_vcpus() {
+            return Err(VmError::TooManyVcpus {
+                asked: config.vcpus,
+                max: kvm.get_max_vcpus(),
+            });
+        }
+        if config.vcpus as usize > max {
+            tracing::warn!(
+                "{} vCPUs is more than the {} this host recommends",
+                config.vcpus,
+                max
+            );
+        }
+
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = memory::allocate(config.memory_mib)?;
+        memory::register(&vm, &mem)?;
+
+        let rsdp = platform::write_tables(&mem, config.vcpus)?;
+        let boot = boot::load(config, &mem, rsdp)?;
+
+        let (exit_tx, exit_rx) = channel();
+        let exit = ExitSink::new(exit_tx);
+        let pio = Self::create_devices(&vm, config, &exit)?;
+
+        let base_cpuid = cpuid::supported(&kvm)?;
+        let vcpus = Self::create_vcpus(&vm, config.vcpus, &base_cpuid, &boot)?;
+        let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+
+        let description = VmDescription {
+            config: config.clone(),
+            boot_protocol: boot.entry.protocol.to_string(),
+            tsc_khz,
+            cpu_vendor: cpuid::vendor(&base_cpuid),
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        let control = VmControl {
+            threads: Arc::new(Mutex::new(None)),
+            state: Arc::new(AtomicU8::new(0)),
+            exit: exit.clone(),
+            description: Arc::new(description),
+        };
+        let context = VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::default()),
+            exit,
+            control: Arc::new(RunControl::default()),
+        };
+        Ok(Self {
+            vcpus,
+            control,
+            exit_rx,
+            context,
+            _vm: vm,
+            _kvm: kvm,
+            _mem: mem,
+        })
+    }
+
+    fn create_devices(vm: &VmFd, config: &VmConfig, exit: &ExitSink) -> Result<Bus, VmError> {
+        let mut pio = Bus::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Irq {
+            what: "COM1",
+            source,
+        })?;
+        vm.register_irqfd(&irq, layout::COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD for COM1"))?;
+        let uart = serial::create(&config.serial, irq)?;
+        pio.insert(
+            u64::from(layout::COM1_PORT),
+            8,
+            Arc::new(Mutex::new(SerialPort(uart))),
+        )?;
+        pio.insert(
+            u64::from(layout::I8042_DATA_PORT),
+            5,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+        pio.insert(
+            u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
+            AcpiPmRegisters::LEN,
+            Arc::new(Mutex::new(AcpiPmRegisters::new(exit.clone()))),
+        )?;
+        Ok(pio)
+    }
+
+    fn create_vcpus(
+        vm: &VmFd,
+        count: u32,
+        base_cpuid: &kvm_bindings::CpuId,
+        boot: &BootInfo,
+    ) -> Result<Vec<VcpuFd>, VmError> {
+        let mut vcpus = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let vcpu = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+            let cpuid = cpuid::for_vcpu(base_cpuid, index, count, tsc_khz)?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            regs::setup_msrs(&vcpu)?;
+            regs::setup_fpu(&vcpu)?;
+            regs::setup_lapic(&vcpu)?;
+            if index == 0 {
+                regs::setup_boot_cpu(&vcpu, boot.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(vcpus)
+    }
+
+    /// A handle for pausing, resuming and stopping the VM from other threads.
+    pub fn control(&self) -> VmControl {
+        self.control.clone()
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let threads = VcpuThreads::start(vcpus, self.context.clone())?;
+        *self.control.threads.lock().expect("threads lock") = Some(threads);
+        self.control.state.store(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Waits for the first reason to end, stops every vCPU and returns the
+    /// reason.
+    pub fn wait(self) -> ExitReason {
+        let reason = self
+            .exit_rx
+            .recv()
+            .unwrap_or(ExitReason::StopRequested);
+        self.control.state.store(3, Ordering::SeqCst);
+        if let Some(threads) = self.control.threads.lock().expect("threads lock").take() {
+            threads.stop();
+        }
+        reason
+    }
+}

@@ -1,0 +1,68 @@
+//! The control API's view of a VM: requests from the socket turned into
+//! calls on [`VmControl`].
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use stasis_api::{ApiHandler, ApiRequest, ApiResponse, VmInfo, VmState};
+use stasis_vmm::{RunState, VmControl};
+
+/// Serves one VM's API.
+pub struct VmApi {
+    /// The VM.
+    pub control: VmControl,
+    /// The socket path, for `VmInfo`.
+    pub socket: String,
+}
+
+fn api_state(s: RunState) -> VmState {
+    match s {
+        RunState::Paused => VmState::Paused,
+        RunState::Stopping => VmState::Stopping,
+        RunState::Created | RunState::Running => VmState::Running,
+    }
+}
+
+impl VmApi {
+    fn info(&self) -> VmInfo {
+        let d = self.control.description();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        VmInfo {
+            name: d.config.name.clone(),
+            state: api_state(self.control.state()),
+            pid: std::process::id(),
+            vcpus: d.config.vcpus,
+            memory_mib: d.config.memory_mib,
+            kernel: d.config.kernel.display().to_string(),
+            boot_protocol: d.boot_protocol.clone(),
+            api_socket: self.socket.clone(),
+            started_at_unix_ms: d.created_unix_ms,
+            uptime_ms: now.saturating_sub(d.created_unix_ms),
+            stasis_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+impl ApiHandler for VmApi {
+    fn handle(&self, req: ApiRequest) -> ApiResponse {
+        match req {
+            ApiRequest::GetVm => ApiResponse::ok(&self.info()),
+            ApiRequest::Pause => match self.control.pause() {
+                Ok(()) => ApiResponse::action(VmState::Paused, "all vCPUs paused"),
+                Err(e) => ApiResponse::error(409, e.to_string()),
+            },
+            ApiRequest::Resume => match self.control.resume() {
+                Ok(()) => ApiResponse::action(VmState::Running, "vCPUs running"),
+                Err(e) => ApiResponse::error(409, e.to_string()),
+            },
+            ApiRequest::Shutdown => {
+                self.control.request_stop();
+                ApiResponse::action(VmState::Stopping, "VM is stopping")
+            }
+            #[allow(unreachable_patterns)]
+            _ => ApiResponse::error(501, "not implemented"),
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use stasis_config::{BootProtocol, SerialConfig};
+
+/// stasis: a KVM virtual machine monitor built around VM state.
+#[derive(Debug, Parser)]
+#[command(name = "stasis", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level for the VMM's own messages (error, warn, info, debug,
+    /// trace); `RUST_LOG` takes precedence.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a VM and run it until it ends.
+    Run(RunArgs),
+    /// Boot the built-in heartbeat guest, pause and resume it, and stop it.
+    Demo(DemoArgs),
+    /// List the VMs running on this host.
+    List,
+    /// Show a VM's state.
+    Status(NameArg),
+    /// Pause a VM: every vCPU leaves the guest and waits.
+    Pause(NameArg),
+    /// Resume a paused VM.
+    Resume(NameArg),
+    /// Stop a VM (the VMM exits with status 0).
+    Stop(NameArg),
+}
+
+/// A VM name.
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// The VM's name.
+    pub name: String,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `stasis run`: flags override the values of `--config`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A TOML file describing the VM (see docs/CONFIG.md).
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// The VM's name (default: vm-<pid>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Number of vCPUs (default 1).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Guest memory: MiB, or with a unit such as 512M or 2G (default 256).
+    #[arg(long, value_parser = parse_memory)]
+    pub memory: Option<u64>,
+    /// Kernel image: bzImage or ELF vmlinux.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Boot protocol: auto (PVH when the ELF has a PVH note), linux, pvh.
+    #[arg(long)]
+    pub boot: Option<BootProtocol>,
+    /// Serial (COM1) output: stdout, null, file:PATH, socket:PATH.
+    #[arg(long)]
+    pub serial: Option<SerialConfig>,
+    /// Control socket path (default: <runtime dir>/<name>.sock).
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Print the resulting configuration as TOML and exit without running.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// `stasis demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Seconds to let the guest run before and after the pause.
+    #[arg(long, default_value_t = 2)]
+    pub seconds: u64,
+    /// vCPUs for the demo guest (each runs the heartbeat).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    stasis_config::parse_size_mib(s).map_err(|e| e.to_string())
+}

@@ -1,0 +1,133 @@
+//! `stasis run`: build the configuration, start the VM and its API, wait
+//! for it to end, and exit with a status that says why.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use stasis_api::{runtime, ApiServer};
+use stasis_config::VmConfig;
+use stasis_vmm::Vm;
+
+use crate::api_glue::VmApi;
+use crate::cli::RunArgs;
+use crate::signals;
+
+/// Exit status for a configuration or start-up error.
+pub const EXIT_START_FAILED: i32 = 1;
+
+/// Merges `--config` with the flags (flags win).
+pub fn build_config(args: &RunArgs) -> Result<VmConfig, String> {
+    let mut cfg = match &args.config {
+        Some(path) => VmConfig::from_toml_file(path).map_err(|e| e.to_string())?,
+        None => {
+            let kernel = args
+                .kernel
+                .clone()
+                .ok_or("no kernel given: use --kernel PATH or a --config file with `kernel = ...`")?;
+            VmConfig::new(format!("vm-{}", std::process::id()), kernel)
+        }
+    };
+    if let Some(v) = &args.name {
+        cfg.name = v.clone();
+    }
+    if let Some(v) = args.vcpus {
+        cfg.vcpus = v;
+    }
+    if let Some(v) = args.memory {
+        cfg.memory_mib = v;
+    }
+    if let Some(v) = &args.kernel {
+        cfg.kernel = v.clone();
+    }
+    if let Some(v) = &args.cmdline {
+        cfg.cmdline = v.clone();
+    }
+    if let Some(v) = &args.initrd {
+        cfg.initrd = Some(v.clone());
+    }
+    if let Some(v) = args.boot {
+        cfg.boot = v;
+    }
+    if let Some(v) = &args.serial {
+        cfg.serial = v.clone();
+    }
+    if let Some(v) = &args.api_socket {
+        cfg.api_socket = Some(v.clone());
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+/// The control socket path for `cfg`.
+pub fn api_socket_path(cfg: &VmConfig) -> Result<PathBuf, String> {
+    match &cfg.api_socket {
+        Some(p) => Ok(p.clone()),
+        None => {
+            runtime::ensure_runtime_dir().map_err(|e| {
+                format!(
+                    "cannot create the runtime directory {}: {e}",
+                    runtime::runtime_dir().display()
+                )
+            })?;
+            runtime::socket_path_for(&cfg.name).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Runs `stasis run`; returns the process exit status.
+pub fn run(args: RunArgs) -> i32 {
+    // Before any thread exists, so that every thread inherits the mask.
+    signals::block_termination_signals();
+    let cfg = match build_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stasis: {e}");
+            return EXIT_START_FAILED;
+        }
+    };
+    if args.print_config {
+        print!("{}", cfg.to_toml_string());
+        return 0;
+    }
+    match run_vm(&cfg) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stasis: VM '{}' failed to start: {e}", cfg.name);
+            EXIT_START_FAILED
+        }
+    }
+}
+
+/// Creates, starts and waits for the VM; returns the exit status.
+pub fn run_vm(cfg: &VmConfig) -> Result<i32, String> {
+    let socket = api_socket_path(cfg)?;
+    // Bind first: a second VM with the same name fails before it allocates
+    // anything.
+    let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+    let mut vm = Vm::create(cfg).map_err(|e| e.to_string())?;
+    let control = vm.control();
+    let api = Arc::new(VmApi {
+        control: control.clone(),
+        socket: socket.display().to_string(),
+    });
+    let handle = server.serve(api).map_err(|e| e.to_string())?;
+    signals::forward_termination_signals(control.exit_sink());
+    vm.start().map_err(|e| e.to_string())?;
+    let d = control.description();
+    eprintln!(
+        "stasis: VM '{}' running: {} vCPU(s), {} MiB, {} boot, API socket {}",
+        cfg.name,
+        cfg.vcpus,
+        cfg.memory_mib,
+        d.boot_protocol,
+        socket.display()
+    );
+    let reason = vm.wait();
+    handle.shutdown();
+    let code = reason.exit_code();
+    eprintln!(
+        "stasis: VM '{}' ended: {reason} (exit status {code})",
+        cfg.name
+    );
+    Ok(code)
+}

@@ -1,0 +1,41 @@
+//! SIGTERM, SIGINT and SIGHUP end the VM cleanly: they are blocked in every
+//! thread and collected by one thread with `sigwait`, which reports them
+//! like any other reason to stop.
+
+use stasis_vmm::exit::{ExitReason, ExitSink};
+
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks the termination signals in the calling thread and every thread
+/// it creates afterwards. Call before creating any thread.
+pub fn block_termination_signals() {
+    let set = termination_set();
+    // SAFETY: `set` is a valid signal set; a null old-set pointer is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Starts the thread that turns a termination signal into an exit reason.
+pub fn forward_termination_signals(sink: ExitSink) {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let set = termination_set();
+            let mut sig: libc::c_int = 0;
+            // SAFETY: valid set and out-pointer; the signals are blocked in
+            // all threads, so sigwait is the only consumer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                sink.report(ExitReason::Signal(sig));
+            }
+        })
+        .expect("spawn the signal thread");
+}
