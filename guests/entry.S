@@ -256,6 +256,8 @@ isr_stubs:
         .balign 16
         .if vec == 13
         jmp     gp_handler
+        .elseif vec == 6
+        jmp     ud_handler
         .elseif (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
         pushq   $vec
         jmp     exc_common
@@ -273,13 +275,15 @@ isr_stubs:
  * a real fault. Frame: err, rip, cs, rflags, rsp, ss.
  */
 gp_handler:
-        cmpq    $0, (%rsp)
-        jne     9f
         testb   $3, 16(%rsp)
         jz      9f
         pushq   %rsi
         pushq   %rcx
         movq    24(%rsp), %rsi                  /* user rip */
+        cmpw    $0x80CD, (%rsi)                 /* int $0x80 refused by the host? */
+        je      10f
+        cmpq    $0, 16(%rsp)                    /* port I/O #GP has error code 0 */
+        jne     8f
         movzbl  (%rsi), %ecx
         cmpb    $0xEE, %cl
         jne     1f
@@ -312,6 +316,7 @@ gp_handler:
         jmp     6f
 7:      movl    $1, %ecx
 6:      addq    %rcx, 24(%rsp)
+        incl    pio_emulated(%rip)
         popq    %rcx
         popq    %rsi
         addq    $8, %rsp
@@ -319,6 +324,32 @@ gp_handler:
 8:      popq    %rcx
         popq    %rsi
 9:      pushq   $13
+        jmp     exc_common
+10:     incl    svc_via_gp(%rip)
+        popq    %rcx                            /* emulate the int $0x80 */
+        popq    %rsi
+        addq    $8, %rsp
+        addq    $2, (%rsp)
+        jmp     svc_isr
+
+/*
+ * #UD: this host may turn a ring-3 `int $0x80` into #UD. If the faulting
+ * instruction is CD 80 in ring 3, perform the service call instead.
+ * Frame: rip, cs, rflags, rsp, ss.
+ */
+ud_handler:
+        testb   $3, 8(%rsp)
+        jz      1f
+        pushq   %rax
+        movq    8(%rsp), %rax
+        cmpw    $0x80CD, (%rax)
+        popq    %rax
+        jne     1f
+        incl    svc_via_ud(%rip)
+        addq    $2, (%rsp)
+        jmp     svc_isr
+1:      pushq   $0
+        pushq   $6
         /* fall through */
 
 /* Frame: vector, error, rip, cs, rflags, rsp, ss. Print and halt. */
@@ -555,10 +586,13 @@ zero_idt_ptr:
         .quad   0
 
         .balign 8
-        .globl  boot_proto, boot_info, xcr0_val
+        .globl  boot_proto, boot_info, xcr0_val, svc_via_ud, svc_via_gp, pio_emulated
 boot_info:      .quad 0
 xcr0_val:       .quad 0
 boot_proto:     .long 0
+svc_via_ud:     .long 0                 /* int $0x80 arrived as #UD */
+svc_via_gp:     .long 0                 /* int $0x80 arrived as #GP */
+pio_emulated:   .long 0                 /* ring-3 in/out emulated by #GP */
 
         .balign 4096
 idt:
@@ -605,3 +639,5 @@ kstacks:
         .balign 4096
 ustacks:
         .skip   MAX_CPUS * USTACK_SIZE
+
+        .section .note.GNU-stack, "", @progbits

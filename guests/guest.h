@@ -22,7 +22,9 @@
 
 /* Interrupt vectors */
 #define VEC_TIMER       0x40
+#ifndef VEC_SVC
 #define VEC_SVC         0x80
+#endif
 #define VEC_SPURIOUS    0xFF
 
 /* Ring-3 services: int $0x80, RAX = number, args in RDI, RSI, RDX; result in RAX */
@@ -84,6 +86,7 @@ extern char tramp_start[], tramp_end[];
 extern volatile u32 boot_proto;
 extern volatile u64 boot_info;
 extern volatile u64 xcr0_val;
+extern volatile u32 svc_via_ud, svc_via_gp, pio_emulated;
 extern char _end[], __bss_start[], __bss_end[], __image_start[];
 
 static inline struct kcpu *kcpu_of(u32 cpu)
@@ -117,7 +120,7 @@ static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline u64 svc(u64 n, u64 a, u64 b, u64 c)
 {
     u64 r;
-    __asm__ volatile("int $0x80" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "memory");
+    __asm__ volatile("int %[vec]" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c), [vec] "i"(VEC_SVC) : "memory");
     return r;
 }
 

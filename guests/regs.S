@@ -198,3 +198,5 @@ regs_hold:
         popq    %rbp
         popq    %rbx
         ret
+
+        .section .note.GNU-stack, "", @progbits

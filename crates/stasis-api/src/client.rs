@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 
 use crate::http::{self, HttpError};
 use crate::runtime::{self, InvalidVmName};
+use crate::sock::NoSigPipe;
 use crate::types::{ActionResponse, PingResponse, VmInfo};
 
 /// How long the client waits for the VM, by default (per read or write).
@@ -154,7 +155,8 @@ impl ApiClient {
 
     /// `GET /v1/ping`: succeeds if the VM's API answers.
     pub fn ping(&self) -> Result<(), ClientError> {
-        self.call::<PingResponse>("GET", "/v1/ping", None).map(|_| ())
+        self.call::<PingResponse>("GET", "/v1/ping", None)
+            .map(|_| ())
     }
 
     /// `GET /v1/vm`: the VM's description.
@@ -198,7 +200,8 @@ impl ApiClient {
                 message,
             });
         }
-        serde_json::from_value(value).map_err(|e| self.protocol(format!("unexpected response: {e}")))
+        serde_json::from_value(value)
+            .map_err(|e| self.protocol(format!("unexpected response: {e}")))
     }
 
     /// Sends `method path` with an optional JSON body and returns the
@@ -218,7 +221,7 @@ impl ApiClient {
             .set_read_timeout(Some(self.timeout))
             .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
             .map_err(|e| self.protocol(e.to_string()))?;
-        match http::write_request(&mut stream, method, path, body.as_deref()) {
+        match http::write_request(&mut NoSigPipe(&stream), method, path, body.as_deref()) {
             Ok(()) => {}
             // The server may answer (say 413) and close before taking the
             // whole request; its answer is still there to read.

@@ -621,14 +621,20 @@ mod tests {
             Some(400)
         );
         assert_eq!(status(b"GET a HTTP/1.1\r\n\r\n"), Some(400));
-        assert_eq!(status(b"GET /a HTTP/1.1\r\nExpect: magic\r\n\r\n"), Some(417));
+        assert_eq!(
+            status(b"GET /a HTTP/1.1\r\nExpect: magic\r\n\r\n"),
+            Some(417)
+        );
         assert_eq!(status(b"NOT HTTP AT ALL\r\n\r\n"), Some(400));
         let many: String = (0..100).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(
             status(format!("GET /a HTTP/1.1\r\n{many}\r\n").as_bytes()),
             Some(431)
         );
-        let big = format!("GET /a HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(MAX_HEAD_BYTES));
+        let big = format!(
+            "GET /a HTTP/1.1\r\nX: {}\r\n\r\n",
+            "y".repeat(MAX_HEAD_BYTES)
+        );
         assert_eq!(status(big.as_bytes()), Some(431));
     }
 
@@ -695,7 +701,8 @@ mod tests {
     #[test]
     fn response_without_length_reads_to_eof() {
         let (mut a, mut b) = UnixStream::pair().unwrap();
-        a.write_all(b"HTTP/1.1 200 OK\r\n\r\n{\"ok\":true}").unwrap();
+        a.write_all(b"HTTP/1.1 200 OK\r\n\r\n{\"ok\":true}")
+            .unwrap();
         drop(a);
         assert_eq!(read_response(&mut b).unwrap().body, b"{\"ok\":true}");
     }

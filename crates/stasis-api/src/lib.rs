@@ -26,6 +26,7 @@ pub mod http;
 pub mod routes;
 pub mod runtime;
 pub mod server;
+mod sock;
 pub mod types;
 
 pub use client::{ApiClient, ClientError};

@@ -223,7 +223,15 @@ mod tests {
 
     #[test]
     fn valid_names() {
-        for name in ["a", "vm1", "my-vm", "my_vm.2", "A.b-c_d", "0", &"x".repeat(64)] {
+        for name in [
+            "a",
+            "vm1",
+            "my-vm",
+            "my_vm.2",
+            "A.b-c_d",
+            "0",
+            &"x".repeat(64),
+        ] {
             assert_eq!(validate_vm_name(name), Ok(()), "{name}");
         }
     }

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use crate::http;
 use crate::routes::{self, ApiRequest, ApiResponse};
 use crate::runtime::{self, InvalidVmName};
+use crate::sock::NoSigPipe;
 use crate::types::PingResponse;
 
 /// How long one read or write on a connection may block, by default.
@@ -318,13 +319,16 @@ fn bind_listener(path: &Path) -> Result<(UnixListener, SocketFile), ServerError>
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    let addr_len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1)
-        as libc::socklen_t;
+    let addr_len =
+        (std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1) as libc::socklen_t;
 
     // SAFETY: socket(2) takes no pointers; the result is checked below.
     let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
-        return Err(io_err("cannot create a socket for", io::Error::last_os_error()));
+        return Err(io_err(
+            "cannot create a socket for",
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -531,7 +535,7 @@ fn accept_loop(
 fn refuse_busy(stream: UnixStream) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
     let resp = ApiResponse::error(503, "too many API connections at once; retry shortly");
-    let _ = http::write_response(&mut &stream, &resp.to_http());
+    let _ = http::write_response(&mut NoSigPipe(&stream), &resp.to_http());
 }
 
 /// A connection whose reads end at an overall deadline.
@@ -555,11 +559,11 @@ impl Read for DeadlineStream<'_> {
 
 impl Write for DeadlineStream<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&mut &*self.stream).write(buf)
+        NoSigPipe(self.stream).write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        (&mut &*self.stream).flush()
+        Ok(())
     }
 }
 
@@ -578,7 +582,7 @@ fn serve_connection(stream: UnixStream, handler: &dyn ApiHandler, timeouts: Time
             None => return,
         },
     };
-    if http::write_response(&mut &stream, &resp.to_http()).is_err() {
+    if http::write_response(&mut conn, &resp.to_http()).is_err() {
         return;
     }
     let _ = stream.shutdown(std::net::Shutdown::Write);

@@ -47,6 +47,9 @@ mod iapc_boot_arch {
     pub const PCIE_ASPM_CONTROLS: u16 = 1 << 4;
 }
 
+/// CMOS RAM index of the RTC century register.
+const RTC_CENTURY_INDEX: u8 = 0x32;
+
 /// MADT flag: the system also has a PC-AT compatible dual 8259 (KVM's in-kernel
 /// PIC), which OSPM must mask before using the IOAPIC.
 const MADT_PCAT_COMPAT: u32 = 1;
@@ -209,6 +212,10 @@ fn build_fadt(layout: &PlatformLayout, dsdt_addr: u64) -> Vec<u8> {
         | iapc_boot_arch::MSI_NOT_SUPPORTED
         | iapc_boot_arch::PCIE_ASPM_CONTROLS)
         .into();
+    // The spec says hardware-reduced OSPMs ignore CENTURY, but Linux's
+    // mc146818_get_time() reads it whenever it is nonzero; without it years
+    // are guessed as 1970-2069.
+    fadt.century = RTC_CENTURY_INDEX;
     fadt.reset_reg = io_port_gas(layout.reset_port);
     fadt.reset_value = RESET_VALUE;
     fadt.sleep_control_reg = io_port_gas(layout.sleep_control_port);

@@ -3,7 +3,7 @@
 //! This crate only produces bytes and the guest-physical addresses they belong
 //! at; the VMM copies them into guest memory. It needs no KVM.
 //!
-//! * [`acpi_tables`] builds RSDP, XSDT, FADT (hardware-reduced ACPI), MADT and
+//! * [`acpi_tables()`] builds RSDP, XSDT, FADT (hardware-reduced ACPI), MADT and
 //!   a DSDT describing the legacy devices and virtio-mmio devices.
 //! * [`mp_table`] builds an Intel MultiProcessor Specification 1.4 table for
 //!   guests booted without ACPI (`acpi=off`) or that only understand MP tables.
@@ -28,7 +28,7 @@ mod mptable;
 pub use acpi::acpi_tables;
 pub use mptable::mp_table;
 
-/// Where [`acpi_tables`] is normally asked to put the RSDP: the start of the
+/// Where [`acpi_tables()`] is normally asked to put the RSDP: the start of the
 /// BIOS read-only area that OSes scan (0xE0000..0x100000) for "RSD PTR ".
 pub const RSDP_ADDR: u64 = 0xE_0000;
 
@@ -37,8 +37,10 @@ pub const BIOS_AREA_END: u64 = 0x10_0000;
 
 /// Usual address for the MP floating pointer structure: the last KiB of base
 /// memory (639 KiB), which Linux scans; reserve 0x9FC00..0xA0000 in the e820
-/// map. One KiB holds the MP table for up to 40 vCPUs; for more, place it in
-/// 0xF0000..0x100000 (also scanned) instead.
+/// map. One KiB holds the MP table for up to 40 vCPUs (a few less with
+/// virtio-mmio GSIs of 16 and up); for more, use a larger limit (the table
+/// grows upward, so the memory there must be backed) or place it in
+/// 0xF0000..0x100000, which Linux also scans.
 pub const MPTABLE_ADDR: u64 = 0x9_FC00;
 
 /// Default IOAPIC MMIO base.

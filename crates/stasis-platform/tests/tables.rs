@@ -199,6 +199,7 @@ fn fadt_fields() {
     let flags = u32_at(f, 112);
     assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
     assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+    assert_eq!(f[108], 0x32, "CENTURY: CMOS index of the century register");
     let iapc = u16_at(f, 109);
     assert_eq!(iapc & 0b11_1111, 0b01_1110, "8042, no VGA, no MSI, no ASPM");
     // RESET_REG: SystemIO, 8 bits, offset 0, byte access, port 0x3C2.

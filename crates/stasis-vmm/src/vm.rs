@@ -24,6 +24,7 @@ use crate::cpu::vcpu::{RunControl, VcpuContext, VcpuThreadError, VcpuThreads};
 use crate::devices::acpi_pm::AcpiPmRegisters;
 use crate::devices::bus::{Bus, BusOverlap};
 use crate::devices::i8042::I8042;
+use crate::devices::rtc::CmosRtc;
 use crate::devices::serial::{self, SerialError, SerialPort};
 use crate::exit::{ExitReason, ExitSink};
 use crate::layout;
@@ -342,6 +343,11 @@ impl Vm {
             5,
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
         )?;
+        let mut rtc = CmosRtc::new();
+        let mem_bytes = config.memory_mib << 20;
+        let below = mem_bytes.min(layout::MMIO_HOLE_START);
+        rtc.set_memory_size(below, mem_bytes - below);
+        pio.insert(u64::from(layout::CMOS_PORT), 2, Arc::new(Mutex::new(rtc)))?;
         pio.insert(
             u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
             AcpiPmRegisters::LEN,
@@ -363,6 +369,7 @@ impl Vm {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
             let cpuid = cpuid::for_vcpu(base_cpuid, index, count, tsc_khz)?;
+            tracing::debug!("vcpu{index}: tsc_khz={tsc_khz}, {} CPUID entries", cpuid.as_slice().len());
             vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             regs::setup_msrs(&vcpu)?;
             regs::setup_fpu(&vcpu)?;

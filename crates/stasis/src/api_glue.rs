@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use stasis_api::{ApiHandler, ApiRequest, ApiResponse, VmInfo, VmState};
-use stasis_vmm::{RunState, VmControl};
+use stasis_vmm::{RunState, VmControl, VmError};
 
 /// Serves one VM's API.
 pub struct VmApi {
@@ -45,17 +45,26 @@ impl VmApi {
     }
 }
 
+/// 409 when the request does not fit the VM's state, 500 otherwise.
+fn error_response(e: &VmError) -> ApiResponse {
+    let status = match e {
+        VmError::BadState { .. } => 409,
+        _ => 500,
+    };
+    ApiResponse::error(status, e.to_string())
+}
+
 impl ApiHandler for VmApi {
     fn handle(&self, req: ApiRequest) -> ApiResponse {
         match req {
             ApiRequest::GetVm => ApiResponse::ok(&self.info()),
             ApiRequest::Pause => match self.control.pause() {
                 Ok(()) => ApiResponse::action(VmState::Paused, "all vCPUs paused"),
-                Err(e) => ApiResponse::error(409, e.to_string()),
+                Err(e) => error_response(&e),
             },
             ApiRequest::Resume => match self.control.resume() {
                 Ok(()) => ApiResponse::action(VmState::Running, "vCPUs running"),
-                Err(e) => ApiResponse::error(409, e.to_string()),
+                Err(e) => error_response(&e),
             },
             ApiRequest::Shutdown => {
                 self.control.request_stop();

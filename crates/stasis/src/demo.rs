@@ -93,7 +93,7 @@ fn run_demo(args: &DemoArgs) -> Result<(), String> {
 }
 
 fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
-    let kernel = stasis_guestkit_write_guest(dir).map_err(|e| format!("cannot write the guest: {e}"))?;
+    let kernel = stasis_guestkit::write_guest(dir).map_err(|e| format!("cannot write the guest: {e}"))?;
     let serial = dir.join("serial.log");
     std::fs::File::create(&serial).map_err(|e| e.to_string())?;
     let mut cfg = VmConfig::new(format!("demo-{}", std::process::id()), kernel);
@@ -158,4 +158,3 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     }
     Ok(())
 }
-fn stasis_guestkit_write_guest(_d: &std::path::Path) -> std::io::Result<std::path::PathBuf> { Err(std::io::Error::other("todo")) }

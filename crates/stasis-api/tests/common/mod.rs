@@ -29,10 +29,7 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos();
-        let path = PathBuf::from(format!(
-            "/tmp/sapi-{}-{n}-{nanos:x}",
-            std::process::id()
-        ));
+        let path = PathBuf::from(format!("/tmp/sapi-{}-{n}-{nanos:x}", std::process::id()));
         fs::DirBuilder::new().mode(0o700).create(&path).unwrap();
         TempDir(path)
     }

@@ -4,4 +4,5 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod rtc;
 pub mod serial;

@@ -1,0 +1,272 @@
+//! Shared helpers for the integration tests: each test runs the real
+//! `stasis` binary on real KVM with the guest kit's guest.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fails the test with a clear message when KVM cannot be used.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!(
+            "this test needs KVM: cannot open /dev/kvm ({e}). Run the tests on a host with KVM \
+             enabled and access to /dev/kvm."
+        );
+    }
+}
+
+/// A per-test scratch directory, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "stasis-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `stasis` binary under test.
+pub fn stasis_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_stasis")
+}
+
+/// Writes the guest kit's ELF into `dir`.
+pub fn guest(dir: &Path) -> PathBuf {
+    stasis_guestkit::write_guest(dir).expect("write guest ELF")
+}
+
+/// Parses `key=value` pairs of a guest output line.
+pub fn fields(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect()
+}
+
+/// The numeric field `key` of `line`.
+pub fn num(line: &str, key: &str) -> u64 {
+    fields(line)
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number in {line:?}"))
+}
+
+/// A `stasis run` process with its serial output in a file and its API
+/// socket in a private runtime directory. Killed when dropped.
+pub struct VmProcess {
+    pub name: String,
+    pub child: Child,
+    pub serial: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub stderr_path: PathBuf,
+    pub scratch: Scratch,
+}
+
+/// Options for [`VmProcess::start`].
+pub struct VmOpts<'a> {
+    pub vcpus: u32,
+    pub memory: &'a str,
+    pub boot: &'a str,
+    pub cmdline: &'a str,
+    pub extra: Vec<String>,
+}
+
+impl Default for VmOpts<'_> {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            memory: "64M",
+            boot: "auto",
+            cmdline: "console=ttyS0 workload=heartbeat",
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl VmProcess {
+    pub fn start(tag: &str, opts: VmOpts) -> Self {
+        require_kvm();
+        let scratch = Scratch::new(tag);
+        let kernel = guest(scratch.path());
+        let serial = scratch.join("serial.log");
+        let runtime_dir = scratch.join("run");
+        let stderr_path = scratch.join("stderr.log");
+        let name = format!("{tag}-{}", std::process::id());
+        let child = Command::new(stasis_bin())
+            .env("STASIS_RUNTIME_DIR", &runtime_dir)
+            .arg("run")
+            .args(["--name", &name])
+            .args(["--vcpus", &opts.vcpus.to_string()])
+            .args(["--memory", opts.memory])
+            .args(["--boot", opts.boot])
+            .args(["--cmdline", opts.cmdline])
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .args(&opts.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("spawn stasis run");
+        Self {
+            name,
+            child,
+            serial,
+            runtime_dir,
+            stderr_path,
+            scratch,
+        }
+    }
+
+    /// Everything the guest printed so far, as complete lines.
+    pub fn lines(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        let complete = match text.rfind('\n') {
+            Some(i) => &text[..=i],
+            None => "",
+        };
+        complete.lines().map(|l| l.trim_end_matches('\r').to_string()).collect()
+    }
+
+    /// Lines starting with `tag`.
+    pub fn tagged(&self, tag: &str) -> Vec<String> {
+        let prefix = format!("{tag} ");
+        self.lines()
+            .into_iter()
+            .filter(|l| l.starts_with(&prefix))
+            .collect()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Panics with the guest's output and the VMM's stderr.
+    pub fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}\n--- guest serial ---\n{}\n--- stasis stderr ---\n{}",
+            self.lines().join("\n"),
+            self.stderr()
+        )
+    }
+
+    /// Waits until `pred` holds for the set of output lines.
+    pub fn wait_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) {
+        let end = Instant::now() + timeout;
+        loop {
+            let lines = self.lines();
+            if lines.iter().any(|l| l.starts_with("GUEST-EXCEPTION") || l.starts_with("GUEST-ERROR")) {
+                self.fail(&format!("guest reported an error while waiting for {what}"));
+            }
+            if pred(&lines) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.fail(&format!("stasis exited ({st}) while waiting for {what}"));
+            }
+            if Instant::now() > end {
+                self.fail(&format!("timed out after {timeout:?} waiting for {what}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for at least `n` lines with `tag`; returns them.
+    pub fn wait_tagged(&mut self, tag: &str, n: usize, timeout: Duration) -> Vec<String> {
+        let prefix = format!("{tag} ");
+        self.wait_until(&format!("{n} '{tag}' lines"), timeout, |ls| {
+            ls.iter().filter(|l| l.starts_with(&prefix)).count() >= n
+        });
+        self.tagged(tag)
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > end {
+                self.fail(&format!("stasis did not exit within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The API socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir.join(format!("{}.sock", self.name))
+    }
+
+    /// Waits until the API socket exists.
+    pub fn wait_socket(&mut self) {
+        let s = self.socket();
+        self.wait_until("the API socket", Duration::from_secs(30), |_| s.exists());
+    }
+
+    /// Runs a client subcommand against this VM's runtime directory.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(stasis_bin())
+            .env("STASIS_RUNTIME_DIR", &self.runtime_dir)
+            .args(args)
+            .output()
+            .expect("run stasis client")
+    }
+
+    /// Sends a signal to the VMM.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `stasis` with `args` and no VM.
+pub fn stasis(args: &[&str], runtime_dir: &Path) -> Output {
+    Command::new(stasis_bin())
+        .env("STASIS_RUNTIME_DIR", runtime_dir)
+        .args(args)
+        .output()
+        .expect("run stasis")
+}
+
+/// Standard error of `out` as text.
+pub fn err_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
