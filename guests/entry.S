@@ -395,8 +395,14 @@ svc_nop:
         movabsq $SVC_NOP_MAGIC, %rax
         iretq
 
+/*
+ * Triple fault: zero-limit IDT, then raise an exception. ud2 rather than int3:
+ * the CPL0 instruction emulator of this host cannot emulate INT n outside
+ * real mode (that is an emulation failure, not a triple fault).
+ */
 svc_triple:
         lidt    zero_idt_ptr(%rip)
+        ud2
         int3
         jmp     dead
 

@@ -30,7 +30,7 @@
 /* Ring-3 services: int $0x80, RAX = number, args in RDI, RSI, RDX; result in RAX */
 #define SVC_NOP         0   /* returns 0x5354415349530000 ("STASIS") */
 #define SVC_START_AP    1   /* rdi = apic id, rsi = SIPI vector, rdx = TSC ticks of 10 ms */
-#define SVC_TRIPLE      2   /* load a zero-limit IDT, then int3 */
+#define SVC_TRIPLE      2   /* load a zero-limit IDT, then ud2 */
 #define SVC_HALT        3   /* cli; hlt forever */
 #define SVC_MMIO_EXEC   4   /* jump to rdi (default 0xD0000000) at CPL0 */
 #define SVC_TIMER_START 5   /* rdi = hz, rsi = TSC ticks of calibration; returns count */
@@ -164,7 +164,7 @@ struct config {
     char workload[32];
     char action[32];
     u64 smp, hb_ms, mem_mib, mem_rate, report_ms, timer_hz, after_ms;
-    u64 mmio_addr, regs_hold_ms, tsc_khz;
+    u64 mmio_addr, regs_hold_ms, regs_inject, mem_inject, tsc_khz;
     u64 ncpus;
     u64 avx, avx512, kmovq, xcr0;
     u32 apic_ids[MAX_CPUS];

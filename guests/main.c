@@ -180,6 +180,8 @@ static void parse_cmdline(u32 cpu)
             { "mem_rate", &cfg.mem_rate }, { "report_ms", &cfg.report_ms },
             { "timer_hz", &cfg.timer_hz }, { "after_ms", &cfg.after_ms },
             { "mmio_addr", &cfg.mmio_addr }, { "regs_hold_ms", &cfg.regs_hold_ms },
+            { "regs_inject", &cfg.regs_inject },
+            { "mem_inject", &cfg.mem_inject },
             { "tsc_khz", &cmdline_tsc_khz },
         };
         if (streq(key, "workload")) {
@@ -611,6 +613,15 @@ static __attribute__((noreturn)) void bsp_main(u32 cpu)
     print_platform_line(cpu, src);
     if (nop != SVC_NOP_MAGIC)
         guest_error(cpu, "svc-nop-mismatch");
+    for (u32 i = 0; i < n_e820; i++) {
+        struct line l;
+        l_init(&l, "E820");
+        l_kv(&l, "index", i);
+        l_kx(&l, "addr_hex", e820_addr[i]);
+        l_kx(&l, "size_hex", e820_size[i]);
+        l_kv(&l, "type", e820_type[i]);
+        l_emit(&l, cpu);
+    }
 
     if (!known_workload(cfg.workload)) {
         struct line l;

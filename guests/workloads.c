@@ -169,6 +169,20 @@ static __attribute__((noreturn)) void memory(u32 cpu)
                 cpu_relax();
             }
         }
+        if (pass == cfg.mem_inject && npages) {
+            /* negative control: corrupt the last page's body after stamping */
+            u64 last_addr = 0, rem = npages - 1;
+            for (u32 i = r0; i < cfg.nranges; i++) {
+                u64 start = (i == r0) ? off0 : 0, n = cfg.range_pages[i] - start;
+                if (rem < n) {
+                    last_addr = cfg.range_start[i] + ((start + rem) << 12);
+                    break;
+                }
+                rem -= n;
+            }
+            if (last_addr)
+                ((volatile u64 *)phys(last_addr))[100] ^= 1;
+        }
         total_bad += bad;
         l_init(&l, "MEM");
         l_kv(&l, "cpu", cpu);
@@ -333,6 +347,15 @@ static __attribute__((noreturn)) void registers(u32 cpu)
             spins = ns;
         }
 
+        if (c.round == cfg.regs_inject) {
+            /* negative control: corrupt the saved state of this round */
+            gpr[3] ^= 1;                                    /* rbx */
+            xs[160 + 16 * 5 + 8] ^= 0x80;                   /* xmm5.q1 */
+            if (flags & RF_AVX512) {
+                xs[off_hi16 + 64 * 4 + 56] ^= 1;            /* zmm20.q7 */
+                xs[off_k + 8 * 3] ^= 1;                     /* k3 */
+            }
+        }
         c.round_mismatches = 0;
         for (u32 i = 0; i < 16; i++) {
             if (i == 4)

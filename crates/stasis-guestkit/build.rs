@@ -45,7 +45,10 @@ fn run(cmd: &mut Command, what: &str) -> Output {
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        panic!("stasis-guestkit: {what} failed ({}):\n{cmd:?}\n{stderr}", out.status);
+        panic!(
+            "stasis-guestkit: {what} failed ({}):\n{cmd:?}\n{stderr}",
+            out.status
+        );
     }
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
         println!("cargo:warning={what}: {line}");
@@ -88,27 +91,51 @@ fn main() {
         }
     }
     let script = guests.join("guest.ld");
-    assert!(script.exists(), "stasis-guestkit: missing linker script {}", script.display());
-    assert!(!sources.is_empty(), "stasis-guestkit: no guest sources in {}", guests.display());
+    assert!(
+        script.exists(),
+        "stasis-guestkit: missing linker script {}",
+        script.display()
+    );
+    assert!(
+        !sources.is_empty(),
+        "stasis-guestkit: no guest sources in {}",
+        guests.display()
+    );
 
     let mut objects = Vec::new();
     for src in &sources {
-        let name = src.file_name().and_then(|n| n.to_str()).expect("source file name");
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("source file name");
         let obj = obj_dir.join(format!("{name}.o"));
         let mut cmd = Command::new(&cc);
-        cmd.args(CFLAGS).arg("-I").arg(&guests).arg("-c").arg(src).arg("-o").arg(&obj);
+        cmd.args(CFLAGS)
+            .arg("-I")
+            .arg(&guests)
+            .arg("-c")
+            .arg(src)
+            .arg("-o")
+            .arg(&obj);
         run(&mut cmd, &format!("{cc} {name}"));
         objects.push(obj);
     }
 
     let elf = out_dir.join("stasis-guest.elf");
     let mut cmd = Command::new(&ld);
-    cmd.args(["-nostdlib", "-static", "-no-pie", "--build-id=none", "-z", "noexecstack"])
-        .arg("-T")
-        .arg(&script)
-        .arg("-o")
-        .arg(&elf)
-        .args(&objects);
+    cmd.args([
+        "-nostdlib",
+        "-static",
+        "-no-pie",
+        "--build-id=none",
+        "-z",
+        "noexecstack",
+    ])
+    .arg("-T")
+    .arg(&script)
+    .arg("-o")
+    .arg(&elf)
+    .args(&objects);
     run(&mut cmd, &format!("{ld} (link)"));
     check_output(&elf);
 }

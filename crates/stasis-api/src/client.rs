@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use crate::http::{self, HttpError};
 use crate::runtime::{self, InvalidVmName};
 use crate::sock::NoSigPipe;
-use crate::types::{ActionResponse, PingResponse, VmInfo};
+use crate::types::{SnapshotResponse, ActionResponse, PingResponse, VmInfo};
 
 /// How long the client waits for the VM, by default (per read or write).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -177,6 +177,16 @@ impl ApiClient {
     /// `PUT /v1/vm/shutdown`: stops the VM (the process exits).
     pub fn shutdown(&self) -> Result<ActionResponse, ClientError> {
         self.call("PUT", "/v1/vm/shutdown", None)
+    }
+
+    /// `PUT /v1/vm/snapshot`: writes a snapshot to `path` (on the VM's
+    /// host) and, with `stop`, ends the VM once it is durable. Snapshots of
+    /// large VMs take a while: the client's timeout is raised to at least
+    /// an hour for this call.
+    pub fn snapshot(&self, path: &str, stop: bool) -> Result<SnapshotResponse, ClientError> {
+        let body = serde_json::json!({ "path": path, "stop": stop });
+        let client = self.clone().with_timeout(self.timeout.max(Duration::from_secs(3600)));
+        client.call("PUT", "/v1/vm/snapshot", Some(&body))
     }
 
     /// Sends a request and decodes a 2xx response body as `T`. A non-2xx

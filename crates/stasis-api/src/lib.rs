@@ -36,4 +36,7 @@ pub use runtime::{
     InvalidVmName, VmSocket,
 };
 pub use server::{ApiHandler, ApiServer, ApiServerHandle, ServerError};
-pub use types::{ActionResponse, EmptyRequest, ErrorBody, PingResponse, VmInfo, VmState};
+pub use types::{
+    ActionResponse, EmptyRequest, ErrorBody, PingResponse, SnapshotRequest, SnapshotResponse, VmInfo,
+    VmState,
+};

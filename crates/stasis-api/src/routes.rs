@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::http;
-use crate::types::{ActionResponse, EmptyRequest, ErrorBody, VmState};
+use crate::types::{ActionResponse, EmptyRequest, ErrorBody, SnapshotRequest, VmState};
 
 /// A request the API understood, ready for the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,9 @@ pub enum ApiRequest {
     /// `PUT /v1/vm/shutdown`: stop the VM; the process exits
     /// ([`ActionResponse`] with state `stopping`).
     Shutdown,
+    /// `PUT /v1/vm/snapshot`: write a snapshot to a directory, optionally
+    /// ending the VM afterwards ([`SnapshotResponse`](crate::types::SnapshotResponse)).
+    Snapshot(SnapshotRequest),
 }
 
 /// A response to send: a status, extra headers and a JSON body.
@@ -143,6 +146,11 @@ const ENDPOINTS: &[Endpoint] = &[
         path: "/v1/vm/shutdown",
         parse: |body| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Shutdown),
     },
+    Endpoint {
+        method: "PUT",
+        path: "/v1/vm/snapshot",
+        parse: |body| json_body::<SnapshotRequest>(body).map(ApiRequest::Snapshot),
+    },
 ];
 
 /// Every (method, path) the API serves, in table order.
@@ -224,6 +232,21 @@ mod tests {
             route("PUT", "/v1/vm/shutdown", b" { }\n"),
             Ok(ApiRequest::Shutdown)
         );
+        assert_eq!(
+            route("PUT", "/v1/vm/snapshot", br#"{"path": "/s/a", "stop": true}"#),
+            Ok(ApiRequest::Snapshot(SnapshotRequest {
+                path: "/s/a".into(),
+                stop: true
+            }))
+        );
+        assert_eq!(
+            route("PUT", "/v1/vm/snapshot", br#"{"path": "/s/a"}"#),
+            Ok(ApiRequest::Snapshot(SnapshotRequest {
+                path: "/s/a".into(),
+                stop: false
+            }))
+        );
+        assert_eq!(route("PUT", "/v1/vm/snapshot", b"").unwrap_err().status, 400);
     }
 
     #[test]

@@ -166,3 +166,40 @@ mod tests {
         assert!(err.to_string().contains("unknown field `force`"), "{err}");
     }
 }
+
+/// The body of `PUT /v1/vm/snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot directory. Its parent must exist; an older snapshot
+    /// there is replaced atomically once the new one is durable.
+    pub path: String,
+    /// End the VM once the snapshot is durable (suspend).
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// The answer to a successful `PUT /v1/vm/snapshot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotResponse {
+    /// The snapshot directory.
+    pub path: String,
+    /// How long the guest was paused, in milliseconds.
+    pub pause_ms: f64,
+    /// From the request to a durable snapshot, in milliseconds.
+    pub total_ms: f64,
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// Bytes of guest memory written (zero pages are holes).
+    pub memory_written_bytes: u64,
+    /// Size of the state sections in bytes.
+    pub state_bytes: u64,
+    /// Guest memory copied per second while paused, in MB/s.
+    pub copy_mb_per_s: f64,
+    /// Time spent making the files durable, in milliseconds.
+    pub sync_ms: f64,
+    /// Whether an older snapshot at the same path was replaced.
+    pub replaced_existing: bool,
+    /// Whether the VM was ended afterwards.
+    pub stopped: bool,
+}

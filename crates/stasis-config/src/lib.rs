@@ -236,16 +236,24 @@ impl VmConfig {
     /// Checks everything that can be checked without KVM: name, sizes, that
     /// the kernel and initrd exist, the command line.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_for_restore()?;
+        check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd)?;
+        }
+        Ok(())
+    }
+
+    /// The checks that apply to a VM restored from a snapshot: as
+    /// [`VmConfig::validate`], except that the kernel and initrd files need
+    /// not exist any more (their contents are in the saved memory).
+    pub fn validate_for_restore(&self) -> Result<(), ConfigError> {
         validate_name(&self.name)?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::Memory(self.memory_mib));
-        }
-        check_file("kernel", &self.kernel)?;
-        if let Some(initrd) = &self.initrd {
-            check_file("initrd", initrd)?;
         }
         if self.cmdline.len() > MAX_CMDLINE_LEN {
             return Err(ConfigError::Cmdline(format!(

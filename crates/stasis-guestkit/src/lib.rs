@@ -29,7 +29,9 @@
 //! | `hb_ms` | `100` | heartbeat period |
 //! | `mem_mib` | `64` | memory workload size (all CPUs together), clamped to usable RAM above the image |
 //! | `mem_rate` | `0` | pages per second per CPU, `0` = unlimited |
+//! | `mem_inject` | `0` | test only: corrupt each CPU's last page after pass N (pass N+1 reports `MEM-BAD`) |
 //! | `regs_hold_ms` | `20` | time the registers are held per round |
+//! | `regs_inject` | `0` | test only: corrupt the saved registers of round N (`REGS-MISMATCH`) |
 //! | `timer_hz` | `100` | LAPIC timer rate |
 //! | `after_ms` | `200` | delay before the action |
 //! | `do` | – | `reset`, `shutdown`, `acpi-reset`, `triple-fault`, `mmio-exec`, `halt` |
@@ -37,13 +39,17 @@
 //!
 //! # Output (COM1, one line per event)
 //!
-//! Tag first, then `key=value` pairs; numbers are decimal unless the key ends
+//! See `guests/README.md` for the details of each line. Tag first, then `key=value` pairs; numbers are decimal unless the key ends
 //! in `_hex` (and `error`/`rip`/`cs` of `GUEST-EXCEPTION`, which are hex).
 //! Lines of different CPUs never interleave. [`parse_line`] parses them.
 //!
 //! * `STASIS-GUEST boot proto=<linux64|pvh> cpus=<n> acpi=<ok|missing|bad-checksum:<RSDP|RSDP-ext|XSDT|RSDT|MADT>> mptable=<ok|missing|bad> tsc_khz=<n> tsc_src=<cpuid|cmdline|default> xcr0_hex=<x> avx512=<0|1> mem_mib=<n> workload=<name> cmdline="<command line>"`
 //!   — once, from the BSP (`"` in the command line is shown as `'`).
-//! * `PLATFORM cpus=<n> cpu_src=<acpi|mptable|default> acpi_cpus=<n> mptable_cpus=<n> apic_ids=<a,b,..> e820_entries=<n> avx=<0|1> smp=<0|1>`
+//! * `PLATFORM cpus=<n> cpu_src=<acpi|mptable|default> acpi_cpus=<n> mptable_cpus=<n> apic_ids=<a,b,..> e820_entries=<n> avx=<0|1> smp=<0|1> svc_trap=<int80|ud|gp> pio_emulated=<n>`
+//!   — once; `svc_trap` tells how the host delivered ring 3's `int 0x80`
+//!   (natively, or as #UD/#GP that the guest turned into the service call),
+//!   `pio_emulated` how many ring-3 port accesses the #GP handler emulated.
+//! * `E820 index=<i> addr_hex=<x> size_hex=<x> type=<n>` — once per entry.
 //! * `SMP-START expected=<n> started=<n> wait_ms=<n>` — with `smp=1`, after
 //!   the APs came up or 2 s passed (missing ones: `GUEST-ERROR what=ap-timeout cpu=<id>`).
 //! * `CPU-UP cpu=<apic id>` — each CPU as it enters the workload.
@@ -159,7 +165,11 @@ pub fn parse_line(line: &str) -> Option<GuestLine> {
         fields.insert(key.to_string(), value.to_string());
         rest = next;
     }
-    Some(GuestLine { tag: tag.to_string(), words, fields })
+    Some(GuestLine {
+        tag: tag.to_string(),
+        words,
+        fields,
+    })
 }
 
 #[cfg(test)]
@@ -257,13 +267,19 @@ mod tests {
     #[test]
     fn entry_inside_load_segment() {
         let entry = u64le(GUEST_ELF, 0x18);
-        assert!(in_load(GUEST_ELF, entry), "e_entry {entry:#x} not in a PT_LOAD");
+        assert!(
+            in_load(GUEST_ELF, entry),
+            "e_entry {entry:#x} not in a PT_LOAD"
+        );
     }
 
     #[test]
     fn xen_pvh_note() {
         let pvh = xen_pvh_entry(GUEST_ELF).expect("PT_NOTE with Xen note type 18");
-        assert!(in_load(GUEST_ELF, u64::from(pvh)), "PVH entry {pvh:#x} not in a PT_LOAD");
+        assert!(
+            in_load(GUEST_ELF, u64::from(pvh)),
+            "PVH entry {pvh:#x} not in a PT_LOAD"
+        );
         assert_ne!(u64::from(pvh), u64le(GUEST_ELF, 0x18));
     }
 

@@ -323,6 +323,22 @@ fn isa_device(name: &str, eisa_id: &str, uid: u32, resources: &[&dyn Aml]) -> Ra
     RawAml(bytes)
 }
 
+/// The VM generation ID device: `_HID "VMGENCTR"` (what Linux's vmgenid
+/// driver matches), `_CID "VM_Gen_Counter"` (what Windows looks for), and
+/// `ADDR`, a package of the low and high 32 bits of the ID's address.
+fn vmgenid_device(addr: u64) -> RawAml {
+    let hid = aml::Name::new("_HID".into(), &"VMGENCTR");
+    let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
+    let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let lo = (addr & 0xffff_ffff) as u32;
+    let hi = (addr >> 32) as u32;
+    let package = aml::Package::new(vec![&lo, &hi]);
+    let addr = aml::Name::new("ADDR".into(), &package);
+    let mut bytes = Vec::new();
+    aml::Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr]).to_aml_bytes(&mut bytes);
+    RawAml(bytes)
+}
+
 fn mmio_device(dev: &MmioDevice) -> RawAml {
     let hid = aml::Name::new("_HID".into(), &dev.hid);
     let uid = aml::Name::new("_UID".into(), &dev.uid);
@@ -390,6 +406,9 @@ fn build_dsdt(layout: &PlatformLayout) -> Vec<u8> {
         ],
     ));
     devices.extend(layout.mmio_devices.iter().map(mmio_device));
+    if let Some(addr) = layout.vmgenid_addr {
+        devices.push(vmgenid_device(addr));
+    }
 
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]);
     let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();

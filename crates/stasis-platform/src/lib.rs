@@ -158,6 +158,9 @@ pub struct PlatformLayout {
     /// ACPI reset register I/O port (8 bits); the guest writes
     /// [`RESET_VALUE`] to it to reboot.
     pub reset_port: u16,
+    /// Guest physical address of the 16-byte VM generation ID, if the VM
+    /// has one (described by a `VGEN` device in the DSDT).
+    pub vmgenid_addr: Option<u64>,
 }
 
 /// The value the FADT tells the guest to write to the reset register.
@@ -178,6 +181,7 @@ impl PlatformLayout {
             sleep_control_port: 0x3C0,
             sleep_status_port: 0x3C1,
             reset_port: 0x3C2,
+            vmgenid_addr: None,
         }
     }
 

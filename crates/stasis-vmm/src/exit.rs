@@ -41,6 +41,11 @@ pub enum ExitReason {
     Signal(i32),
     /// A client asked the VM to stop (`stasis stop`, `PUT /v1/vm/shutdown`).
     StopRequested,
+    /// The VM was suspended: snapshotted with `--stop`.
+    Suspended {
+        /// Where the snapshot is.
+        path: String,
+    },
 }
 
 impl ExitReason {
@@ -48,7 +53,7 @@ impl ExitReason {
     ///
     /// | status | reason |
     /// |---|---|
-    /// | 0 | guest powered off, or stop requested through the API |
+    /// | 0 | guest powered off, stop requested through the API, or suspended to a snapshot |
     /// | 3 | guest reset (stasis does not reboot in place) |
     /// | 4 | triple fault |
     /// | 5 | KVM internal error |
@@ -56,7 +61,7 @@ impl ExitReason {
     /// | 128+N | signal N (130 for SIGINT, 143 for SIGTERM) |
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::GuestPoweroff | Self::StopRequested => 0,
+            Self::GuestPoweroff | Self::StopRequested | Self::Suspended { .. } => 0,
             Self::GuestReset { .. } => 3,
             Self::TripleFault { .. } => 4,
             Self::KvmInternalError { .. } => 5,
@@ -86,6 +91,7 @@ impl std::fmt::Display for ExitReason {
             Self::VcpuError { vcpu, detail } => write!(f, "vCPU {vcpu} failed: {detail}"),
             Self::Signal(n) => write!(f, "received {}", signal_name(*n)),
             Self::StopRequested => write!(f, "stopped on request"),
+            Self::Suspended { path } => write!(f, "suspended to snapshot {path}"),
         }
     }
 }

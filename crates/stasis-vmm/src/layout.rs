@@ -8,6 +8,7 @@
 //! 0x0000_8ff0  initial stack pointer for the 64-bit entry
 //! 0x0000_9000  PML4, then PDPT (0xa000) and 4 page directories (0xb000..0xf000)
 //! 0x0002_0000  kernel command line (up to one page)
+//! 0x0009_f000  VM generation ID (reserved from here to 1 MiB)
 //! 0x0009_fc00  MP table (top of conventional memory, "EBDA")
 //! 0x000e_0000  ACPI tables (RSDP first, found by the legacy BIOS-area scan)
 //! 0x0010_0000  kernel (1 MiB), then initrd near the top of low RAM
@@ -37,8 +38,12 @@ pub const BOOT_IDENTITY_MAP_GIB: u64 = 4;
 pub const CMDLINE_ADDR: u64 = 0x20000;
 /// Room for the command line, terminating NUL included.
 pub const CMDLINE_MAX_SIZE: u64 = 0x1000;
-/// End of conventional memory and start of the area we describe as
-/// reserved (EBDA and BIOS area) up to 1 MiB.
+/// The VM generation ID page (reserved in the memory map).
+pub const VMGENID_ADDR: u64 = 0x9f000;
+/// End of usable conventional memory: from here to 1 MiB the memory map
+/// says reserved (VM generation ID page, EBDA, BIOS area).
+pub const LOW_RESERVED_START: u64 = VMGENID_ADDR;
+/// Start of the EBDA.
 pub const EBDA_START: u64 = 0x9fc00;
 /// The MP table lives at the start of the EBDA.
 pub const MPTABLE_ADDR: u64 = EBDA_START;
@@ -119,6 +124,7 @@ mod tests {
         assert!(PVH_START_INFO_ADDR + 0x1000 <= ZERO_PAGE_ADDR);
         assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_POINTER);
         assert!(page_tables_end <= CMDLINE_ADDR);
-        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE <= MPTABLE_ADDR);
+        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE <= LOW_RESERVED_START);
+        assert!(VMGENID_ADDR + 24 <= MPTABLE_ADDR);
     }
 }

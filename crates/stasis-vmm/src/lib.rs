@@ -8,14 +8,17 @@
 //! [`vm`] which puts them together and exposes [`vm::VmControl`] to the
 //! control API above.
 
+pub mod abi;
 pub mod boot;
 pub mod cpu;
 pub mod devices;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod persist;
 pub mod platform;
 pub mod vm;
+pub mod vm_state;
 
 pub use exit::ExitReason;
-pub use vm::{RunState, Vm, VmControl, VmDescription, VmError};
+pub use vm::{CapturedState, RunState, Vm, VmControl, VmDescription, VmError, VmSource};

@@ -30,6 +30,7 @@ pub fn platform_layout(vcpus: u32) -> PlatformLayout {
         sleep_control_port: layout::ACPI_SLEEP_CONTROL_PORT,
         sleep_status_port: layout::ACPI_SLEEP_STATUS_PORT,
         reset_port: layout::ACPI_RESET_PORT,
+        vmgenid_addr: Some(layout::VMGENID_ADDR),
         ..PlatformLayout::new(vcpus as u8)
     }
 }

@@ -20,7 +20,12 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError, BootInfo};
 use crate::cpu::cpuid::{self, CpuidError};
 use crate::cpu::regs::{self, RegsError};
+use crate::cpu::state::{self, VcpuState, VcpuStateError};
 use crate::cpu::vcpu::{RunControl, VcpuContext, VcpuThreadError, VcpuThreads};
+use crate::devices::rtc::CmosRtcState;
+use crate::devices::serial::{SerialDeviceState, Uart};
+use crate::devices::vmgenid::{VmGenId, VmGenIdState};
+use crate::vm_state::{self, ClockState, IrqchipState, PitState, VmStateError};
 use crate::devices::acpi_pm::AcpiPmRegisters;
 use crate::devices::bus::{Bus, BusOverlap};
 use crate::devices::i8042::I8042;
@@ -91,6 +96,26 @@ pub enum VmError {
         /// The error.
         source: std::io::Error,
     },
+    /// Saving or restoring a vCPU.
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
+    /// Saving or restoring VM-wide KVM state.
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
+    /// Writing into guest memory.
+    #[error("cannot write the {what} into guest memory: {source}")]
+    GuestWrite {
+        /// What.
+        what: &'static str,
+        /// The error.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Restoring the RTC.
+    #[error("saved RTC state is invalid: {0}")]
+    RtcState(String),
+    /// The saved state does not match the configuration.
+    #[error("saved state does not match the VM: {0}")]
+    Mismatch(String),
     /// A control request came in a state that does not allow it.
     #[error("cannot {action} a VM that is {state}")]
     BadState {
@@ -155,6 +180,38 @@ pub struct VmDescription {
     pub created_unix_ms: u64,
 }
 
+/// Everything in a VM that is not guest memory, captured while paused.
+#[derive(Debug, Clone)]
+pub struct CapturedState {
+    /// One per vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// PICs and IOAPIC.
+    pub irqchip: IrqchipState,
+    /// The PIT.
+    pub pit: PitState,
+    /// The KVM clock.
+    pub clock: ClockState,
+    /// COM1.
+    pub serial: SerialDeviceState,
+    /// The CMOS RTC.
+    pub rtc: CmosRtcState,
+    /// The VM generation ID.
+    pub vmgenid: VmGenIdState,
+}
+
+/// The parts of a VM that outlive the builder and are shared by
+/// [`VmControl`] clones. Field order is drop order: the VM fd goes before
+/// the memory it maps.
+pub struct VmShared {
+    vm: VmFd,
+    mem: GuestRam,
+    uart: Arc<Mutex<Uart>>,
+    rtc: Arc<Mutex<CmosRtc>>,
+    msr_indices: Vec<u32>,
+    xsave_size: usize,
+    vmgenid: VmGenId,
+}
+
 /// How long pause waits for every vCPU to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -165,6 +222,7 @@ pub struct VmControl {
     state: Arc<AtomicU8>,
     exit: ExitSink,
     description: Arc<VmDescription>,
+    shared: Arc<VmShared>,
 }
 
 impl VmControl {
@@ -214,57 +272,146 @@ impl VmControl {
         self.exit.report(ExitReason::StopRequested);
     }
 
+    /// Ends the VM for `reason`.
+    pub fn end(&self, reason: ExitReason) {
+        self.exit.report(reason);
+    }
+
+    /// The VM generation ID device.
+    pub fn vmgenid(&self) -> VmGenId {
+        self.shared.vmgenid.clone()
+    }
+
+    /// Guest memory, for saving it while the VM is paused.
+    pub fn memory(&self) -> &GuestRam {
+        &self.shared.mem
+    }
+
+    /// Reads every vCPU's state, the VM-wide KVM state and the devices'
+    /// state. The VM must be paused.
+    pub fn capture(&self) -> Result<CapturedState, VmError> {
+        let guard = self.threads.lock().expect("threads lock");
+        if self.state() != RunState::Paused {
+            return Err(VmError::BadState {
+                action: "capture the state of",
+                state: self.state(),
+            });
+        }
+        let threads = guard.as_ref().expect("paused VM has threads");
+        let msrs = Arc::new(self.shared.msr_indices.clone());
+        let xsave_size = self.shared.xsave_size;
+        let vcpus = threads
+            .run_on_each(move |i, vcpu| state::save_vcpu(vcpu, i, &msrs, xsave_size))?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let (irqchip, pit, clock) = vm_state::save(&self.shared.vm)?;
+        let serial = SerialDeviceState::save(&self.shared.uart.lock().expect("uart lock"));
+        let rtc = self.shared.rtc.lock().expect("rtc lock").save();
+        Ok(CapturedState {
+            vcpus,
+            irqchip,
+            pit,
+            clock,
+            serial,
+            rtc,
+            vmgenid: self.shared.vmgenid.save(),
+        })
+    }
+
     /// A sink through which others (the signal thread) can end the VM.
     pub fn exit_sink(&self) -> ExitSink {
         self.exit.clone()
     }
 }
 
+/// Where a VM's memory and state come from.
+pub enum VmSource<'a> {
+    /// A fresh boot: new memory, the kernel loaded from the config.
+    Boot,
+    /// A restore: memory prepared by the caller (mapped from or filled from
+    /// a snapshot) and the captured state.
+    Restore {
+        /// Guest memory with the snapshot's contents.
+        memory: GuestRam,
+        /// The state to put back.
+        state: &'a CapturedState,
+    },
+}
+
 /// A created VM.
 pub struct Vm {
-    // Field order is drop order: vCPUs and the VM fd go before the memory
-    // they map.
     vcpus: Vec<VcpuFd>,
     control: VmControl,
     exit_rx: Receiver<ExitReason>,
     context: VcpuContext,
-    _vm: VmFd,
     _kvm: Kvm,
-    _mem: GuestRam,
+}
+
+/// Opens KVM and checks what stasis needs of it.
+fn open_kvm(vcpus: u32) -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+    for (cap, name) in [
+        (kvm_ioctls::Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (kvm_ioctls::Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (kvm_ioctls::Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
+        (kvm_ioctls::Cap::Xsave, "KVM_CAP_XSAVE"),
+        (kvm_ioctls::Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
+        (kvm_ioctls::Cap::Xcrs, "KVM_CAP_XCRS"),
+        (kvm_ioctls::Cap::MpState, "KVM_CAP_MP_STATE"),
+        (kvm_ioctls::Cap::Debugregs, "KVM_CAP_DEBUGREGS"),
+        (kvm_ioctls::Cap::AdjustClock, "KVM_CAP_ADJUST_CLOCK"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmCapability(name));
+        }
+    }
+    if vcpus as usize > kvm.get_max_vcpus() {
+        return Err(VmError::TooManyVcpus {
+            asked: vcpus,
+            max: kvm.get_max_vcpus(),
+        });
+    }
+    if vcpus as usize > kvm.get_nr_vcpus().max(1) {
+        tracing::warn!(
+            "{vcpus} vCPUs is more than the {} this host recommends (KVM_CAP_NR_VCPUS)",
+            kvm.get_nr_vcpus()
+        );
+    }
+    Ok(kvm)
+}
+
+/// The size of the XSAVE area KVM uses on this host.
+pub fn host_xsave_size(kvm: &Kvm) -> usize {
+    (kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize).max(4096)
 }
 
 impl Vm {
-    /// Builds the VM described by `config`: validates it, opens KVM, maps
-    /// memory, writes the firmware tables, loads the kernel, creates the
-    /// devices and the vCPUs in their boot state. Nothing runs yet.
+    /// Builds the VM described by `config` for a fresh boot: validates it,
+    /// opens KVM, maps memory, writes the firmware tables, loads the kernel,
+    /// creates the devices and the vCPUs in their boot state. Nothing runs
+    /// yet.
     pub fn create(config: &VmConfig) -> Result<Self, VmError> {
         config.validate()?;
-        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
-        for (cap, name) in [
-            (kvm_ioctls::Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
-            (kvm_ioctls::Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
-            (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-            (kvm_ioctls::Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::KvmCapability(name));
-            }
-        }
-        let max = kvm.get_max_vcpus().min(kvm.get_nr_vcpus().max(1));
-        if config.vcpus as usize > kvm.get_max_vcpus() {
-            return Err(VmError::TooManyVcpus {
-                asked: config.vcpus,
-                max: kvm.get_max_vcpus(),
-            });
-        }
-        if config.vcpus as usize > max {
-            tracing::warn!(
-                "{} vCPUs is more than the {} this host recommends",
-                config.vcpus,
-                max
-            );
-        }
+        Self::build(config, VmSource::Boot)
+    }
 
+    /// Builds a VM from saved state and memory. `config` is the saved
+    /// configuration with the caller's overrides applied; it must have
+    /// passed [`VmConfig::validate_for_restore`].
+    pub fn restore(config: &VmConfig, memory: GuestRam, state: &CapturedState) -> Result<Self, VmError> {
+        if state.vcpus.len() != config.vcpus as usize {
+            return Err(VmError::Mismatch(format!(
+                "{} vCPU states for a VM of {} vCPUs",
+                state.vcpus.len(),
+                config.vcpus
+            )));
+        }
+        Self::build(config, VmSource::Restore { memory, state })
+    }
+
+    fn build(config: &VmConfig, source: VmSource) -> Result<Self, VmError> {
+        let kvm = open_kvm(config.vcpus)?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -277,23 +424,53 @@ impl Vm {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = memory::allocate(config.memory_mib)?;
+        let (mem, saved) = match source {
+            VmSource::Boot => (memory::allocate(config.memory_mib)?, None),
+            VmSource::Restore { memory, state } => (memory, Some(state)),
+        };
         memory::register(&vm, &mem)?;
-
-        let rsdp = platform::write_tables(&mem, config.vcpus)?;
-        let boot = boot::load(config, &mem, rsdp)?;
+        let boot = match saved {
+            None => {
+                let rsdp = platform::write_tables(&mem, config.vcpus)?;
+                Some(boot::load(config, &mem, rsdp)?)
+            }
+            Some(_) => None,
+        };
 
         let (exit_tx, exit_rx) = channel();
         let exit = ExitSink::new(exit_tx);
-        let pio = Self::create_devices(&vm, config, &exit)?;
+        let (pio, uart, rtc) = Self::create_devices(&vm, config, &exit, saved)?;
+        let vmgenid = match saved {
+            Some(s) => VmGenId::after_restore(&s.vmgenid),
+            None => VmGenId::new(),
+        };
+        vmgenid.write(&mem).map_err(|source| VmError::GuestWrite {
+            what: "VM generation ID",
+            source,
+        })?;
 
         let base_cpuid = cpuid::supported(&kvm)?;
-        let vcpus = Self::create_vcpus(&vm, config.vcpus, &base_cpuid, &boot)?;
+        let xsave_size = host_xsave_size(&kvm);
+        let vcpus = match (saved, &boot) {
+            (None, Some(boot)) => Self::create_vcpus(&vm, config.vcpus, &base_cpuid, boot)?,
+            (Some(state), _) => {
+                let vcpus = Self::restore_vcpus(&vm, state, xsave_size)?;
+                vm_state::restore(&vm, &state.irqchip, &state.pit, &state.clock)?;
+                vcpus
+            }
+            (None, None) => unreachable!("a boot always loads a kernel"),
+        };
+        let msr_indices =
+            state::readable_msrs(&kvm, &vcpus[0]).map_err(kvm_err("KVM_GET_MSRS (probe)"))?;
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+        let boot_protocol = match (&boot, saved) {
+            (Some(b), _) => b.entry.protocol.to_string(),
+            (None, _) => "restored".to_string(),
+        };
 
         let description = VmDescription {
             config: config.clone(),
-            boot_protocol: boot.entry.protocol.to_string(),
+            boot_protocol,
             tsc_khz,
             cpu_vendor: cpuid::vendor(&base_cpuid),
             created_unix_ms: SystemTime::now()
@@ -301,11 +478,21 @@ impl Vm {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         };
+        let shared = Arc::new(VmShared {
+            vm,
+            mem,
+            uart,
+            rtc,
+            msr_indices,
+            xsave_size,
+            vmgenid,
+        });
         let control = VmControl {
             threads: Arc::new(Mutex::new(None)),
             state: Arc::new(AtomicU8::new(0)),
             exit: exit.clone(),
             description: Arc::new(description),
+            shared,
         };
         let context = VcpuContext {
             pio: Arc::new(pio),
@@ -318,13 +505,17 @@ impl Vm {
             control,
             exit_rx,
             context,
-            _vm: vm,
             _kvm: kvm,
-            _mem: mem,
         })
     }
 
-    fn create_devices(vm: &VmFd, config: &VmConfig, exit: &ExitSink) -> Result<Bus, VmError> {
+    #[allow(clippy::type_complexity)]
+    fn create_devices(
+        vm: &VmFd,
+        config: &VmConfig,
+        exit: &ExitSink,
+        saved: Option<&CapturedState>,
+    ) -> Result<(Bus, Arc<Mutex<Uart>>, Arc<Mutex<CmosRtc>>), VmError> {
         let mut pio = Bus::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Irq {
             what: "COM1",
@@ -332,28 +523,35 @@ impl Vm {
         })?;
         vm.register_irqfd(&irq, layout::COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD for COM1"))?;
-        let uart = serial::create(&config.serial, irq)?;
+        let uart = serial::create(&config.serial, irq, saved.map(|s| &s.serial))?;
         pio.insert(
             u64::from(layout::COM1_PORT),
             8,
-            Arc::new(Mutex::new(SerialPort(uart))),
+            Arc::new(Mutex::new(SerialPort(uart.clone()))),
         )?;
         pio.insert(
             u64::from(layout::I8042_DATA_PORT),
             5,
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
         )?;
-        let mut rtc = CmosRtc::new();
-        let mem_bytes = config.memory_mib << 20;
-        let below = mem_bytes.min(layout::MMIO_HOLE_START);
-        rtc.set_memory_size(below, mem_bytes - below);
-        pio.insert(u64::from(layout::CMOS_PORT), 2, Arc::new(Mutex::new(rtc)))?;
+        let rtc = match saved {
+            Some(s) => CmosRtc::restore(&s.rtc).map_err(|e| VmError::RtcState(e.to_string()))?,
+            None => {
+                let mut rtc = CmosRtc::new();
+                let mem_bytes = config.memory_mib << 20;
+                let below = mem_bytes.min(layout::MMIO_HOLE_START);
+                rtc.set_memory_size(below, mem_bytes - below);
+                rtc
+            }
+        };
+        let rtc = Arc::new(Mutex::new(rtc));
+        pio.insert(u64::from(layout::CMOS_PORT), 2, rtc.clone())?;
         pio.insert(
             u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
             AcpiPmRegisters::LEN,
             Arc::new(Mutex::new(AcpiPmRegisters::new(exit.clone()))),
         )?;
-        Ok(pio)
+        Ok((pio, uart, rtc))
     }
 
     fn create_vcpus(
@@ -369,7 +567,6 @@ impl Vm {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
             let cpuid = cpuid::for_vcpu(base_cpuid, index, count, tsc_khz)?;
-            tracing::debug!("vcpu{index}: tsc_khz={tsc_khz}, {} CPUID entries", cpuid.as_slice().len());
             vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             regs::setup_msrs(&vcpu)?;
             regs::setup_fpu(&vcpu)?;
@@ -377,6 +574,28 @@ impl Vm {
             if index == 0 {
                 regs::setup_boot_cpu(&vcpu, boot.entry)?;
             }
+            vcpus.push(vcpu);
+        }
+        Ok(vcpus)
+    }
+
+    fn restore_vcpus(
+        vm: &VmFd,
+        state: &CapturedState,
+        xsave_size: usize,
+    ) -> Result<Vec<VcpuFd>, VmError> {
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, saved) in state.vcpus.iter().enumerate() {
+            if saved.index as usize != index {
+                return Err(VmError::Mismatch(format!(
+                    "vCPU state {index} is labelled as vCPU {}",
+                    saved.index
+                )));
+            }
+            let vcpu = vm
+                .create_vcpu(index as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            state::restore_vcpu(&vcpu, saved, xsave_size)?;
             vcpus.push(vcpu);
         }
         Ok(vcpus)

@@ -3,7 +3,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use stasis_api::{ApiHandler, ApiRequest, ApiResponse, VmInfo, VmState};
+use std::path::Path;
+
+use stasis_api::{
+    ApiHandler, ApiRequest, ApiResponse, SnapshotRequest, SnapshotResponse, VmInfo, VmState,
+};
+use stasis_vmm::persist::save::{self, SnapshotError, SnapshotOptions};
 use stasis_vmm::{RunState, VmControl, VmError};
 
 /// Serves one VM's API.
@@ -54,6 +59,32 @@ fn error_response(e: &VmError) -> ApiResponse {
     ApiResponse::error(status, e.to_string())
 }
 
+impl VmApi {
+    fn snapshot(&self, req: &SnapshotRequest) -> ApiResponse {
+        let opts = SnapshotOptions { stop: req.stop };
+        match save::snapshot(&self.control, Path::new(&req.path), &opts) {
+            Ok(r) => ApiResponse::ok(&SnapshotResponse {
+                path: r.path.display().to_string(),
+                pause_ms: r.pause_ms,
+                total_ms: r.total_ms,
+                memory_bytes: r.memory_bytes,
+                memory_written_bytes: r.memory_written_bytes,
+                state_bytes: r.state_bytes,
+                copy_mb_per_s: r.copy_mb_per_s,
+                sync_ms: r.sync_ms,
+                replaced_existing: r.replaced_existing,
+                stopped: r.stopped,
+            }),
+            Err(SnapshotError::Vm(e)) => error_response(&e),
+            Err(SnapshotError::Format(
+                e @ (stasis_snapshot::Error::RefuseOverwrite { .. }
+                | stasis_snapshot::Error::NoParent { .. }),
+            )) => ApiResponse::error(400, e.to_string()),
+            Err(e) => ApiResponse::error(500, e.to_string()),
+        }
+    }
+}
+
 impl ApiHandler for VmApi {
     fn handle(&self, req: ApiRequest) -> ApiResponse {
         match req {
@@ -70,7 +101,7 @@ impl ApiHandler for VmApi {
                 self.control.request_stop();
                 ApiResponse::action(VmState::Stopping, "VM is stopping")
             }
-            #[allow(unreachable_patterns)]
+            ApiRequest::Snapshot(req) => self.snapshot(&req),
             _ => ApiResponse::error(501, "not implemented"),
         }
     }

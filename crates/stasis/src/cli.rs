@@ -35,6 +35,67 @@ pub enum Command {
     Resume(NameArg),
     /// Stop a VM (the VMM exits with status 0).
     Stop(NameArg),
+    /// Snapshot a running VM into a directory; it keeps running unless --stop.
+    Snapshot(SnapshotArgs),
+    /// Start a VM from a snapshot directory (runs in the foreground like `run`).
+    Restore(RestoreArgs),
+    /// Check every checksum of a snapshot.
+    Verify(VerifyArgs),
+    /// Describe a snapshot.
+    Inspect(InspectArgs),
+}
+
+/// `stasis snapshot NAME DIR`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The snapshot directory (its parent must exist; an older snapshot
+    /// there is replaced atomically).
+    pub dir: PathBuf,
+    /// End the VM once the snapshot is safely on disk (suspend).
+    #[arg(long)]
+    pub stop: bool,
+    /// Print the API's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `stasis restore DIR`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// A new name for the VM (default: the saved one).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A new control socket path.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// A new serial destination: stdout, null, file:PATH, socket:PATH.
+    #[arg(long)]
+    pub serial: Option<SerialConfig>,
+    /// lazy: map the memory image copy-on-write (fast, pages load on
+    /// first touch); eager: copy it into memory first.
+    #[arg(long, default_value = "lazy")]
+    pub mode: stasis_vmm::persist::restore::RestoreMode,
+}
+
+/// `stasis verify DIR`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+}
+
+/// `stasis inspect DIR`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A VM name.

@@ -4,8 +4,10 @@ mod api_glue;
 mod cli;
 mod clients;
 mod demo;
+mod restore;
 mod run;
 mod signals;
+mod snapshots;
 
 use clap::Parser;
 
@@ -29,6 +31,10 @@ fn main() {
         cli::Command::Pause(a) => clients::action(&a, "pause"),
         cli::Command::Resume(a) => clients::action(&a, "resume"),
         cli::Command::Stop(a) => clients::stop(&a),
+        cli::Command::Snapshot(a) => snapshots::snapshot(&a),
+        cli::Command::Restore(a) => restore::restore(a),
+        cli::Command::Verify(a) => snapshots::verify(&a),
+        cli::Command::Inspect(a) => snapshots::inspect(&a),
     };
     std::process::exit(code);
 }

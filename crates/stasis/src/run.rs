@@ -104,7 +104,14 @@ pub fn run_vm(cfg: &VmConfig) -> Result<i32, String> {
     // Bind first: a second VM with the same name fails before it allocates
     // anything.
     let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
-    let mut vm = Vm::create(cfg).map_err(|e| e.to_string())?;
+    let vm = Vm::create(cfg).map_err(|e| e.to_string())?;
+    serve(vm, cfg, server, "running")
+}
+
+/// Serves a created VM's API, starts it, waits for it to end and returns
+/// the exit status.
+pub fn serve(mut vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Result<i32, String> {
+    let socket = server.path().to_path_buf();
     let control = vm.control();
     let api = Arc::new(VmApi {
         control: control.clone(),
@@ -115,7 +122,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<i32, String> {
     vm.start().map_err(|e| e.to_string())?;
     let d = control.description();
     eprintln!(
-        "stasis: VM '{}' running: {} vCPU(s), {} MiB, {} boot, API socket {}",
+        "stasis: VM '{}' {verb}: {} vCPU(s), {} MiB, {} boot, API socket {}",
         cfg.name,
         cfg.vcpus,
         cfg.memory_mib,

@@ -20,19 +20,19 @@ pub struct MemoryMapEntry {
     pub kind: u32,
 }
 
-/// The memory map: conventional memory up to the EBDA, the EBDA and BIOS
-/// area reserved (MP table and ACPI tables live there), then every RAM
+/// The memory map: conventional memory up to the VM generation ID page,
+/// from there to 1 MiB reserved (generation ID, MP table, ACPI tables), then every RAM
 /// region from 1 MiB up.
 pub fn memory_map(mem: &GuestRam) -> Vec<MemoryMapEntry> {
     let mut map = vec![
         MemoryMapEntry {
             addr: 0,
-            size: layout::EBDA_START,
+            size: layout::LOW_RESERVED_START,
             kind: E820_RAM,
         },
         MemoryMapEntry {
-            addr: layout::EBDA_START,
-            size: layout::HIMEM_START - layout::EBDA_START,
+            addr: layout::LOW_RESERVED_START,
+            size: layout::HIMEM_START - layout::LOW_RESERVED_START,
             kind: E820_RESERVED,
         },
     ];

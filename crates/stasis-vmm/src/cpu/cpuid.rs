@@ -23,6 +23,9 @@ pub enum CpuidError {
     /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     Supported(kvm_ioctls::Error),
+    /// The probe VM could not be created or queried.
+    #[error("probing the CPUID of a new vCPU failed: {0}")]
+    Probe(kvm_ioctls::Error),
     /// The result does not fit the CPUID array.
     #[error("too many CPUID entries")]
     TooMany,
@@ -124,6 +127,22 @@ pub fn for_vcpu(base: &CpuId, index: u32, count: u32, tsc_khz: u32) -> Result<Cp
         });
     }
     CpuId::from_entries(&entries).map_err(|_| CpuidError::TooMany)
+}
+
+/// The CPUID a new vCPU of a `count`-vCPU VM really gets on this host:
+/// what stasis sets ([`for_vcpu`]) as KVM then reports it back. Some KVMs
+/// (PVM) adjust feature leaves on `KVM_SET_CPUID2`, so this — not
+/// `KVM_GET_SUPPORTED_CPUID` — is what a saved guest's CPUID must be
+/// compared with. Costs one throwaway VM and vCPU.
+pub fn effective_for_new_vcpu(kvm: &Kvm, count: u32) -> Result<CpuId, CpuidError> {
+    let base = supported(kvm)?;
+    let vm = kvm.create_vm().map_err(CpuidError::Probe)?;
+    let vcpu = vm.create_vcpu(0).map_err(CpuidError::Probe)?;
+    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+    vcpu.set_cpuid2(&for_vcpu(&base, 0, count, tsc_khz)?)
+        .map_err(CpuidError::Probe)?;
+    vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError::Probe)
 }
 
 #[cfg(test)]

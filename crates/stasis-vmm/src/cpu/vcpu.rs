@@ -2,7 +2,9 @@
 //! dispatched to the device buses, and the park/unpark protocol behind
 //! pause, resume and stop.
 
+use std::collections::VecDeque;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,13 +24,27 @@ enum Request {
     Stop,
 }
 
-#[derive(Debug)]
+/// Work for a parked vCPU thread, run on its own vCPU fd.
+type VcpuCommand = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 struct ControlState {
     request: Request,
     /// Threads parked in response to `Pause`.
     parked: usize,
     /// Threads that have left their run loop for good.
     exited: usize,
+    /// Per-vCPU queues of commands to run while parked.
+    mailboxes: Vec<VecDeque<VcpuCommand>>,
+}
+
+impl std::fmt::Debug for ControlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlState")
+            .field("request", &self.request)
+            .field("parked", &self.parked)
+            .field("exited", &self.exited)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Shared between the VMM and its vCPU threads: the current request and how
@@ -46,6 +62,7 @@ impl Default for RunControl {
                 request: Request::Run,
                 parked: 0,
                 exited: 0,
+                mailboxes: Vec::new(),
             }),
             changed: Condvar::new(),
         }
@@ -72,14 +89,21 @@ impl RunControl {
         true
     }
 
-    /// Called by a vCPU thread before each `KVM_RUN`: parks while paused.
-    /// Returns false when the thread must stop.
-    fn wait_runnable(&self) -> bool {
+    /// Called by a vCPU thread before each `KVM_RUN`: parks while paused,
+    /// running any commands posted for it meanwhile. Returns false when the
+    /// thread must stop.
+    fn wait_runnable(&self, index: usize, vcpu: &mut VcpuFd) -> bool {
         let mut st = self.state.lock().expect("control lock");
         if st.request == Request::Pause {
             st.parked += 1;
             self.changed.notify_all();
             while st.request == Request::Pause {
+                if let Some(cmd) = st.mailboxes.get_mut(index).and_then(|m| m.pop_front()) {
+                    drop(st);
+                    cmd(vcpu);
+                    st = self.state.lock().expect("control lock");
+                    continue;
+                }
                 st = self.changed.wait(st).expect("control lock");
             }
             st.parked -= 1;
@@ -127,6 +151,12 @@ pub enum VcpuThreadError {
         /// The error.
         source: std::io::Error,
     },
+    /// A command was posted to vCPUs that are not paused.
+    #[error("vCPU state can only be read while the VM is paused")]
+    NotPaused,
+    /// A vCPU thread ended before answering a command.
+    #[error("vCPU {0} has exited")]
+    Gone(usize),
     /// Not every vCPU reached the requested state in time.
     #[error("{waiting} of {total} vCPUs did not stop running within {timeout_ms} ms")]
     Timeout {
@@ -145,6 +175,8 @@ impl VcpuThreads {
         kick::install_handler().map_err(VcpuThreadError::Signal)?;
         let mut threads = Vec::with_capacity(vcpus.len());
         let control = ctx.control.clone();
+        control.state.lock().expect("control lock").mailboxes =
+            (0..vcpus.len()).map(|_| VecDeque::new()).collect();
         for (index, vcpu) in vcpus.into_iter().enumerate() {
             let ctx = ctx.clone();
             let t = std::thread::Builder::new()
@@ -185,6 +217,43 @@ impl VcpuThreads {
         }
     }
 
+    /// Runs `f` on every parked vCPU's own thread (KVM state ioctls belong
+    /// on the vCPU's thread) and returns the results in vCPU order. The VM
+    /// must be paused.
+    pub fn run_on_each<R: Send + 'static>(
+        &self,
+        f: impl Fn(u32, &mut VcpuFd) -> R + Send + Sync + 'static,
+    ) -> Result<Vec<R>, VcpuThreadError> {
+        let f = Arc::new(f);
+        let (tx, rx) = channel();
+        let n = self.threads.len();
+        {
+            let mut st = self.control.state.lock().expect("control lock");
+            if st.exited > 0 {
+                return Err(VcpuThreadError::Gone(n));
+            }
+            if st.request != Request::Pause || st.parked < n {
+                return Err(VcpuThreadError::NotPaused);
+            }
+            for (i, mailbox) in st.mailboxes.iter_mut().enumerate() {
+                let (f, tx) = (f.clone(), tx.clone());
+                mailbox.push_back(Box::new(move |vcpu: &mut VcpuFd| {
+                    let _ = tx.send((i, f(i as u32, vcpu)));
+                }));
+            }
+        }
+        drop(tx);
+        self.control.changed.notify_all();
+        let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+        for (i, r) in rx.iter() {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, r)| r.ok_or(VcpuThreadError::Gone(i)))
+            .collect()
+    }
+
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         self.control.set(Request::Run);
@@ -206,7 +275,7 @@ fn run_loop(mut vcpu: VcpuFd, index: u32, ctx: VcpuContext) {
         // Clear a kick before looking at the request, so a kick that
         // arrives after the check still interrupts the next KVM_RUN.
         vcpu.set_kvm_immediate_exit(0);
-        if !ctx.control.wait_runnable() {
+        if !ctx.control.wait_runnable(index as usize, &mut vcpu) {
             break;
         }
         match handle_one_run(&mut vcpu, index, &ctx) {
@@ -218,6 +287,9 @@ fn run_loop(mut vcpu: VcpuFd, index: u32, ctx: VcpuContext) {
         }
     }
     kick::set_current_kvm_run(std::ptr::null_mut());
+    // Commands still queued are dropped with their senders, so a waiting
+    // `run_on_each` sees this vCPU as gone instead of hanging.
+    ctx.control.state.lock().expect("control lock").mailboxes[index as usize].clear();
     ctx.control.mark_exited();
 }
 

@@ -6,3 +6,4 @@ pub mod bus;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
+pub mod vmgenid;

@@ -969,3 +969,8 @@ impl super::bus::BusDevice for CmosRtc {
         CmosRtc::write(self, offset as u8, data[0]);
     }
 }
+
+impl stasis_snapshot::SectionState for CmosRtcState {
+    const NAME: &'static str = "rtc";
+    const VERSION: u32 = 1;
+}

@@ -65,6 +65,9 @@ pub enum SerialError {
     /// The eventfd for the interrupt could not be created.
     #[error("cannot create the serial interrupt eventfd: {0}")]
     EventFd(io::Error),
+    /// The saved state could not be loaded.
+    #[error("saved serial state is invalid: {0}")]
+    State(String),
 }
 
 /// Writes through to `inner`, flushing at each newline so that readers of
@@ -115,11 +118,16 @@ impl Write for SocketSink {
     }
 }
 
-/// Creates COM1 for `config`, raising its interrupt through `irq`.
+/// Creates COM1 for `config`, raising its interrupt through `irq`, in its
+/// power-on state or in `saved` state.
 /// For a socket, a thread accepts one client at a time: it gets the recent
 /// output, then everything the guest prints, and what it sends is fed to the
 /// guest's receive FIFO.
-pub fn create(config: &SerialConfig, irq: EventFd) -> Result<Arc<Mutex<Uart>>, SerialError> {
+pub fn create(
+    config: &SerialConfig,
+    irq: EventFd,
+    saved: Option<&SerialDeviceState>,
+) -> Result<Arc<Mutex<Uart>>, SerialError> {
     let (out, socket): (Box<dyn Write + Send>, Option<_>) = match config {
         SerialConfig::Stdout => (Box::new(LineFlush(io::stdout())), None),
         SerialConfig::Null => (Box::new(io::sink()), None),
@@ -143,7 +151,17 @@ pub fn create(config: &SerialConfig, irq: EventFd) -> Result<Arc<Mutex<Uart>>, S
             )
         }
     };
-    let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out)));
+    let uart = match saved {
+        None => Serial::new(IrqTrigger(irq), out),
+        Some(state) => Serial::from_state(
+            &state.to_superio(),
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| SerialError::State(format!("{e:?}")))?,
+    };
+    let uart = Arc::new(Mutex::new(uart));
     if let Some((listener, state, path)) = socket {
         let uart = uart.clone();
         std::thread::Builder::new()
@@ -205,4 +223,64 @@ fn accept_loop(
         state.lock().expect("serial socket lock").client = None;
     }
     let _ = std::fs::remove_file(path);
+}
+
+/// COM1's saved state: section `serial`, instance `com1`. Mirrors
+/// vm-superio's `SerialState` field by field (that struct has no serde
+/// support, and our format must not change when the crate does).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[allow(missing_docs)]
+pub struct SerialDeviceState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Bytes waiting in the receive FIFO.
+    #[serde(with = "stasis_snapshot::hex_bytes")]
+    pub rx_fifo: Vec<u8>,
+}
+
+impl stasis_snapshot::SectionState for SerialDeviceState {
+    const NAME: &'static str = "serial";
+    const VERSION: u32 = 1;
+}
+
+impl SerialDeviceState {
+    /// The state of `uart`.
+    pub fn save(uart: &Uart) -> Self {
+        let s = uart.state();
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer,
+        }
+    }
+
+    /// The vm-superio state to rebuild the UART from.
+    pub fn to_superio(&self) -> vm_superio::SerialState {
+        vm_superio::SerialState {
+            baud_divisor_low: self.baud_divisor_low,
+            baud_divisor_high: self.baud_divisor_high,
+            interrupt_enable: self.interrupt_enable,
+            interrupt_identification: self.interrupt_identification,
+            line_control: self.line_control,
+            line_status: self.line_status,
+            modem_control: self.modem_control,
+            modem_status: self.modem_status,
+            scratch: self.scratch,
+            in_buffer: self.rx_fifo.clone(),
+        }
+    }
 }

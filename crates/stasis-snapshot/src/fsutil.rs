@@ -1,0 +1,92 @@
+//! Small file-system helpers: directory fsync, atomic exchange, hole seeking.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use crate::error::{io_ctx, Result};
+
+/// fsyncs a directory, making renames and creations inside it durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).map_err(io_ctx(format!("opening {} to fsync it", dir.display())))?;
+    f.sync_all()
+        .map_err(io_ctx(format!("fsyncing directory {}", dir.display())))
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Atomically swaps two paths with `renameat2(RENAME_EXCHANGE)`.
+///
+/// Returns `Ok(false)` if the kernel or file system does not support it
+/// (`EINVAL`, `ENOSYS`, `EOPNOTSUPP`), so the caller can fall back.
+pub(crate) fn rename_exchange(a: &Path, b: &Path) -> io::Result<bool> {
+    let ca = cpath(a)?;
+    let cb = cpath(b)?;
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive the
+    // call; renameat2 only reads them. AT_FDCWD makes relative paths resolve
+    // like std's.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// Where the next data (non-hole) byte at or after `from` is, or `None` if
+/// there is only a hole up to end of file. `Err` with `EINVAL`/`EOPNOTSUPP`
+/// means the file system cannot tell; callers then treat everything as data.
+pub(crate) fn seek_data(f: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(f, from, libc::SEEK_DATA)
+}
+
+/// Where the next hole at or after `from` is (end of file counts as a hole).
+pub(crate) fn seek_hole(f: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(f, from, libc::SEEK_HOLE)
+}
+
+fn seek(f: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(from)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: lseek on a file descriptor we own (borrowed from a live File);
+    // it only moves the descriptor's offset, which this crate never uses
+    // (all I/O is positional: pread/pwrite).
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+/// Whether a process with this pid exists (from this pid namespace's view).
+pub(crate) fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks existence and
+    // permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}

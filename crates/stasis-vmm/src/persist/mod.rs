@@ -1,0 +1,27 @@
+//! Snapshots of a running VM and VMs restored from them, on top of the
+//! format crate (`stasis-snapshot`): [`save`] writes what
+//! [`crate::VmControl::capture`] and guest memory hold; [`restore`] checks
+//! that this host can run a snapshot and rebuilds the VM.
+//!
+//! Sections written (name / instance, all version 1):
+//!
+//! | section | instance | owner |
+//! |---|---|---|
+//! | `vcpu` | vCPU index | [`crate::cpu::state::VcpuState`] |
+//! | `kvm.irqchip` | `0` | [`crate::vm_state::IrqchipState`] |
+//! | `kvm.pit` | `0` | [`crate::vm_state::PitState`] |
+//! | `kvm.clock` | `0` | [`crate::vm_state::ClockState`] |
+//! | `serial` | `com1` | [`crate::devices::serial::SerialDeviceState`] |
+//! | `rtc` | `cmos` | [`crate::devices::rtc::CmosRtcState`] |
+//! | `vmgenid` | `0` | [`crate::devices::vmgenid::VmGenIdState`] |
+
+pub mod compat;
+pub mod restore;
+pub mod save;
+
+/// Instance name of VM-wide singleton sections.
+pub const SINGLETON: &str = "0";
+/// Instance name of COM1's section.
+pub const COM1: &str = "com1";
+/// Instance name of the CMOS RTC's section.
+pub const CMOS: &str = "cmos";

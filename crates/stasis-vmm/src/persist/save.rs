@@ -1,0 +1,206 @@
+//! Taking a snapshot of a running VM.
+//!
+//! The guest is paused only while its state is read and its memory is
+//! copied into the page cache; fsync, the manifest and the atomic rename
+//! happen after the guest runs again. The caller gets success only once the
+//! snapshot is durable, and an older snapshot at the same path survives
+//! any failure (see the format crate's crash-safe commit).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use stasis_snapshot::{CpuInfo, CpuidEntry, ManifestInput, MemoryRegionSource, SnapshotWriter};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{CMOS, COM1, SINGLETON};
+use crate::vm::{CapturedState, RunState, VmControl, VmError};
+
+/// What the caller asks of a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotOptions {
+    /// End the VM once the snapshot is durable (suspend).
+    pub stop: bool,
+}
+
+/// Figures about a snapshot that was taken.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotReport {
+    /// Where it is.
+    pub path: PathBuf,
+    /// How long the guest was paused, in ms.
+    pub pause_ms: f64,
+    /// From the request to a durable snapshot, in ms.
+    pub total_ms: f64,
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// Bytes of guest memory written (zero pages are holes).
+    pub memory_written_bytes: u64,
+    /// Size of the state sections.
+    pub state_bytes: u64,
+    /// Guest memory copied per second while paused, MB/s.
+    pub copy_mb_per_s: f64,
+    /// Time spent making the files durable, in ms.
+    pub sync_ms: f64,
+    /// Whether an older snapshot at the same path was replaced.
+    pub replaced_existing: bool,
+    /// Whether the VM was stopped afterwards.
+    pub stopped: bool,
+}
+
+/// Ways taking a snapshot can fail. The VM keeps running in every case
+/// (unless it was paused before, then it stays paused).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The VM could not be paused or its state read.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Writing the snapshot failed; nothing at the target path changed.
+    #[error(transparent)]
+    Format(#[from] stasis_snapshot::Error),
+    /// The configuration could not be recorded.
+    #[error("cannot record the VM configuration: {0}")]
+    Config(String),
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The CPU description recorded in the manifest: vendor, brand string and
+/// the CPUID the guest saw (vCPU 0's).
+pub fn cpu_info(vendor: &str, state: &CapturedState) -> CpuInfo {
+    let cpuid: Vec<CpuidEntry> = state.vcpus[0]
+        .cpuid
+        .iter()
+        .map(|l| CpuidEntry {
+            function: l.function,
+            index: l.index,
+            flags: l.flags,
+            eax: l.eax,
+            ebx: l.ebx,
+            ecx: l.ecx,
+            edx: l.edx,
+        })
+        .collect();
+    let mut brand = Vec::new();
+    for f in 0x8000_0002u32..=0x8000_0004 {
+        if let Some(e) = cpuid.iter().find(|e| e.function == f) {
+            for r in [e.eax, e.ebx, e.ecx, e.edx] {
+                brand.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+    }
+    let model = String::from_utf8_lossy(&brand)
+        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+        .to_string();
+    CpuInfo {
+        vendor: vendor.to_string(),
+        model,
+        cpuid,
+    }
+}
+
+/// Snapshots the VM behind `control` into `dir`.
+pub fn snapshot(
+    control: &VmControl,
+    dir: &Path,
+    opts: &SnapshotOptions,
+) -> Result<SnapshotReport, SnapshotError> {
+    let started = Instant::now();
+    // Creating the writer first checks the target before the guest pauses.
+    let mut writer = SnapshotWriter::create(dir)?;
+    let was_paused = control.state() == RunState::Paused;
+    control.pause()?;
+    let paused_at = Instant::now();
+    let resume = |control: &VmControl| {
+        if !was_paused {
+            let _ = control.resume();
+        }
+    };
+    let result = write_contents(control, &mut writer);
+    let (state, mem_stats) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            resume(control);
+            return Err(e);
+        }
+    };
+    // The guest may run again: its memory and state are in the page cache.
+    if !opts.stop {
+        resume(control);
+    }
+    let pause = paused_at.elapsed();
+    let description = control.description();
+    let input = ManifestInput {
+        created_unix_ms: Some(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        ),
+        vm_config: serde_json::to_value(&description.config)
+            .map_err(|e| SnapshotError::Config(e.to_string()))?,
+        cpu: cpu_info(&description.cpu_vendor, &state),
+        parent: None,
+        notes: Default::default(),
+    };
+    let commit = match writer.commit(input) {
+        Ok(c) => c,
+        Err(e) => {
+            if opts.stop {
+                resume(control);
+            }
+            return Err(e.into());
+        }
+    };
+    if opts.stop {
+        control.end(crate::ExitReason::Suspended {
+            path: commit.dir.display().to_string(),
+        });
+    }
+    Ok(SnapshotReport {
+        path: commit.dir,
+        pause_ms: ms(if opts.stop { paused_at.elapsed() } else { pause }),
+        total_ms: ms(started.elapsed()),
+        memory_bytes: mem_stats.guest_bytes,
+        memory_written_bytes: mem_stats.bytes_written,
+        state_bytes: commit.state_bytes,
+        copy_mb_per_s: mem_stats.mb_per_s(),
+        sync_ms: ms(commit.sync_time),
+        replaced_existing: commit.replaced_existing,
+        stopped: opts.stop,
+    })
+}
+
+/// Writes every section and the memory image while the VM is paused.
+fn write_contents(
+    control: &VmControl,
+    writer: &mut SnapshotWriter,
+) -> Result<(CapturedState, stasis_snapshot::MemoryWriteStats), SnapshotError> {
+    let state = control.capture()?;
+    for v in &state.vcpus {
+        writer.add_section(&v.index.to_string(), false, v)?;
+    }
+    writer.add_section(SINGLETON, false, &state.irqchip)?;
+    writer.add_section(SINGLETON, false, &state.pit)?;
+    writer.add_section(SINGLETON, false, &state.clock)?;
+    writer.add_section(COM1, false, &state.serial)?;
+    writer.add_section(CMOS, false, &state.rtc)?;
+    writer.add_section(SINGLETON, true, &state.vmgenid)?;
+    let mem = control.memory();
+    let names: Vec<String> = (0..mem.num_regions()).map(|i| format!("ram{i}")).collect();
+    let regions: Vec<MemoryRegionSource> = mem
+        .iter()
+        .zip(&names)
+        .map(|(r, name)| {
+            // SAFETY: the region stays mapped while `control` (and so the
+            // VM) lives, and no vCPU runs while the VM is paused; devices
+            // that write guest memory only do so for running vCPUs.
+            unsafe {
+                MemoryRegionSource::from_raw(name, r.start_addr().0, r.as_ptr(), r.len() as usize)
+            }
+        })
+        .collect();
+    let stats = writer.write_memory(&regions)?;
+    Ok((state, stats))
+}

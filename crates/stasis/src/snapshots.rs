@@ -1,0 +1,113 @@
+//! `stasis snapshot`, `verify` and `inspect`.
+
+use std::io::Write;
+
+use stasis_api::ApiClient;
+use stasis_snapshot::{format_bytes, summary, summary_json, SnapshotReader};
+
+use crate::cli::{InspectArgs, SnapshotArgs, VerifyArgs};
+
+/// Exit status when a snapshot cannot be taken, read or verified.
+pub const EXIT_SNAPSHOT_FAILED: i32 = 1;
+
+fn fail(e: impl std::fmt::Display) -> i32 {
+    eprintln!("stasis: {e}");
+    EXIT_SNAPSHOT_FAILED
+}
+
+/// `stasis snapshot NAME DIR [--stop]`. The path is made absolute here:
+/// the VMM may run in another working directory.
+pub fn snapshot(args: &SnapshotArgs) -> i32 {
+    let dir = match std::path::absolute(&args.dir) {
+        Ok(d) => d,
+        Err(e) => return fail(format!("{}: {e}", args.dir.display())),
+    };
+    let client = match ApiClient::for_vm(&args.name) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match client.snapshot(&dir.display().to_string(), args.stop) {
+        Ok(r) if args.json => {
+            println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
+            0
+        }
+        Ok(r) => {
+            println!(
+                "snapshot of '{}' written to {}{}",
+                args.name,
+                r.path,
+                if r.stopped { "; VM stopped" } else { "" }
+            );
+            println!(
+                "  guest paused {:.1} ms, total {:.1} ms (fsync {:.1} ms)",
+                r.pause_ms, r.total_ms, r.sync_ms
+            );
+            println!(
+                "  memory {} ({} written, zero pages left as holes), state {}, copy {:.0} MB/s",
+                format_bytes(r.memory_bytes),
+                format_bytes(r.memory_written_bytes),
+                format_bytes(r.state_bytes),
+                r.copy_mb_per_s
+            );
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `stasis verify DIR`: every section and memory chunk checksum.
+pub fn verify(args: &VerifyArgs) -> i32 {
+    let reader = match SnapshotReader::open(&args.dir) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last = 0u64;
+    let report = reader.verify(|done, total| {
+        let pct = done * 100 / total.max(1);
+        if tty && pct != last {
+            last = pct;
+            eprint!("\rverifying: {pct:3}%");
+            let _ = std::io::stderr().flush();
+        }
+    });
+    if tty {
+        eprintln!();
+    }
+    match report {
+        Ok(r) if r.is_ok() => {
+            println!(
+                "{}: OK ({} sections, {} memory chunks, {:.0} MB/s)",
+                args.dir.display(),
+                reader.sections().len(),
+                reader.body().memory.chunk_crc32c.len(),
+                r.mb_per_s()
+            );
+            0
+        }
+        Ok(r) => {
+            for p in r.problems() {
+                eprintln!("stasis: {}: {p}", args.dir.display());
+            }
+            EXIT_SNAPSHOT_FAILED
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `stasis inspect DIR [--json]`.
+pub fn inspect(args: &InspectArgs) -> i32 {
+    let reader = match SnapshotReader::open(&args.dir) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary_json(&reader)).expect("serializes")
+        );
+    } else {
+        print!("{}", summary(&reader));
+    }
+    0
+}
