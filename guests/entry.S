@@ -270,9 +270,10 @@ isr_stubs:
         .endr
 
 /*
- * #GP: if it came from ring 3 with error code 0 and the instruction is a
- * DX-form in/out, emulate it (ring-3 port I/O quirk of this host), else it is
- * a real fault. Frame: err, rip, cs, rflags, rsp, ss.
+ * #GP from ring 3: `int $0x80` (CD 80) refused by the host becomes the service
+ * call; with error code 0, a DX-form in/out is emulated (ring-3 port I/O
+ * quirk of this host). Anything else is a real fault.
+ * Frame: err, rip, cs, rflags, rsp, ss.
  */
 gp_handler:
         testb   $3, 16(%rsp)
@@ -388,11 +389,20 @@ svc_isr:
         je      svc_mmio_exec
         cmpq    $SVC_TIMER_START, %rax
         je      svc_timer_start
+        cmpq    $SVC_CPUID, %rax
+        je      svc_cpuid
         movq    $-1, %rax
         iretq
 
 svc_nop:
         movabsq $SVC_NOP_MAGIC, %rax
+        iretq
+
+/* CPUID as the VMM configured it (ring-3 CPUID is not trapped here). */
+svc_cpuid:
+        movl    %edi, %eax
+        movl    %esi, %ecx
+        cpuid
         iretq
 
 /*
@@ -466,8 +476,9 @@ tsc_delay:
         ret
 
 /*
- * rdi = hz, rsi = TSC ticks of the calibration interval (10 ms).
- * Divide-by-1, count LAPIC ticks over the interval, then periodic mode.
+ * rdi = hz, rsi = TSC kHz. Divide-by-1; counts LAPIC ticks over ~10 ms of
+ * TSC (scaled by the TSC time actually elapsed between the start of the count
+ * and the read-back, which absorbs emulation delays), then periodic mode.
  * Returns the initial count. Zeroes this CPU's tick counter.
  */
 svc_timer_start:
@@ -476,22 +487,35 @@ svc_timer_start:
         pushq   %r8
         pushq   %r9
         pushq   %r10
-        movl    $LAPIC_BASE, %r10d
-        movl    $0xB, LAPIC_TMR_DIV(%r10)       /* divide by 1 */
-        movl    $(0x10000 | VEC_TIMER), LAPIC_LVT_TIMER(%r10)
-        movl    $0xFFFFFFFF, LAPIC_TMR_INIT(%r10)
-        movq    %rsi, %r9
-        call    tsc_delay
-        movl    LAPIC_TMR_CUR(%r10), %ecx
-        movl    $0xFFFFFFFF, %eax
-        subl    %ecx, %eax                      /* LAPIC ticks in the interval */
-        movl    $0, LAPIC_TMR_INIT(%r10)
-        imulq   $100, %rax                      /* ticks per second (10 ms interval) */
-        xorl    %edx, %edx
+        pushq   %r11
         testq   %rdi, %rdi
         jnz     1f
         movl    $100, %edi
-1:      divq    %rdi
+1:      movl    $LAPIC_BASE, %r10d
+        movl    $0xB, LAPIC_TMR_DIV(%r10)       /* divide by 1 */
+        movl    $(0x10000 | VEC_TIMER), LAPIC_LVT_TIMER(%r10)
+        rdtsc
+        shlq    $32, %rdx
+        orq     %rdx, %rax
+        movq    %rax, %r11                      /* t0 */
+        movl    $0xFFFFFFFF, LAPIC_TMR_INIT(%r10)
+        imulq   $10, %rsi, %r9                  /* 10 ms of TSC */
+        call    tsc_delay
+        rdtsc
+        shlq    $32, %rdx
+        orq     %rdx, %rax
+        movq    %rax, %rcx
+        subq    %r11, %rcx                      /* TSC ticks elapsed */
+        movl    LAPIC_TMR_CUR(%r10), %edx
+        movl    $0xFFFFFFFF, %eax
+        subl    %edx, %eax                      /* LAPIC ticks elapsed */
+        movl    $0, LAPIC_TMR_INIT(%r10)
+        imulq   %rsi, %rax
+        imulq   $1000, %rax
+        xorl    %edx, %edx
+        divq    %rcx                            /* LAPIC ticks per second */
+        xorl    %edx, %edx
+        divq    %rdi                            /* per period */
         movl    $0xFFFFFFFF, %ecx
         cmpq    %rcx, %rax
         jbe     2f
@@ -505,6 +529,7 @@ svc_timer_start:
         movq    %rax, 8(%rcx)                   /* kcpu.lapic_count */
         movl    $(0x20000 | VEC_TIMER), LAPIC_LVT_TIMER(%r10)   /* periodic */
         movl    %eax, LAPIC_TMR_INIT(%r10)
+        popq    %r11
         popq    %r10
         popq    %r9
         popq    %r8

@@ -33,7 +33,8 @@
 #define SVC_TRIPLE      2   /* load a zero-limit IDT, then ud2 */
 #define SVC_HALT        3   /* cli; hlt forever */
 #define SVC_MMIO_EXEC   4   /* jump to rdi (default 0xD0000000) at CPL0 */
-#define SVC_TIMER_START 5   /* rdi = hz, rsi = TSC ticks of calibration; returns count */
+#define SVC_TIMER_START 5   /* rdi = hz, rsi = TSC kHz; returns the LAPIC initial count */
+#define SVC_CPUID       6   /* rdi = leaf, rsi = sub-leaf; returns eax, ebx, ecx, edx */
 
 #define SVC_NOP_MAGIC   0x5354415349530000
 
@@ -101,6 +102,7 @@ static inline u64 rdtsc(void)
     return ((u64)hi << 32) | lo;
 }
 
+/* Raw CPUID: use in ring 0 only (ring 3 sees the host here, see vcpuid). */
 static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
 {
     __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
@@ -114,6 +116,21 @@ static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "d"(port)); return v; }
 static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "d"(port)); return v; }
 static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "d"(port)); return v; }
+
+/* CPUID as configured by the VMM. On this host a ring-3 CPUID is not
+ * trapped and returns the host's values, so ring 3 asks ring 0. */
+static inline void vcpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+    u64 ra = SVC_CPUID, rb, rc, rd;
+    __asm__ volatile("int %[vec]"
+                     : "+a"(ra), "=b"(rb), "=c"(rc), "=d"(rd)
+                     : "D"((u64)leaf), "S"((u64)sub), [vec] "i"(VEC_SVC)
+                     : "memory");
+    *a = (u32)ra;
+    *b = (u32)rb;
+    *c = (u32)rc;
+    *d = (u32)rd;
+}
 
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 

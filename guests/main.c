@@ -446,9 +446,9 @@ static int known_workload(const char *w)
 static void detect_tsc(void)
 {
     u32 a, b, c, d;
-    cpuid(0x40000000, 0, &a, &b, &c, &d);
+    vcpuid(0x40000000, 0, &a, &b, &c, &d);
     if (a >= 0x40000010 && a < 0x40010000) {
-        cpuid(0x40000010, 0, &a, &b, &c, &d);
+        vcpuid(0x40000010, 0, &a, &b, &c, &d);
         if (a) {
             cfg.tsc_khz = a;
             tsc_src = "cpuid";
@@ -470,9 +470,9 @@ static void detect_vector_state(void)
     cfg.xcr0 = xcr0_val;
     cfg.avx = (cfg.xcr0 & 0x6) == 0x6;
     cfg.avx512 = cfg.avx && (cfg.xcr0 & 0xE0) == 0xE0;
-    cpuid(0, 0, &a, &b, &c, &d);
+    vcpuid(0, 0, &a, &b, &c, &d);
     if (a >= 7) {
-        cpuid(7, 0, &a, &b, &c, &d);
+        vcpuid(7, 0, &a, &b, &c, &d);
         cfg.kmovq = (b >> 30) & 1;          /* AVX512BW */
     }
 }

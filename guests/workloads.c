@@ -265,19 +265,19 @@ static __attribute__((noreturn)) void registers(u32 cpu)
     u64 flags = 0;
     if (cfg.xcr0) {
         flags |= RF_XSAVE;
-        cpuid(0xD, 0, &a, &b, &cc, &d);
+        vcpuid(0xD, 0, &a, &b, &cc, &d);
         xsize = b;
         if (cfg.avx) {
-            cpuid(0xD, 2, &a, &b, &cc, &d);
+            vcpuid(0xD, 2, &a, &b, &cc, &d);
             off_ymm = b;
             flags |= RF_AVX;
         }
         if (cfg.avx512) {
-            cpuid(0xD, 5, &a, &b, &cc, &d);
+            vcpuid(0xD, 5, &a, &b, &cc, &d);
             off_k = b;
-            cpuid(0xD, 6, &a, &b, &cc, &d);
+            vcpuid(0xD, 6, &a, &b, &cc, &d);
             off_zmmh = b;
-            cpuid(0xD, 7, &a, &b, &cc, &d);
+            vcpuid(0xD, 7, &a, &b, &cc, &d);
             off_hi16 = b;
             flags |= RF_AVX512;
             if (cfg.kmovq)
@@ -408,7 +408,7 @@ static __attribute__((noreturn)) void timer(u32 cpu)
     struct kcpu *k = kcpu_of(cpu);
     struct line l;
     u64 hz = cfg.timer_hz;
-    u64 count = svc(SVC_TIMER_START, hz, cfg.tsc_khz * 10, 0);
+    u64 count = svc(SVC_TIMER_START, hz, cfg.tsc_khz, 0);
     l_init(&l, "TIMER-START");
     l_kv(&l, "cpu", cpu);
     l_kv(&l, "hz", hz);
@@ -451,7 +451,8 @@ static __attribute__((noreturn)) void action(u32 cpu)
     const char *what = cfg.action;
     struct line l;
     int known = streq(what, "reset") || streq(what, "shutdown") || streq(what, "acpi-reset") ||
-                streq(what, "triple-fault") || streq(what, "mmio-exec") || streq(what, "halt");
+                streq(what, "triple-fault") || streq(what, "mmio-exec") || streq(what, "halt") ||
+                streq(what, "ud2");
     if (!known) {
         l_init(&l, "GUEST-ERROR what=unknown-action");
         l_kv(&l, "cpu", cpu);
@@ -474,6 +475,8 @@ static __attribute__((noreturn)) void action(u32 cpu)
         svc(SVC_TRIPLE, 0, 0, 0);
     else if (streq(what, "mmio-exec"))
         svc(SVC_MMIO_EXEC, cfg.mmio_addr, 0, 0);
+    else if (streq(what, "ud2"))
+        __asm__ volatile("ud2");                /* -> GUEST-EXCEPTION vector=6 */
     else
         svc(SVC_HALT, 0, 0, 0);
     wait_ms(1000);

@@ -34,14 +34,15 @@
 //! | `regs_inject` | `0` | test only: corrupt the saved registers of round N (`REGS-MISMATCH`) |
 //! | `timer_hz` | `100` | LAPIC timer rate |
 //! | `after_ms` | `200` | delay before the action |
-//! | `do` | – | `reset`, `shutdown`, `acpi-reset`, `triple-fault`, `mmio-exec`, `halt` |
+//! | `do` | – | `reset`, `shutdown`, `acpi-reset`, `triple-fault`, `mmio-exec`, `halt`, `ud2` (ring-3 #UD → `GUEST-EXCEPTION`) |
 //! | `mmio_addr` | `0xD0000000` | target of `do=mmio-exec` |
 //!
 //! # Output (COM1, one line per event)
 //!
-//! See `guests/README.md` for the details of each line. Tag first, then `key=value` pairs; numbers are decimal unless the key ends
-//! in `_hex` (and `error`/`rip`/`cs` of `GUEST-EXCEPTION`, which are hex).
-//! Lines of different CPUs never interleave. [`parse_line`] parses them.
+//! Tag first, then `key=value` pairs; numbers are decimal unless the key
+//! ends in `_hex` (and `error`/`rip`/`cs` of `GUEST-EXCEPTION`, which are
+//! hex). Lines of different CPUs never interleave. [`parse_line`] parses
+//! them; `guests/README.md` has the details of each line.
 //!
 //! * `STASIS-GUEST boot proto=<linux64|pvh> cpus=<n> acpi=<ok|missing|bad-checksum:<RSDP|RSDP-ext|XSDT|RSDT|MADT>> mptable=<ok|missing|bad> tsc_khz=<n> tsc_src=<cpuid|cmdline|default> xcr0_hex=<x> avx512=<0|1> mem_mib=<n> workload=<name> cmdline="<command line>"`
 //!   — once, from the BSP (`"` in the command line is shown as `'`).
@@ -57,7 +58,8 @@
 //!   `unknown-workload name=`, `unknown-action do=`, `mem-clamped`,
 //!   `ap-timeout`, `action-returned`, `bad-number key=`.
 //! * `GUEST-EXCEPTION cpu=<id> vector=<n> error=<hex> rip=<hex> cs=<hex>` —
-//!   any CPU exception (except emulated ring-3 port I/O #GP); the CPU halts.
+//!   any CPU exception (except the emulated ring-3 port I/O #GP and a
+//!   ring-3 `int 0x80` that arrives as #UD/#GP); the CPU halts.
 //! * heartbeat: `HB cpu=<id> seq=<n> counter=<n> tsc=<n>` every `hb_ms`; `seq`
 //!   starts at 1 and increases by 1, `counter` increases monotonically.
 //! * memory: `MEM-CONFIG cpu= requested_mib= available_mib= used_mib= clamped=<0|1> pages= first_page_hex= ranges= rate=`,
@@ -73,8 +75,12 @@
 //! * timer: `TIMER-START cpu= hz= lapic_count= mode=periodic`, then
 //!   `TIMER cpu= ticks= hz_x100= tsc=` every `report_ms` (`hz_x100` = rate over
 //!   the last interval × 100).
-//! * action: `ACTION do=<x> cpu=<id>` just before doing it; if the guest is
-//!   still running 1 s later: `GUEST-ERROR what=action-returned`.
+//! * action: `ACTION do=<x> cpu=<id>` just before doing it (`reset`: `out
+//!   0x64,0xFE`; `shutdown`: `out 0x3C0,0x34`; `acpi-reset`: `out 0x3C2,0x01`;
+//!   `triple-fault`: zero-limit IDT + `ud2` at CPL0; `mmio-exec`: jump to
+//!   `mmio_addr` at CPL0; `halt`: `cli; hlt` forever); if the guest is still
+//!   running 1 s later: `GUEST-ERROR what=action-returned`. With `smp=1` every
+//!   CPU does it, so usually only the first `ACTION` line gets out.
 
 use std::collections::BTreeMap;
 use std::io;

@@ -137,7 +137,17 @@ mod tests {
     #[test]
     fn zeros_match_hashing() {
         for &seed in &[0u32, 1, 0xdead_beef, 0xffff_ffff] {
-            for &len in &[0u64, 1, 100, 4096, 4097, 8192, 3 * 4096 + 5, 2 << 20, (2 << 20) + 4096 * 7] {
+            for &len in &[
+                0u64,
+                1,
+                100,
+                4096,
+                4097,
+                8192,
+                3 * 4096 + 5,
+                2 << 20,
+                (2 << 20) + 4096 * 7,
+            ] {
                 let want = crc32c::crc32c_append(seed, &vec![0u8; len as usize]);
                 assert_eq!(append_zeros(seed, len), want, "seed {seed:x} len {len}");
             }

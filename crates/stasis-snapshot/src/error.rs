@@ -90,7 +90,9 @@ pub enum Error {
     },
 
     /// A file has a different size than the manifest records.
-    #[error("{file} is {actual} bytes but the manifest records {expected} (truncated or replaced?)")]
+    #[error(
+        "{file} is {actual} bytes but the manifest records {expected} (truncated or replaced?)"
+    )]
     FileSize {
         /// The file name, e.g. `memory.img`.
         file: String,

@@ -48,7 +48,10 @@ pub fn decode(s: &str) -> Result<Vec<u8>, String> {
             b'0'..=b'9' => Ok(c - b'0'),
             b'a'..=b'f' => Ok(c - b'a' + 10),
             b'A'..=b'F' => Ok(c - b'A' + 10),
-            _ => Err(format!("invalid hex digit {:?} at position {at}", c as char)),
+            _ => Err(format!(
+                "invalid hex digit {:?} at position {at}",
+                c as char
+            )),
         }
     }
     s.chunks_exact(2)

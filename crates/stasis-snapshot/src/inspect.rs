@@ -221,8 +221,14 @@ mod tests {
     fn dates() {
         assert_eq!(format_unix_ms(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(format_unix_ms(1_735_787_045_678), "2025-01-02T03:04:05.678Z");
-        assert_eq!(format_unix_ms(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+        assert_eq!(
+            format_unix_ms(1_735_787_045_678),
+            "2025-01-02T03:04:05.678Z"
+        );
+        assert_eq!(
+            format_unix_ms(4_102_444_799_999),
+            "2099-12-31T23:59:59.999Z"
+        );
         // Far future values must not panic.
         let _ = format_unix_ms(u64::MAX);
     }

@@ -203,7 +203,10 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
     let fields: HashMap<String, &RawValue> = serde_json::from_str(whole.get())
         .map_err(|_| Error::NotASnapshot("manifest.json is not a JSON object".to_string()))?;
 
-    match fields.get("format").map(|v| serde_json::from_str::<String>(v.get())) {
+    match fields
+        .get("format")
+        .map(|v| serde_json::from_str::<String>(v.get()))
+    {
         Some(Ok(f)) if f == FORMAT_NAME => {}
         Some(Ok(f)) => {
             return Err(Error::NotASnapshot(format!(
@@ -314,7 +317,9 @@ pub fn validate_body(b: &ManifestBody) -> Result<()> {
     let m = &b.memory;
     check_file_name("memory.file", &m.file)?;
     check_file_name("state_file", &b.state_file)?;
-    if m.file == b.state_file || m.file == crate::MANIFEST_FILE || b.state_file == crate::MANIFEST_FILE
+    if m.file == b.state_file
+        || m.file == crate::MANIFEST_FILE
+        || b.state_file == crate::MANIFEST_FILE
     {
         return Err(invalid(
             "memory.file",
@@ -404,7 +409,10 @@ pub fn validate_body(b: &ManifestBody) -> Result<()> {
                 ),
             ));
         }
-        let end = r.file_offset.checked_add(r.size).filter(|&e| e <= m.file_size);
+        let end = r
+            .file_offset
+            .checked_add(r.size)
+            .filter(|&e| e <= m.file_size);
         match end {
             Some(e) => file_end = e,
             None => {
@@ -440,7 +448,10 @@ pub fn validate_body(b: &ManifestBody) -> Result<()> {
             return Err(invalid(f("name"), "empty section name"));
         }
         if !keys.insert((s.name.as_str(), s.instance.as_str())) {
-            return Err(invalid(f("instance"), "duplicate section name and instance"));
+            return Err(invalid(
+                f("instance"),
+                "duplicate section name and instance",
+            ));
         }
         if s.offset % SECTION_ALIGN != 0 {
             return Err(invalid(

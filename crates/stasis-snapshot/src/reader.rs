@@ -363,7 +363,10 @@ impl SnapshotReader {
             .into_iter()
             .map(|e| {
                 let bytes = self.section_bytes(e)?;
-                Ok((e.instance.clone(), decode_section::<T>(&e.instance, e.version, &bytes)?))
+                Ok((
+                    e.instance.clone(),
+                    decode_section::<T>(&e.instance, e.version, &bytes)?,
+                ))
             })
             .collect()
     }
@@ -616,7 +619,14 @@ impl SnapshotReader {
     }
 
     /// Names the region (and guest range) a chunk's data belongs to.
-    fn describe_chunk(&self, index: u64, start: u64, end: u64, recorded: u32, computed: u32) -> BadChunk {
+    fn describe_chunk(
+        &self,
+        index: u64,
+        start: u64,
+        end: u64,
+        recorded: u32,
+        computed: u32,
+    ) -> BadChunk {
         let region = self
             .regions()
             .iter()

@@ -174,8 +174,7 @@ fn check_target(dir: &Path) -> Result<Target> {
     if fs::symlink_metadata(dir.join(MANIFEST_FILE)).is_ok() {
         return Ok(Target::Snapshot);
     }
-    let mut entries =
-        fs::read_dir(dir).map_err(io_ctx(format!("listing {}", dir.display())))?;
+    let mut entries = fs::read_dir(dir).map_err(io_ctx(format!("listing {}", dir.display())))?;
     if entries.next().is_none() {
         Ok(Target::EmptyDir)
     } else {
@@ -356,10 +355,7 @@ impl SnapshotWriter {
     /// The region bytes are only read during this call; once it returns the
     /// guest may run again. Durability (fsync) happens in
     /// [`commit`](Self::commit).
-    pub fn write_memory(
-        &mut self,
-        regions: &[MemoryRegionSource<'_>],
-    ) -> Result<MemoryWriteStats> {
+    pub fn write_memory(&mut self, regions: &[MemoryRegionSource<'_>]) -> Result<MemoryWriteStats> {
         if self.memory.is_some() {
             return Err(Error::Usage("write_memory called twice".to_string()));
         }
@@ -395,7 +391,10 @@ impl SnapshotWriter {
                 let placed = &layout.regions[chunk_tasks[0].region];
                 if let Err(e) = copy_batch(&file, &path, region, placed, chunk_tasks, &mut out) {
                     abort.store(true, Ordering::Relaxed);
-                    first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
                     break;
                 }
             }
@@ -448,7 +447,8 @@ impl SnapshotWriter {
             .map_err(io_ctx(format!("writing {}", state_path.display())))?;
         if self.memory.is_none() {
             let path = self.tmp_dir.join(MEMORY_FILE);
-            let file = File::create(&path).map_err(io_ctx(format!("creating {}", path.display())))?;
+            let file =
+                File::create(&path).map_err(io_ctx(format!("creating {}", path.display())))?;
             self.memory = Some((file, plan_layout(&[])?));
         }
         let sync_start = Instant::now();
@@ -510,7 +510,8 @@ impl SnapshotWriter {
     fn swap_into_place(&mut self) -> Result<bool> {
         let final_dir = self.final_dir.clone();
         let tmp = self.tmp_dir.clone();
-        let rename_ctx = |a: &Path, b: &Path| format!("renaming {} to {}", a.display(), b.display());
+        let rename_ctx =
+            |a: &Path, b: &Path| format!("renaming {} to {}", a.display(), b.display());
         match check_target(&final_dir)? {
             Target::Missing => {
                 fs::rename(&tmp, &final_dir).map_err(io_ctx(rename_ctx(&tmp, &final_dir)))?;
@@ -519,11 +520,9 @@ impl SnapshotWriter {
                 Ok(false)
             }
             Target::Snapshot | Target::EmptyDir => {
-                let exchanged = fsutil::rename_exchange(&tmp, &final_dir).map_err(io_ctx(format!(
-                    "exchanging {} and {}",
-                    tmp.display(),
-                    final_dir.display()
-                )))?;
+                let exchanged = fsutil::rename_exchange(&tmp, &final_dir).map_err(io_ctx(
+                    format!("exchanging {} and {}", tmp.display(), final_dir.display()),
+                ))?;
                 if exchanged {
                     // The new snapshot is at final_dir; tmp now holds the old one.
                     self.done = true;
@@ -589,13 +588,24 @@ pub fn remove_stale_temp_dirs(final_dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in fs::read_dir(&parent).map_err(io_ctx(format!("listing {}", parent.display())))? {
         let entry = entry.map_err(io_ctx(format!("listing {}", parent.display())))?;
         let fname = entry.file_name();
-        let Some(fname) = fname.to_str() else { continue };
-        let Some(rest) = fname.strip_prefix(&prefix) else { continue };
-        let Some(rest) = rest.strip_prefix(".tmp-").or_else(|| rest.strip_prefix(".old-")) else {
+        let Some(fname) = fname.to_str() else {
             continue;
         };
-        let Some((pid, n)) = rest.split_once('-') else { continue };
-        let (Ok(pid), Ok(_)) = (pid.parse::<i32>(), n.parse::<u64>()) else { continue };
+        let Some(rest) = fname.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(rest) = rest
+            .strip_prefix(".tmp-")
+            .or_else(|| rest.strip_prefix(".old-"))
+        else {
+            continue;
+        };
+        let Some((pid, n)) = rest.split_once('-') else {
+            continue;
+        };
+        let (Ok(pid), Ok(_)) = (pid.parse::<i32>(), n.parse::<u64>()) else {
+            continue;
+        };
         if fsutil::pid_alive(pid) {
             continue;
         }
@@ -627,7 +637,9 @@ fn plan_layout(regions: &[MemoryRegionSource<'_>]) -> Result<MemoryLayout> {
             detail,
         };
         if r.name.is_empty() || r.name.chars().any(char::is_control) {
-            return Err(bad("region names must be non-empty, without control characters".into()));
+            return Err(bad(
+                "region names must be non-empty, without control characters".into(),
+            ));
         }
         if !names.insert(r.name) {
             return Err(bad("name used twice".into()));
@@ -639,7 +651,10 @@ fn plan_layout(regions: &[MemoryRegionSource<'_>]) -> Result<MemoryLayout> {
             )));
         }
         if r.gpa % PAGE_SIZE != 0 || r.gpa.checked_add(r.len()).is_none() {
-            return Err(bad(format!("guest address {:#x} is not page aligned or the region wraps", r.gpa)));
+            return Err(bad(format!(
+                "guest address {:#x} is not page aligned or the region wraps",
+                r.gpa
+            )));
         }
         placed.push(MemoryRegion {
             name: r.name.to_string(),
@@ -748,10 +763,11 @@ fn copy_batch(
     let data = src.data;
     let flush = |from: usize, to: usize, out: &mut WorkerResult| -> Result<()> {
         let at = placed.file_offset + from as u64;
-        file.write_all_at(&data[from..to], at).map_err(|e| Error::Io {
-            context: format!("writing {} at offset {at:#x}", path.display()),
-            source: e,
-        })?;
+        file.write_all_at(&data[from..to], at)
+            .map_err(|e| Error::Io {
+                context: format!("writing {} at offset {at:#x}", path.display()),
+                source: e,
+            })?;
         out.bytes_written += (to - from) as u64;
         Ok(())
     };

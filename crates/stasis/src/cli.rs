@@ -79,6 +79,10 @@ pub struct RestoreArgs {
     /// first touch); eager: copy it into memory first.
     #[arg(long, default_value = "lazy")]
     pub mode: stasis_vmm::persist::restore::RestoreMode,
+    /// Do not check the memory image's checksums before starting (section
+    /// checksums are always checked).
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// `stasis verify DIR`.

@@ -22,6 +22,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
 
 fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
     let overrides = RestoreOverrides {
+        skip_memory_verify: args.no_verify,
         name: args.name.clone(),
         api_socket: args.api_socket.clone(),
         serial: args.serial.clone(),

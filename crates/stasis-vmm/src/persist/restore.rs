@@ -49,9 +49,13 @@ impl std::str::FromStr for RestoreMode {
     }
 }
 
-/// What differs on the host the snapshot is restored on.
+/// What differs on the host the snapshot is restored on, and how careful
+/// to be.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOverrides {
+    /// Skip checking the memory image's checksums (faster lazy restores of
+    /// large VMs, at the price of running a guest on damaged memory).
+    pub skip_memory_verify: bool,
     /// A new VM name.
     pub name: Option<String>,
     /// A new API socket path.
@@ -70,7 +74,7 @@ pub enum RestoreError {
     #[error("snapshot's VM configuration cannot be read: {0}")]
     Config(String),
     /// The configuration (after overrides) is invalid.
-    #[error(transparent)]
+    #[error("{0} (the saved configuration can be overridden on restore: --name, --api-socket, --serial)")]
     Invalid(#[from] stasis_config::ConfigError),
     /// A section the restore needs is missing.
     #[error("snapshot lacks required section '{name}' instance '{instance}'")]
@@ -138,6 +142,12 @@ fn required<T: SectionState>(reader: &SnapshotReader, instance: &str) -> Result<
 pub fn prepare(dir: &std::path::Path, overrides: &RestoreOverrides) -> Result<RestorePlan, RestoreError> {
     let reader = SnapshotReader::open(dir)?;
     let warnings = reader.check_known(&known_section)?;
+    if !overrides.skip_memory_verify {
+        // Every section checksum is checked as it is read below; this
+        // covers the memory image (and warms the page cache that a lazy
+        // restore maps).
+        reader.verify(|_, _| {})?.into_result()?;
+    }
     let body = reader.body();
     let mut config: VmConfig = serde_json::from_value(body.vm_config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;

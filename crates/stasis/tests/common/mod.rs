@@ -270,3 +270,53 @@ pub fn stasis(args: &[&str], runtime_dir: &Path) -> Output {
 pub fn err_text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Starts `stasis restore DIR` with serial output in a file of `scratch`
+/// and the API socket in `runtime_dir`.
+pub fn restore_process(
+    tag: &str,
+    dir: &Path,
+    runtime_dir: &Path,
+    extra: &[&str],
+) -> VmProcess {
+    let scratch = Scratch::new(tag);
+    let serial = scratch.join("serial.log");
+    let stderr_path = scratch.join("stderr.log");
+    let name = format!("{tag}-{}", std::process::id());
+    let child = Command::new(stasis_bin())
+        .env("STASIS_RUNTIME_DIR", runtime_dir)
+        .arg("restore")
+        .arg(dir)
+        .args(["--name", &name])
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("spawn stasis restore");
+    VmProcess {
+        name,
+        child,
+        serial,
+        runtime_dir: runtime_dir.to_path_buf(),
+        stderr_path,
+        scratch,
+    }
+}
+
+impl VmProcess {
+    /// `stasis snapshot NAME DIR [--stop]`; panics with details on failure.
+    pub fn snapshot(&self, dir: &Path, stop: bool) -> serde_json::Value {
+        let mut args = vec!["snapshot", &self.name, dir.to_str().unwrap(), "--json"];
+        if stop {
+            args.push("--stop");
+        }
+        let out = self.cli(&args);
+        if !out.status.success() {
+            self.fail(&format!("snapshot failed: {}", err_text(&out)));
+        }
+        serde_json::from_slice(&out.stdout).expect("snapshot --json output")
+    }
+}
