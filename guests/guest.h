@@ -22,9 +22,7 @@
 
 /* Interrupt vectors */
 #define VEC_TIMER       0x40
-#ifndef VEC_SVC
-#define VEC_SVC         0x80
-#endif
+#define VEC_SVC         0x80                /* handlers also match the bytes CD 80 */
 #define VEC_SPURIOUS    0xFF
 
 /* Ring-3 services: int $0x80, RAX = number, args in RDI, RSI, RDX; result in RAX */

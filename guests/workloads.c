@@ -6,6 +6,46 @@ static u64 ms_ticks(u64 ms)
     return ms * cfg.tsc_khz;
 }
 
+/* ------------------------------------------------------- VM generation ID */
+
+/* stasis puts the 16-byte VM generation ID at this reserved address (the
+ * DSDT's VGEN device says so too) and a u64 restore counter after it. */
+#define VMGENID_ADDR 0x9F000ul
+
+static u8 genid_seen[24];
+static int genid_printed;
+
+/* Prints `GENID cpu= generation= id_hex=` when the ID changes (and once at
+ * start): a restored clone sees a new ID and a higher generation. */
+static void genid_check(u32 cpu)
+{
+    static const char digits[] = "0123456789abcdef";
+    const volatile u8 *g = (const volatile u8 *)VMGENID_ADDR;
+    int changed = !genid_printed;
+    for (int i = 0; i < 24; i++) {
+        u8 b = g[i];
+        if (b != genid_seen[i])
+            changed = 1;
+        genid_seen[i] = b;
+    }
+    if (!changed)
+        return;
+    genid_printed = 1;
+    u64 generation = 0;
+    for (int i = 7; i >= 0; i--)
+        generation = (generation << 8) | genid_seen[16 + i];
+    struct line l;
+    l_init(&l, "GENID");
+    l_kv(&l, "cpu", cpu);
+    l_kv(&l, "generation", generation);
+    l_str(&l, " id_hex=");
+    for (int i = 0; i < 16; i++) {
+        l_chr(&l, digits[genid_seen[i] >> 4]);
+        l_chr(&l, digits[genid_seen[i] & 0xF]);
+    }
+    l_emit(&l, cpu);
+}
+
 /* ---------------------------------------------------------------- heartbeat */
 
 static __attribute__((noreturn)) void heartbeat(u32 cpu)
@@ -16,6 +56,8 @@ static __attribute__((noreturn)) void heartbeat(u32 cpu)
         if ((counter & 0x3FF) == 0) {
             u64 t = rdtsc();
             if (t >= next) {
+                if (cpu == 0)
+                    genid_check(cpu);
                 struct line l;
                 l_init(&l, "HB");
                 l_kv(&l, "cpu", cpu);

@@ -1,7 +1,8 @@
 //! `stasis demo`: the main job on the built-in default. Boots the heartbeat
-//! guest that ships inside the binary, shows its counter running, pauses it
-//! (the counter stops), resumes it (the counter goes on from where it was),
-//! and stops it.
+//! guest that ships inside the binary, shows its counter running, pauses
+//! and resumes it, suspends it to a snapshot (the VM ends), restores a new
+//! VM from the snapshot alone, and shows the counter going on from where it
+//! was.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -9,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use stasis_api::ApiServer;
 use stasis_config::{SerialConfig, VmConfig};
+use stasis_vmm::persist::restore::{self, RestoreMode, RestoreOverrides};
+use stasis_vmm::persist::save::{self, SnapshotOptions};
 use stasis_vmm::Vm;
 
 use crate::api_glue::VmApi;
@@ -107,7 +110,9 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         path: serial.clone(),
     };
     cfg.validate().map_err(|e| e.to_string())?;
+    let secs = Duration::from_secs(args.seconds.max(1));
 
+    // 1. Boot.
     let socket = api_socket_path(&cfg)?;
     let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
     let mut vm = Vm::create(&cfg).map_err(|e| e.to_string())?;
@@ -119,7 +124,6 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         }))
         .map_err(|e| e.to_string())?;
     signals::forward_termination_signals(control.exit_sink());
-    let started = Instant::now();
     vm.start().map_err(|e| e.to_string())?;
     println!(
         "stasis demo: booted the built-in heartbeat guest as VM '{}' ({} vCPU, {} MiB, {} boot)",
@@ -131,30 +135,69 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     println!("stasis demo: try `stasis status {}` from another shell", cfg.name);
     let mut tail = Tail::open(&serial).map_err(|e| e.to_string())?;
     let mut last = None;
-    let secs = Duration::from_secs(args.seconds.max(1));
     show(&mut tail, secs, &mut last);
-    let before = last;
 
+    // 2. Pause and resume.
     let t = Instant::now();
     control.pause().map_err(|e| e.to_string())?;
-    println!(
-        "stasis demo: paused all vCPUs in {:.1} ms; waiting {} s",
-        t.elapsed().as_secs_f64() * 1e3,
-        secs.as_secs()
-    );
-    let during = show(&mut tail, secs, &mut last);
-    println!("stasis demo: {during} guest lines while paused; resuming");
+    let paused_in = t.elapsed();
+    let during = show(&mut tail, Duration::from_millis(1000), &mut last);
     control.resume().map_err(|e| e.to_string())?;
+    println!(
+        "stasis demo: paused all vCPUs in {:.1} ms; {during} guest lines in 1 s of pause; resumed",
+        paused_in.as_secs_f64() * 1e3
+    );
     show(&mut tail, secs, &mut last);
-    control.request_stop();
+
+    // 3. Suspend to a snapshot: the VM ends once it is on disk.
+    let snap = dir.join("snapshot");
+    let report = save::snapshot(&control, &snap, &SnapshotOptions { stop: true })
+        .map_err(|e| format!("snapshot failed: {e}"))?;
     let reason = vm.wait();
     handle.shutdown();
-    match (before, last) {
-        (Some(a), Some(b)) if b > a => println!(
-            "stasis demo: the heartbeat counter went on from {a} to {b} across the pause; {reason} after {:.1} s",
-            started.elapsed().as_secs_f64()
+    show(&mut tail, Duration::from_millis(300), &mut last);
+    let before = last.ok_or("the guest printed no heartbeat before the snapshot")?;
+    println!(
+        "stasis demo: snapshot written to {} (guest paused {:.1} ms, {} of {} MiB written); VM ended: {reason}",
+        report.path.display(),
+        report.pause_ms,
+        stasis_snapshot::format_bytes(report.memory_written_bytes),
+        report.memory_bytes >> 20,
+    );
+
+    // 4. Restore it, as a new VM, from the snapshot alone.
+    let restored_serial = dir.join("serial-restored.log");
+    std::fs::File::create(&restored_serial).map_err(|e| e.to_string())?;
+    let overrides = RestoreOverrides {
+        name: Some(format!("{}-restored", cfg.name)),
+        serial: Some(SerialConfig::File {
+            path: restored_serial.clone(),
+        }),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let plan = restore::prepare(&snap, &overrides).map_err(|e| e.to_string())?;
+    let (memory, _) = restore::load_memory(&plan, RestoreMode::Lazy).map_err(|e| e.to_string())?;
+    let mut vm = Vm::restore(&plan.config, memory, &plan.state).map_err(|e| e.to_string())?;
+    let control = vm.control();
+    signals::forward_termination_signals(control.exit_sink());
+    vm.start().map_err(|e| e.to_string())?;
+    println!(
+        "stasis demo: restored VM '{}' from the snapshot in {:.1} ms",
+        plan.config.name,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    // The line the guest was printing when it was suspended ends here.
+    let mut tail = Tail::open(&restored_serial).map_err(|e| e.to_string())?;
+    let mut after = None;
+    show(&mut tail, secs, &mut after);
+    control.request_stop();
+    let reason = vm.wait();
+    match after {
+        Some(b) if b > before => println!(
+            "stasis demo: the heartbeat counter went on from {before} to {b} across the snapshot and restore; {reason}"
         ),
-        _ => return Err(format!("the guest's heartbeat did not advance as expected ({reason})")),
+        _ => return Err(format!("the restored guest's heartbeat did not continue ({reason})")),
     }
     Ok(())
 }

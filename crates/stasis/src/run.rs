@@ -119,16 +119,22 @@ pub fn serve(mut vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Resul
     });
     let handle = server.serve(api).map_err(|e| e.to_string())?;
     signals::forward_termination_signals(control.exit_sink());
-    vm.start().map_err(|e| e.to_string())?;
     let d = control.description();
+    let how = if d.boot_protocol == "restored" {
+        "restored from a snapshot".to_string()
+    } else {
+        format!("{} boot", d.boot_protocol)
+    };
+    // Announced before the vCPUs start, so it never lands inside the
+    // guest's first line on a shared terminal.
     eprintln!(
-        "stasis: VM '{}' {verb}: {} vCPU(s), {} MiB, {} boot, API socket {}",
+        "stasis: VM '{}' {verb}: {} vCPU(s), {} MiB, {how}, API socket {}",
         cfg.name,
         cfg.vcpus,
         cfg.memory_mib,
-        d.boot_protocol,
         socket.display()
     );
+    vm.start().map_err(|e| e.to_string())?;
     let reason = vm.wait();
     handle.shutdown();
     let code = reason.exit_code();
