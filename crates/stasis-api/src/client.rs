@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use crate::http::{self, HttpError};
 use crate::runtime::{self, InvalidVmName};
 use crate::sock::NoSigPipe;
-use crate::types::{SnapshotResponse, ActionResponse, PingResponse, VmInfo};
+use crate::types::{ActionResponse, PingResponse, SnapshotResponse, VmInfo};
 
 /// How long the client waits for the VM, by default (per read or write).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -185,7 +185,9 @@ impl ApiClient {
     /// an hour for this call.
     pub fn snapshot(&self, path: &str, stop: bool) -> Result<SnapshotResponse, ClientError> {
         let body = serde_json::json!({ "path": path, "stop": stop });
-        let client = self.clone().with_timeout(self.timeout.max(Duration::from_secs(3600)));
+        let client = self
+            .clone()
+            .with_timeout(self.timeout.max(Duration::from_secs(3600)));
         client.call("PUT", "/v1/vm/snapshot", Some(&body))
     }
 

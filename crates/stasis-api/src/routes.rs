@@ -233,7 +233,11 @@ mod tests {
             Ok(ApiRequest::Shutdown)
         );
         assert_eq!(
-            route("PUT", "/v1/vm/snapshot", br#"{"path": "/s/a", "stop": true}"#),
+            route(
+                "PUT",
+                "/v1/vm/snapshot",
+                br#"{"path": "/s/a", "stop": true}"#
+            ),
             Ok(ApiRequest::Snapshot(SnapshotRequest {
                 path: "/s/a".into(),
                 stop: true
@@ -246,7 +250,10 @@ mod tests {
                 stop: false
             }))
         );
-        assert_eq!(route("PUT", "/v1/vm/snapshot", b"").unwrap_err().status, 400);
+        assert_eq!(
+            route("PUT", "/v1/vm/snapshot", b"").unwrap_err().status,
+            400
+        );
     }
 
     #[test]

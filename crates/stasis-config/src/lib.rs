@@ -82,7 +82,11 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest memory in MiB. In TOML, `memory = 512` (MiB) or
     /// `memory = "2G"`.
-    #[serde(rename = "memory", with = "size::mib_serde", default = "default_memory")]
+    #[serde(
+        rename = "memory",
+        with = "size::mib_serde",
+        default = "default_memory"
+    )]
     pub memory_mib: u64,
     /// The kernel image: a bzImage or an ELF `vmlinux`.
     pub kernel: PathBuf,
@@ -145,7 +149,9 @@ pub enum ConfigError {
     #[error("vcpus = {0}: must be between 1 and {MAX_VCPUS}")]
     Vcpus(u32),
     /// `memory` is below the minimum or above the maximum.
-    #[error("memory = {0} MiB: must be at least {MIN_MEMORY_MIB} MiB and at most {MAX_MEMORY_MIB} MiB")]
+    #[error(
+        "memory = {0} MiB: must be at least {MIN_MEMORY_MIB} MiB and at most {MAX_MEMORY_MIB} MiB"
+    )]
     Memory(u64),
     /// A file named by the config does not exist or is not a regular file.
     #[error("{key} = {path}: {problem}")]

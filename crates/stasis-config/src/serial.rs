@@ -54,10 +54,9 @@ impl SerialConfig {
                 Err("path must not be empty".into())
             }
             Self::File { path } => match path.parent() {
-                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(format!(
-                    "directory of {} does not exist",
-                    path.display()
-                )),
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                    Err(format!("directory of {} does not exist", path.display()))
+                }
                 _ => Ok(()),
             },
             _ => Ok(()),

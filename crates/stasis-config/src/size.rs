@@ -38,7 +38,8 @@ pub(crate) mod mib_serde {
                 f.write_str("a number of MiB or a string such as \"512M\" or \"2G\"")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
-                u64::try_from(v).map_err(|_| E::custom(format!("memory must not be negative ({v})")))
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("memory must not be negative ({v})")))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
                 Ok(v)

@@ -4,7 +4,10 @@ use std::io::Write;
 fn kernel_file() -> (tempdir::Dir, PathBuf) {
     let d = tempdir::Dir::new();
     let k = d.path().join("vmlinux");
-    std::fs::File::create(&k).unwrap().write_all(b"\x7fELF").unwrap();
+    std::fs::File::create(&k)
+        .unwrap()
+        .write_all(b"\x7fELF")
+        .unwrap();
     (d, k)
 }
 
@@ -97,7 +100,11 @@ fn validate_rejects_missing_kernel() {
 fn validate_rejects_directory_as_kernel() {
     let d = tempdir::Dir::new();
     let cfg = VmConfig::new("a", d.path());
-    assert!(cfg.validate().unwrap_err().to_string().contains("not a regular file"));
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("not a regular file"));
 }
 
 #[test]
@@ -106,7 +113,10 @@ fn validate_rejects_too_little_memory() {
     let mut cfg = VmConfig::new("a", k);
     cfg.memory_mib = 8;
     let msg = cfg.validate().unwrap_err().to_string();
-    assert!(msg.starts_with("memory = 8 MiB: must be at least 16 MiB"), "{msg}");
+    assert!(
+        msg.starts_with("memory = 8 MiB: must be at least 16 MiB"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -136,12 +146,19 @@ fn validate_rejects_missing_initrd() {
     let (_d, k) = kernel_file();
     let mut cfg = VmConfig::new("a", k);
     cfg.initrd = Some("/nonexistent/initrd".into());
-    assert!(cfg.validate().unwrap_err().to_string().starts_with("initrd = "));
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .starts_with("initrd = "));
 }
 
 #[test]
 fn serial_flag_forms() {
-    assert_eq!("stdout".parse::<SerialConfig>().unwrap(), SerialConfig::Stdout);
+    assert_eq!(
+        "stdout".parse::<SerialConfig>().unwrap(),
+        SerialConfig::Stdout
+    );
     assert_eq!("null".parse::<SerialConfig>().unwrap(), SerialConfig::Null);
     assert_eq!(
         "socket:/run/x.sock".parse::<SerialConfig>().unwrap(),

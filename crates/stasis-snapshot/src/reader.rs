@@ -14,10 +14,14 @@ use crate::error::{invalid, io_ctx, Error, Result};
 use crate::fsutil;
 use crate::manifest::{decode_manifest, Manifest, ManifestBody, MemoryRegion, SectionEntry};
 use crate::section::{check_known, decode_section, SectionState, SectionWarning};
-use crate::{MANIFEST_FILE, MAX_MANIFEST_SIZE};
+use crate::{MANIFEST_FILE, MAX_MANIFEST_SIZE, PAGE_SIZE};
 
 /// Largest single `pread` when reading memory.
 const READ_PIECE: usize = 16 << 20;
+/// Data extents shorter than this are read a window at a time.
+const SMALL_EXTENT: u64 = 256 << 10;
+/// The window read at once where the data is fragmented.
+const FRAGMENT_WINDOW: u64 = 2 << 20;
 
 /// An open, checked snapshot.
 ///
@@ -415,10 +419,12 @@ impl SnapshotReader {
     }
 
     /// Reads a region's contents into `dst` (of exactly the region's size),
-    /// for eager restore. Holes are skipped with `SEEK_DATA`/`SEEK_HOLE`:
-    /// if `dst_is_zeroed` (e.g. fresh anonymous memory) they are left as
-    /// they are, otherwise they are zero-filled. Returns the bytes read
-    /// from the file.
+    /// for eager restore. Holes are found with `SEEK_DATA`/`SEEK_HOLE`: if
+    /// `dst_is_zeroed` (e.g. fresh anonymous memory) the destination's zero
+    /// pages are never written, so they stay unallocated; otherwise they
+    /// are zero-filled. Long data extents are read straight into `dst` with
+    /// large preads; where data is fragmented into short extents, 2 MiB
+    /// windows are read at once. Returns the bytes read from the file.
     pub fn read_region_into(
         &self,
         region: &MemoryRegion,
@@ -443,22 +449,31 @@ impl SnapshotReader {
             ));
         };
         let path = self.memory_file_path();
+        let pread = |buf: &mut [u8], at: u64| -> Result<()> {
+            self.memory.read_exact_at(buf, at).map_err(|e| Error::Io {
+                context: format!(
+                    "reading region '{}' from {} at offset {at:#x}",
+                    region.name,
+                    path.display()
+                ),
+                source: e,
+            })
+        };
+        let page = PAGE_SIZE;
+        let mut bounce: Vec<u8> = Vec::new();
         let mut read = 0u64;
         let mut pos = start;
         let mut can_seek = true;
         while pos < end {
-            // Next data extent [data, hole).
+            // The next data extent, [data, hole).
             let (data, hole) = if can_seek {
                 match fsutil::seek_data(&self.memory, pos) {
                     Ok(None) => (end, end),
-                    Ok(Some(d)) => {
-                        let d = d.min(end);
-                        match fsutil::seek_hole(&self.memory, d) {
-                            Ok(Some(h)) => (d, h.min(end)),
-                            Ok(None) => (d, end),
-                            Err(_) => (d, end),
-                        }
-                    }
+                    Ok(Some(d)) if d >= end => (end, end),
+                    Ok(Some(d)) => match fsutil::seek_hole(&self.memory, d) {
+                        Ok(Some(h)) => (d, h.clamp(d + 1, end)),
+                        _ => (d, end),
+                    },
                     Err(_) => {
                         can_seek = false;
                         (pos, end)
@@ -470,21 +485,48 @@ impl SnapshotReader {
             if data > pos && !dst_is_zeroed {
                 dst[(pos - start) as usize..(data - start) as usize].fill(0);
             }
-            let mut at = data;
-            while at < hole {
-                let n = ((hole - at) as usize).min(READ_PIECE);
-                let d = (at - start) as usize;
-                self.memory
-                    .read_exact_at(&mut dst[d..d + n], at)
-                    .map_err(io_ctx(format!(
-                        "reading region '{}' from {} at offset {at:#x}",
-                        region.name,
-                        path.display()
-                    )))?;
-                at += n as u64;
-                read += n as u64;
+            if data >= end {
+                break;
             }
-            pos = hole.max(data);
+            if hole - data >= SMALL_EXTENT || !can_seek {
+                // A long extent: straight into place, in large preads.
+                let mut at = data;
+                while at < hole {
+                    let n = ((hole - at) as usize).min(READ_PIECE);
+                    let d = (at - start) as usize;
+                    pread(&mut dst[d..d + n], at)?;
+                    at += n as u64;
+                    read += n as u64;
+                }
+                pos = hole;
+                continue;
+            }
+            // Fragmented data (many short extents): take a whole window in
+            // one pread instead of two lseeks and a pread per extent. The
+            // window starts on a page boundary; re-reading bytes before
+            // `pos` is harmless, they are the same bytes.
+            let a = start + (data - start) / page * page;
+            let wend = (a + FRAGMENT_WINDOW).min(end);
+            let (da, dw) = ((a - start) as usize, (wend - start) as usize);
+            if dst_is_zeroed {
+                // Copy only the non-zero pages, so that the zero pages of
+                // the destination are never touched (nor faulted in).
+                bounce.resize(FRAGMENT_WINDOW as usize, 0);
+                let buf = &mut bounce[..dw - da];
+                pread(buf, a)?;
+                for (src, out) in buf
+                    .chunks(page as usize)
+                    .zip(dst[da..dw].chunks_mut(page as usize))
+                {
+                    if !crc::is_zero(src) {
+                        out.copy_from_slice(src);
+                    }
+                }
+            } else {
+                pread(&mut dst[da..dw], a)?;
+            }
+            read += wend - a;
+            pos = wend;
         }
         Ok(read)
     }

@@ -59,9 +59,7 @@ pub fn from_bytes<T: KvmPod>(what: &'static str, bytes: &[u8]) -> Result<T, AbiS
     let mut v = T::default();
     // SAFETY: T is POD, the source has exactly size_of::<T>() bytes and the
     // two regions cannot overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut v as *mut T).cast::<u8>(), want)
-    };
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut v as *mut T).cast::<u8>(), want) };
     Ok(v)
 }
 

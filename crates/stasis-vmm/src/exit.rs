@@ -159,7 +159,10 @@ mod tests {
 
     #[test]
     fn messages_name_the_reason() {
-        assert_eq!(ExitReason::Signal(libc::SIGTERM).to_string(), "received SIGTERM");
+        assert_eq!(
+            ExitReason::Signal(libc::SIGTERM).to_string(),
+            "received SIGTERM"
+        );
         assert!(ExitReason::KvmInternalError {
             vcpu: 1,
             suberror: 1,

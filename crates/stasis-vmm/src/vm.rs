@@ -22,19 +22,19 @@ use crate::cpu::cpuid::{self, CpuidError};
 use crate::cpu::regs::{self, RegsError};
 use crate::cpu::state::{self, VcpuState, VcpuStateError};
 use crate::cpu::vcpu::{RunControl, VcpuContext, VcpuThreadError, VcpuThreads};
-use crate::devices::rtc::CmosRtcState;
-use crate::devices::serial::{SerialDeviceState, Uart};
-use crate::devices::vmgenid::{VmGenId, VmGenIdState};
-use crate::vm_state::{self, ClockState, IrqchipState, PitState, VmStateError};
 use crate::devices::acpi_pm::AcpiPmRegisters;
 use crate::devices::bus::{Bus, BusOverlap};
 use crate::devices::i8042::I8042;
 use crate::devices::rtc::CmosRtc;
+use crate::devices::rtc::CmosRtcState;
 use crate::devices::serial::{self, SerialError, SerialPort};
+use crate::devices::serial::{SerialDeviceState, Uart};
+use crate::devices::vmgenid::{VmGenId, VmGenIdState};
 use crate::exit::{ExitReason, ExitSink};
 use crate::layout;
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::platform::{self, PlatformError};
+use crate::vm_state::{self, ClockState, IrqchipState, PitState, VmStateError};
 
 /// Everything that can stop a VM from being created or started.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,9 @@ pub enum VmError {
     #[error(transparent)]
     Config(#[from] stasis_config::ConfigError),
     /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm: {0} (is KVM available on this host, and may this user use it?)")]
+    #[error(
+        "cannot open /dev/kvm: {0} (is KVM available on this host, and may this user use it?)"
+    )]
     KvmOpen(kvm_ioctls::Error),
     /// The host's KVM lacks something stasis needs.
     #[error("KVM on this host lacks {0}")]
@@ -242,7 +244,12 @@ impl VmControl {
         match self.state() {
             RunState::Running => {}
             RunState::Paused => return Ok(()),
-            s => return Err(VmError::BadState { action: "pause", state: s }),
+            s => {
+                return Err(VmError::BadState {
+                    action: "pause",
+                    state: s,
+                })
+            }
         }
         let threads = guard.as_ref().expect("running VM has threads");
         if let Err(e) = threads.pause(PAUSE_TIMEOUT) {
@@ -259,7 +266,12 @@ impl VmControl {
         match self.state() {
             RunState::Paused => {}
             RunState::Running => return Ok(()),
-            s => return Err(VmError::BadState { action: "resume", state: s }),
+            s => {
+                return Err(VmError::BadState {
+                    action: "resume",
+                    state: s,
+                })
+            }
         }
         guard.as_ref().expect("paused VM has threads").resume();
         self.state.store(1, Ordering::SeqCst);
@@ -351,7 +363,10 @@ pub struct Vm {
 fn open_kvm(vcpus: u32) -> Result<Kvm, VmError> {
     let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
     for (cap, name) in [
-        (kvm_ioctls::Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (
+            kvm_ioctls::Cap::Irqchip,
+            "an in-kernel irqchip (KVM_CAP_IRQCHIP)",
+        ),
         (kvm_ioctls::Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
         (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
         (kvm_ioctls::Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
@@ -399,7 +414,11 @@ impl Vm {
     /// Builds a VM from saved state and memory. `config` is the saved
     /// configuration with the caller's overrides applied; it must have
     /// passed [`VmConfig::validate_for_restore`].
-    pub fn restore(config: &VmConfig, memory: GuestRam, state: &CapturedState) -> Result<Self, VmError> {
+    pub fn restore(
+        config: &VmConfig,
+        memory: GuestRam,
+        state: &CapturedState,
+    ) -> Result<Self, VmError> {
         if state.vcpus.len() != config.vcpus as usize {
             return Err(VmError::Mismatch(format!(
                 "{} vCPU states for a VM of {} vCPUs",
@@ -417,7 +436,8 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -618,10 +638,7 @@ impl Vm {
     /// Waits for the first reason to end, stops every vCPU and returns the
     /// reason.
     pub fn wait(self) -> ExitReason {
-        let reason = self
-            .exit_rx
-            .recv()
-            .unwrap_or(ExitReason::StopRequested);
+        let reason = self.exit_rx.recv().unwrap_or(ExitReason::StopRequested);
         self.control.state.store(3, Ordering::SeqCst);
         if let Some(threads) = self.control.threads.lock().expect("threads lock").take() {
             threads.stop();

@@ -118,9 +118,24 @@ pub fn restore(
     pit: &PitState,
     clock: &ClockState,
 ) -> Result<(), VmStateError> {
-    set_chip(vm, "kvm_irqchip (PIC master)", KVM_IRQCHIP_PIC_MASTER, &irqchip.pic_master)?;
-    set_chip(vm, "kvm_irqchip (PIC slave)", KVM_IRQCHIP_PIC_SLAVE, &irqchip.pic_slave)?;
-    set_chip(vm, "kvm_irqchip (IOAPIC)", KVM_IRQCHIP_IOAPIC, &irqchip.ioapic)?;
+    set_chip(
+        vm,
+        "kvm_irqchip (PIC master)",
+        KVM_IRQCHIP_PIC_MASTER,
+        &irqchip.pic_master,
+    )?;
+    set_chip(
+        vm,
+        "kvm_irqchip (PIC slave)",
+        KVM_IRQCHIP_PIC_SLAVE,
+        &irqchip.pic_slave,
+    )?;
+    set_chip(
+        vm,
+        "kvm_irqchip (IOAPIC)",
+        KVM_IRQCHIP_IOAPIC,
+        &irqchip.ioapic,
+    )?;
     vm.set_pit2(&abi::from_bytes("kvm_pit_state2", &pit.pit)?)
         .map_err(kvm("KVM_SET_PIT2"))?;
     let data = kvm_clock_data {

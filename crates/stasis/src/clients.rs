@@ -80,7 +80,10 @@ pub fn status(arg: &NameArg) -> i32 {
         Err(e) => return fail(e),
     };
     if arg.json {
-        println!("{}", serde_json::to_string_pretty(&info).expect("VmInfo serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&info).expect("VmInfo serializes")
+        );
     } else {
         print_info(&info);
     }

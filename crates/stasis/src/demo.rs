@@ -96,7 +96,8 @@ fn run_demo(args: &DemoArgs) -> Result<(), String> {
 }
 
 fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
-    let kernel = stasis_guestkit::write_guest(dir).map_err(|e| format!("cannot write the guest: {e}"))?;
+    let kernel =
+        stasis_guestkit::write_guest(dir).map_err(|e| format!("cannot write the guest: {e}"))?;
     let serial = dir.join("serial.log");
     std::fs::File::create(&serial).map_err(|e| e.to_string())?;
     let mut cfg = VmConfig::new(format!("demo-{}", std::process::id()), kernel);
@@ -132,7 +133,10 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         cfg.memory_mib,
         control.description().boot_protocol
     );
-    println!("stasis demo: try `stasis status {}` from another shell", cfg.name);
+    println!(
+        "stasis demo: try `stasis status {}` from another shell",
+        cfg.name
+    );
     let mut tail = Tail::open(&serial).map_err(|e| e.to_string())?;
     let mut last = None;
     show(&mut tail, secs, &mut last);

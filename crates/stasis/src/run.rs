@@ -20,10 +20,9 @@ pub fn build_config(args: &RunArgs) -> Result<VmConfig, String> {
     let mut cfg = match &args.config {
         Some(path) => VmConfig::from_toml_file(path).map_err(|e| e.to_string())?,
         None => {
-            let kernel = args
-                .kernel
-                .clone()
-                .ok_or("no kernel given: use --kernel PATH or a --config file with `kernel = ...`")?;
+            let kernel = args.kernel.clone().ok_or(
+                "no kernel given: use --kernel PATH or a --config file with `kernel = ...`",
+            )?;
             VmConfig::new(format!("vm-{}", std::process::id()), kernel)
         }
     };

@@ -48,7 +48,10 @@ fn unknown_key_in_config_file() {
         format!("name = 'x'\nkernel = '{}'\nmemroy = 64\n", k.display()),
     )
     .unwrap();
-    run_expect_error(&["--config", cfg.to_str().unwrap()], "unknown field `memroy`");
+    run_expect_error(
+        &["--config", cfg.to_str().unwrap()],
+        "unknown field `memroy`",
+    );
 }
 
 #[test]
@@ -65,7 +68,10 @@ fn too_many_vcpus() {
 fn zero_vcpus() {
     let s = Scratch::new("cfgcpu0");
     let k = guest(s.path());
-    run_expect_error(&["--kernel", k.to_str().unwrap(), "--vcpus", "0"], "vcpus = 0");
+    run_expect_error(
+        &["--kernel", k.to_str().unwrap(), "--vcpus", "0"],
+        "vcpus = 0",
+    );
 }
 
 #[test]
@@ -98,9 +104,16 @@ fn pvh_requested_for_kernel_without_pvh_note() {
 #[test]
 fn bad_serial_flag_is_a_usage_error() {
     let s = Scratch::new("cfgser");
-    let out = stasis(&["run", "--kernel", "/k", "--serial", "tty"], &s.join("run"));
+    let out = stasis(
+        &["run", "--kernel", "/k", "--serial", "tty"],
+        &s.join("run"),
+    );
     assert_eq!(out.status.code(), Some(2));
-    assert!(err_text(&out).contains("invalid serial 'tty'"), "{}", err_text(&out));
+    assert!(
+        err_text(&out).contains("invalid serial 'tty'"),
+        "{}",
+        err_text(&out)
+    );
 }
 
 #[test]
@@ -108,9 +121,20 @@ fn print_config_shows_the_merged_toml() {
     let s = Scratch::new("cfgprint");
     let k = guest(s.path());
     let cfg = s.join("vm.toml");
-    std::fs::write(&cfg, format!("name = 'a'\nkernel = '{}'\nvcpus = 2\n", k.display())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("name = 'a'\nkernel = '{}'\nvcpus = 2\n", k.display()),
+    )
+    .unwrap();
     let out = stasis(
-        &["run", "--config", cfg.to_str().unwrap(), "--memory", "1G", "--print-config"],
+        &[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--memory",
+            "1G",
+            "--print-config",
+        ],
         &s.join("run"),
     );
     assert!(out.status.success(), "{}", err_text(&out));

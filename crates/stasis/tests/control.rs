@@ -17,7 +17,12 @@ fn pause_resume_cycle(vm: &mut VmProcess, pause: &dyn Fn(&VmProcess), resume: &d
     let frozen = vm.lines();
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(vm.lines(), frozen, "guest produced output while paused");
-    let last = frozen.iter().rev().find(|l| l.starts_with("HB ")).unwrap().clone();
+    let last = frozen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("HB "))
+        .unwrap()
+        .clone();
     resume(vm);
     let n = vm.tagged("HB").len();
     let hb = vm.wait_tagged("HB", n + 2, T);
@@ -29,7 +34,10 @@ fn pause_resume_cycle(vm: &mut VmProcess, pause: &dyn Fn(&VmProcess), resume: &d
         num(&last, "seq") + 1,
         "heartbeat sequence not continuous across pause: {last} -> {after}"
     );
-    assert!(num(after, "counter") > num(&last, "counter"), "{last} -> {after}");
+    assert!(
+        num(after, "counter") > num(&last, "counter"),
+        "{last} -> {after}"
+    );
     assert!(num(&next[1], "counter") > num(&next[0], "counter"));
 }
 
@@ -64,7 +72,11 @@ fn pause_and_resume_through_the_cli() {
     assert!(out.status.success(), "{}", err_text(&out));
     let st = vm.wait_exit(Duration::from_secs(20));
     assert_eq!(st.code(), Some(0));
-    assert!(vm.stderr().contains("stopped on request (exit status 0)"), "{}", vm.stderr());
+    assert!(
+        vm.stderr().contains("stopped on request (exit status 0)"),
+        "{}",
+        vm.stderr()
+    );
 }
 
 fn curl(vm: &VmProcess, method: &str, path: &str) -> (u16, serde_json::Value) {
@@ -126,7 +138,13 @@ fn repeated_pause_resume_loses_nothing() {
     let n = vm.tagged("HB").len();
     let hb = vm.wait_tagged("HB", n + 3, T);
     for w in hb.windows(2) {
-        assert_eq!(num(&w[1], "seq"), num(&w[0], "seq") + 1, "{} -> {}", w[0], w[1]);
+        assert_eq!(
+            num(&w[1], "seq"),
+            num(&w[0], "seq") + 1,
+            "{} -> {}",
+            w[0],
+            w[1]
+        );
         assert!(num(&w[1], "counter") > num(&w[0], "counter"));
     }
 }
@@ -138,7 +156,10 @@ fn list_and_status_find_vms_by_name() {
     let out = vm.cli(&["list"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success());
-    let row = text.lines().find(|l| l.starts_with(&vm.name)).unwrap_or_else(|| panic!("{text}"));
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&vm.name))
+        .unwrap_or_else(|| panic!("{text}"));
     assert!(row.contains("running"), "{row}");
     let out = vm.cli(&["status", &vm.name, "--json"]);
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -146,7 +167,11 @@ fn list_and_status_find_vms_by_name() {
     assert_eq!(info["memory_mib"], 64);
     let out = vm.cli(&["status", "no-such-vm"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err_text(&out).contains("no VM named no-such-vm"), "{}", err_text(&out));
+    assert!(
+        err_text(&out).contains("no VM named no-such-vm"),
+        "{}",
+        err_text(&out)
+    );
 }
 
 #[test]

@@ -16,7 +16,9 @@ fn action(tag: &str, what: &str, code: i32, message: &str) {
     let st = vm.wait_exit(Duration::from_secs(60));
     let err = vm.stderr();
     assert!(
-        vm.lines().iter().any(|l| l.starts_with(&format!("ACTION do={what}"))),
+        vm.lines()
+            .iter()
+            .any(|l| l.starts_with(&format!("ACTION do={what}"))),
         "guest never announced the action\n{}",
         vm.lines().join("\n")
     );
@@ -27,7 +29,12 @@ fn action(tag: &str, what: &str, code: i32, message: &str) {
 
 #[test]
 fn keyboard_controller_reset() {
-    action("ex-reset", "reset", 3, "guest requested a reset (via i8042)");
+    action(
+        "ex-reset",
+        "reset",
+        3,
+        "guest requested a reset (via i8042)",
+    );
 }
 
 #[test]
@@ -37,7 +44,12 @@ fn acpi_poweroff() {
 
 #[test]
 fn acpi_reset_register() {
-    action("ex-acpireset", "acpi-reset", 3, "guest requested a reset (via ACPI reset register)");
+    action(
+        "ex-acpireset",
+        "acpi-reset",
+        3,
+        "guest requested a reset (via ACPI reset register)",
+    );
 }
 
 #[test]
@@ -47,7 +59,12 @@ fn triple_fault() {
 
 #[test]
 fn kvm_internal_error() {
-    action("ex-internal", "mmio-exec", 5, "KVM internal error on vCPU 0");
+    action(
+        "ex-internal",
+        "mmio-exec",
+        5,
+        "KVM internal error on vCPU 0",
+    );
 }
 
 fn signal(tag: &str, sig: i32, code: i32, name: &str) {
@@ -57,7 +74,10 @@ fn signal(tag: &str, sig: i32, code: i32, name: &str) {
     let st = vm.wait_exit(Duration::from_secs(20));
     let err = vm.stderr();
     assert_eq!(st.code(), Some(code), "stderr: {err}");
-    assert!(err.contains(&format!("received {name} (exit status {code})")), "{err}");
+    assert!(
+        err.contains(&format!("received {name} (exit status {code})")),
+        "{err}"
+    );
     assert!(!vm.socket().exists(), "API socket left behind after {name}");
 }
 

@@ -73,7 +73,14 @@ fn expect_refusal(dir: &Path, want: &str, verify_too: bool) {
     let before = fingerprint(dir);
     let runtime = dir.parent().unwrap().join("run");
     let out = stasis(
-        &["restore", dir.to_str().unwrap(), "--name", "bad", "--serial", "null"],
+        &[
+            "restore",
+            dir.to_str().unwrap(),
+            "--name",
+            "bad",
+            "--serial",
+            "null",
+        ],
         &runtime,
     );
     let err = err_text(&out);
@@ -99,7 +106,8 @@ fn pristine_snapshot_verifies_and_inspects() {
     assert!(out.status.success(), "{}", err_text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["format_version"], 1);
-    let text = String::from_utf8_lossy(&stasis(&["inspect", dir.to_str().unwrap()], &dir).stdout).into_owned();
+    let text = String::from_utf8_lossy(&stasis(&["inspect", dir.to_str().unwrap()], &dir).stdout)
+        .into_owned();
     assert!(text.contains("vcpu"), "{text}");
 }
 
@@ -108,7 +116,12 @@ fn truncated_manifest() {
     let (_s, dir) = copy("bad-trunc");
     let m = dir.join("manifest.json");
     let len = std::fs::metadata(&m).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&m).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&m)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     expect_refusal(&dir, "manifest.json is truncated or not JSON", true);
 }
 
@@ -140,17 +153,24 @@ fn truncated_memory_image() {
     let (_s, dir) = copy("bad-memtrunc");
     let m = dir.join("memory.img");
     let len = std::fs::metadata(&m).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&m).unwrap().set_len(len - 4096).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&m)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
     expect_refusal(&dir, "memory.img is", true);
 }
 
 fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut serde_json::Value)) {
     let path = dir.join("manifest.json");
-    let mut outer: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut outer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let mut body = outer["body"].take();
     edit(&mut outer, &mut body);
     let version = outer["format_version"].as_u64().unwrap() as u32;
-    let sealed = stasis_snapshot::seal_manifest_body(version, &serde_json::to_string(&body).unwrap());
+    let sealed =
+        stasis_snapshot::seal_manifest_body(version, &serde_json::to_string(&body).unwrap());
     std::fs::write(&path, sealed).unwrap();
 }
 
@@ -158,7 +178,11 @@ fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut s
 fn future_format_version() {
     let (_s, dir) = copy("bad-future");
     rewrite_manifest(&dir, |outer, _| outer["format_version"] = 99.into());
-    expect_refusal(&dir, "snapshot format version 99 is newer than this stasis supports", true);
+    expect_refusal(
+        &dir,
+        "snapshot format version 99 is newer than this stasis supports",
+        true,
+    );
 }
 
 #[test]
@@ -167,10 +191,18 @@ fn foreign_cpu_vendor() {
     let mut saved = String::new();
     rewrite_manifest(&dir, |_, body| {
         saved = body["cpu"]["vendor"].as_str().unwrap().to_string();
-        let other = if saved == "GenuineIntel" { "AuthenticAMD" } else { "GenuineIntel" };
+        let other = if saved == "GenuineIntel" {
+            "AuthenticAMD"
+        } else {
+            "GenuineIntel"
+        };
         body["cpu"]["vendor"] = other.into();
     });
-    let other = if saved == "GenuineIntel" { "AuthenticAMD" } else { "GenuineIntel" };
+    let other = if saved == "GenuineIntel" {
+        "AuthenticAMD"
+    } else {
+        "GenuineIntel"
+    };
     // The snapshot itself is intact (verify passes); this host cannot run it.
     let out = stasis(&["verify", dir.to_str().unwrap()], &dir);
     assert!(out.status.success(), "{}", err_text(&out));
@@ -192,7 +224,11 @@ fn cpu_features_this_host_lacks() {
             }
         }
     });
-    expect_refusal(&dir, "this host cannot offer CPU features the guest was using", false);
+    expect_refusal(
+        &dir,
+        "this host cannot offer CPU features the guest was using",
+        false,
+    );
 }
 
 #[test]
@@ -200,7 +236,11 @@ fn not_a_snapshot_at_all() {
     let s = Scratch::new("bad-foreign");
     let dir = s.join("snap");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("manifest.json"), br#"{"format":"something-else","format_version":1}"#).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        br#"{"format":"something-else","format_version":1}"#,
+    )
+    .unwrap();
     expect_refusal(&dir, "not a stasis snapshot", true);
 }
 
@@ -210,5 +250,9 @@ fn snapshot_directory_missing() {
     let runtime = s.join("run");
     let out = stasis(&["restore", s.join("nope").to_str().unwrap()], &runtime);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err_text(&out).contains("no such snapshot directory"), "{}", err_text(&out));
+    assert!(
+        err_text(&out).contains("no such snapshot directory"),
+        "{}",
+        err_text(&out)
+    );
 }

@@ -10,7 +10,12 @@ const T: Duration = Duration::from_secs(60);
 /// Boots `cmdline`, waits for `ready` lines with `tag`, suspends to a
 /// snapshot and restores it. Returns (original, restored, snapshot dir
 /// holder).
-fn suspend_and_restore(tag: &str, opts: VmOpts, ready_tag: &str, ready: usize) -> (VmProcess, VmProcess, Scratch) {
+fn suspend_and_restore(
+    tag: &str,
+    opts: VmOpts,
+    ready_tag: &str,
+    ready: usize,
+) -> (VmProcess, VmProcess, Scratch) {
     let mut vm = VmProcess::start(tag, opts);
     vm.wait_tagged(ready_tag, ready, T);
     vm.wait_socket();
@@ -20,7 +25,11 @@ fn suspend_and_restore(tag: &str, opts: VmOpts, ready_tag: &str, ready: usize) -
     assert_eq!(report["stopped"], true);
     let st = vm.wait_exit(Duration::from_secs(30));
     assert_eq!(st.code(), Some(0), "{}", vm.stderr());
-    assert!(vm.stderr().contains("suspended to snapshot"), "{}", vm.stderr());
+    assert!(
+        vm.stderr().contains("suspended to snapshot"),
+        "{}",
+        vm.stderr()
+    );
     let restored = restore_process(&format!("{tag}-r"), &dir, &vm.runtime_dir, &[]);
     (vm, restored, snaps)
 }
@@ -131,7 +140,12 @@ fn every_page_stamp_verifies_after_restore() {
         assert_eq!(num(l, "total_bad"), 0, "{l}");
         assert!(num(l, "verified") > 0, "{l}");
     }
-    assert!(num(&after[0], "pass") > last_pass, "{:?} then {:?}", before.last(), after[0]);
+    assert!(
+        num(&after[0], "pass") > last_pass,
+        "{:?} then {:?}",
+        before.last(),
+        after[0]
+    );
     assert!(r.tagged("MEM-BAD").is_empty(), "{:?}", r.tagged("MEM-BAD"));
 }
 
@@ -151,7 +165,10 @@ fn timer_keeps_its_rate_after_restore() {
     // configured rate again (generous bounds: shared, noisy hosts).
     for l in &after[2..] {
         let hz = num(l, "hz_x100") as f64 / 100.0;
-        assert!((50.0..=150.0).contains(&hz), "timer rate {hz} Hz after restore: {l}");
+        assert!(
+            (50.0..=150.0).contains(&hz),
+            "timer rate {hz} Hz after restore: {l}"
+        );
     }
     assert!(num(after.last().unwrap(), "ticks") > num(&after[0], "ticks"));
 }
@@ -192,7 +209,11 @@ fn registers_survive_100_snapshot_restore_cycles() {
         let regs = next.tagged("REGS");
         let last = regs.last().unwrap();
         assert_eq!(num(last, "mismatches"), 0, "cycle {cycle}: {last}");
-        assert!(next.tagged("REGS-MISMATCH").is_empty(), "cycle {cycle}: {:?}", next.tagged("REGS-MISMATCH"));
+        assert!(
+            next.tagged("REGS-MISMATCH").is_empty(),
+            "cycle {cycle}: {:?}",
+            next.tagged("REGS-MISMATCH")
+        );
         last_round = num(last, "round");
         current = Some(next);
     }

@@ -77,7 +77,13 @@ fn registers(tag: &str, vcpus: u32, proto: &str) {
 }
 
 fn timer(tag: &str, vcpus: u32, proto: &str) {
-    let mut vm = boot(tag, vcpus, proto, "workload=timer timer_hz=100 report_ms=500", "64M");
+    let mut vm = boot(
+        tag,
+        vcpus,
+        proto,
+        "workload=timer timer_hz=100 report_ms=500",
+        "64M",
+    );
     let t = vm.wait_tagged("TIMER", 3 * vcpus as usize, T);
     assert_eq!(cpus_in(&t), (0..u64::from(vcpus)).collect::<Vec<_>>());
     // Ignore each CPU's first report (it includes start-up); the rest must
@@ -149,5 +155,9 @@ fn guest_sees_the_e820_map_the_vmm_wrote() {
             )
         })
         .collect();
-    assert_eq!(ram, vec![(0, 0x9f000), (0x10_0000, (64 << 20) - 0x10_0000)], "{e820:?}");
+    assert_eq!(
+        ram,
+        vec![(0, 0x9f000), (0x10_0000, (64 << 20) - 0x10_0000)],
+        "{e820:?}"
+    );
 }

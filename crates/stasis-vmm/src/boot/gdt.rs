@@ -87,7 +87,8 @@ pub fn write_boot_gdt(mem: &GuestRam, pvh: bool) -> Result<(), BootError> {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_ADDR + i as u64 * 8))
             .map_err(err)?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_ADDR)).map_err(err)
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_ADDR))
+        .map_err(err)
 }
 
 #[cfg(test)]

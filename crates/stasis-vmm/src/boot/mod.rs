@@ -206,7 +206,9 @@ pub fn load(config: &VmConfig, mem: &GuestRam, rsdp: u64) -> Result<BootInfo, Bo
                 return Err(BootError::PvhNeedsElf(path));
             }
             let r = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
-            let hdr = r.setup_header.expect("bzImage loader always returns a header");
+            let hdr = r
+                .setup_header
+                .expect("bzImage loader always returns a header");
             if hdr.version < 0x206 {
                 return Err(BootError::OldBootProtocol {
                     path,

@@ -3,7 +3,7 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
-use crate::layout::{BOOT_IDENTITY_MAP_GIB, PD_ADDR, PDPT_ADDR, PML4_ADDR};
+use crate::layout::{BOOT_IDENTITY_MAP_GIB, PDPT_ADDR, PD_ADDR, PML4_ADDR};
 use crate::memory::GuestRam;
 
 const PRESENT_RW: u64 = 0x3;

@@ -189,7 +189,12 @@ mod tests {
     #[test]
     fn per_vcpu_topology_and_timing() {
         let c = for_vcpu(&base(), 1, 2, 2_500_000).unwrap();
-        let leaf = |f, i| *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap();
+        let leaf = |f, i| {
+            *c.as_slice()
+                .iter()
+                .find(|e| e.function == f && e.index == i)
+                .unwrap()
+        };
         assert_eq!(leaf(1, 0).ebx >> 24, 1);
         assert_eq!((leaf(1, 0).ebx >> 16) & 0xff, 2);
         assert_ne!(leaf(1, 0).ecx & LEAF1_ECX_XSAVE, 0);

@@ -36,9 +36,7 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 pub fn install_handler() -> std::io::Result<()> {
     static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     INSTALLED
-        .get_or_init(|| {
-            register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno())
-        })
+        .get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno()))
         .clone()
         .map_err(std::io::Error::from_raw_os_error)
 }

@@ -48,7 +48,9 @@ pub enum VcpuStateError {
         host: usize,
     },
     /// KVM did not accept every saved MSR.
-    #[error("vCPU {vcpu}: KVM_SET_MSRS accepted {set} of {total} MSRs; MSR {index:#x} was refused")]
+    #[error(
+        "vCPU {vcpu}: KVM_SET_MSRS accepted {set} of {total} MSRs; MSR {index:#x} was refused"
+    )]
     Msrs {
         /// The vCPU.
         vcpu: u32,
@@ -408,10 +410,12 @@ pub fn save_vcpu(
     msr_indices: &[u32],
     xsave_size: usize,
 ) -> Result<VcpuState, VcpuStateError> {
-    let kvm = |what: &'static str| move |source| VcpuStateError::Kvm {
-        vcpu: index,
-        what,
-        source,
+    let kvm = |what: &'static str| {
+        move |source| VcpuStateError::Kvm {
+            vcpu: index,
+            what,
+            source,
+        }
     };
     // Events first: they describe what is pending right now.
     let events = vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
@@ -488,7 +492,12 @@ fn get_xsave(vcpu: &VcpuFd, xsave_size: usize) -> Result<Vec<u8>, kvm_ioctls::Er
     Ok(bytes)
 }
 
-fn set_xsave(vcpu: &VcpuFd, index: u32, bytes: &[u8], host_size: usize) -> Result<(), VcpuStateError> {
+fn set_xsave(
+    vcpu: &VcpuFd,
+    index: u32,
+    bytes: &[u8],
+    host_size: usize,
+) -> Result<(), VcpuStateError> {
     if bytes.len() < 4096 || bytes.len() % 4 != 0 || bytes.len() > host_size.max(4096) {
         return Err(VcpuStateError::XsaveSize {
             vcpu: index,
@@ -497,7 +506,9 @@ fn set_xsave(vcpu: &VcpuFd, index: u32, bytes: &[u8], host_size: usize) -> Resul
         });
     }
     let mut xs = Xsave::new(xsave_fam_len(host_size)).expect("XSAVE size fits the FAM limit");
-    let mut words = bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")));
+    let mut words = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")));
     // SAFETY: we only overwrite the fixed region's words; the FAM length
     // field is left as Xsave::new set it.
     let fam: &mut kvm_xsave2 = unsafe { xs.as_mut_fam_struct() };
@@ -516,18 +527,31 @@ fn set_xsave(vcpu: &VcpuFd, index: u32, bytes: &[u8], host_size: usize) -> Resul
 }
 
 /// Puts a saved state into a freshly created vCPU.
-pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, xsave_size: usize) -> Result<(), VcpuStateError> {
+pub fn restore_vcpu(
+    vcpu: &VcpuFd,
+    state: &VcpuState,
+    xsave_size: usize,
+) -> Result<(), VcpuStateError> {
     let index = state.index;
-    let kvm = |what: &'static str| move |source| VcpuStateError::Kvm {
+    let kvm = |what: &'static str| {
+        move |source| VcpuStateError::Kvm {
+            vcpu: index,
+            what,
+            source,
+        }
+    };
+    let size = |source| VcpuStateError::Size {
         vcpu: index,
-        what,
         source,
     };
-    let size = |source| VcpuStateError::Size { vcpu: index, source };
     // 1. CPUID first: KVM derives what the other state may contain (XSAVE
     //    features, MSRs that exist) from it.
     let cpuid = CpuId::from_entries(
-        &state.cpuid.iter().map(kvm_cpuid_entry2::from).collect::<Vec<_>>(),
+        &state
+            .cpuid
+            .iter()
+            .map(kvm_cpuid_entry2::from)
+            .collect::<Vec<_>>(),
     )
     .map_err(|_| VcpuStateError::TooMany {
         vcpu: index,
@@ -557,8 +581,10 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, xsave_size: usize) -> Resu
     .map_err(kvm("KVM_SET_MP_STATE"))?;
     // 4. Registers, then special registers (which set the APIC base and
     //    paging mode the rest depends on).
-    vcpu.set_regs(&state.regs.into()).map_err(kvm("KVM_SET_REGS"))?;
-    vcpu.set_sregs(&(&state.sregs).into()).map_err(kvm("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&state.regs.into())
+        .map_err(kvm("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&(&state.sregs).into())
+        .map_err(kvm("KVM_SET_SREGS"))?;
     // 5. XCR0 before the XSAVE area, so KVM accepts the components it holds.
     let mut xcrs = kvm_xcrs::default();
     for (slot, x) in xcrs.xcrs.iter_mut().zip(&state.xcrs) {

@@ -332,7 +332,10 @@ fn handle_one_run(vcpu: &mut VcpuFd, index: u32, ctx: &VcpuContext) -> Result<()
             // `internal` member of the union is the one KVM filled in.
             let internal = unsafe { run.__bindgen_anon_1.internal };
             let n = (internal.ndata as usize).min(internal.data.len());
-            let data: Vec<String> = internal.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+            let data: Vec<String> = internal.data[..n]
+                .iter()
+                .map(|d| format!("{d:#x}"))
+                .collect();
             Err(ExitReason::KvmInternalError {
                 vcpu: index,
                 suberror: internal.suberror,

@@ -39,7 +39,10 @@ impl BusDevice for AcpiPmRegisters {
             0 if v & SLP_EN != 0 && (v >> 2) & 0x7 == SLP_TYP_S5 => {
                 self.exit.report(ExitReason::GuestPoweroff)
             }
-            0 => tracing::warn!("guest asked for unsupported ACPI sleep state {}", (v >> 2) & 7),
+            0 => tracing::warn!(
+                "guest asked for unsupported ACPI sleep state {}",
+                (v >> 2) & 7
+            ),
             o if o == reset_offset && v == layout::ACPI_RESET_VALUE => {
                 self.exit.report(ExitReason::GuestReset {
                     source: "ACPI reset register",

@@ -102,8 +102,10 @@ mod tests {
     #[test]
     fn dispatch_and_defaults() {
         let mut bus = Bus::default();
-        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10)))).unwrap();
-        bus.insert(0x60, 1, Arc::new(Mutex::new(Echo(0x20)))).unwrap();
+        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10))))
+            .unwrap();
+        bus.insert(0x60, 1, Arc::new(Mutex::new(Echo(0x20))))
+            .unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fa, &mut b));
         assert_eq!(b[0], 0x12);

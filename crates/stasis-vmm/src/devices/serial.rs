@@ -37,7 +37,12 @@ impl BusDevice for SerialPort {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let Err(e) = self.0.lock().expect("uart lock").write(offset as u8, data[0]) {
+        if let Err(e) = self
+            .0
+            .lock()
+            .expect("uart lock")
+            .write(offset as u8, data[0])
+        {
             tracing::debug!("serial write: {e}");
         }
     }
@@ -203,7 +208,11 @@ fn accept_loop(
         {
             let mut st = state.lock().expect("serial socket lock");
             let (a, b) = st.backlog.as_slices();
-            if stream.write_all(a).and_then(|_| stream.write_all(b)).is_err() {
+            if stream
+                .write_all(a)
+                .and_then(|_| stream.write_all(b))
+                .is_err()
+            {
                 continue;
             }
             match stream.try_clone() {

@@ -118,10 +118,16 @@ pub fn check(saved: &CpuInfo, host_vendor: &str, host: &CpuId) -> Result<(), Com
             edx: e.edx,
         })
         .collect();
-    let find = |set: &[CpuidEntry], f: u32, i: u32| set.iter().find(|e| e.function == f && e.index == i).copied();
+    let find = |set: &[CpuidEntry], f: u32, i: u32| {
+        set.iter()
+            .find(|e| e.function == f && e.index == i)
+            .copied()
+    };
     let mut missing = Vec::new();
     for &(f, i, r, mask) in FEATURE_WORDS {
-        let Some(s) = find(&saved.cpuid, f, i) else { continue };
+        let Some(s) = find(&saved.cpuid, f, i) else {
+            continue;
+        };
         let h = find(&host, f, i).map(|e| reg(&e, r)).unwrap_or(0);
         let lacking = reg(&s, r) & mask & !h;
         for bit in 0..32 {
@@ -134,7 +140,9 @@ pub fn check(saved: &CpuInfo, host_vendor: &str, host: &CpuId) -> Result<(), Com
         return Err(CompatError::Features(missing));
     }
     let xcr0 = |set: &[CpuidEntry]| {
-        find(set, 0xd, 0).map(|e| u64::from(e.eax) | (u64::from(e.edx) << 32)).unwrap_or(0)
+        find(set, 0xd, 0)
+            .map(|e| u64::from(e.eax) | (u64::from(e.edx) << 32))
+            .unwrap_or(0)
     };
     let lacking = xcr0(&saved.cpuid) & !xcr0(&host);
     if lacking != 0 {

@@ -44,7 +44,9 @@ impl std::str::FromStr for RestoreMode {
         match s {
             "lazy" => Ok(Self::Lazy),
             "eager" => Ok(Self::Eager),
-            o => Err(format!("unknown restore mode '{o}' (expected lazy or eager)")),
+            o => Err(format!(
+                "unknown restore mode '{o}' (expected lazy or eager)"
+            )),
         }
     }
 }
@@ -139,7 +141,10 @@ fn required<T: SectionState>(reader: &SnapshotReader, instance: &str) -> Result<
 }
 
 /// Opens and checks the snapshot in `dir` for a restore on this host.
-pub fn prepare(dir: &std::path::Path, overrides: &RestoreOverrides) -> Result<RestorePlan, RestoreError> {
+pub fn prepare(
+    dir: &std::path::Path,
+    overrides: &RestoreOverrides,
+) -> Result<RestorePlan, RestoreError> {
     let reader = SnapshotReader::open(dir)?;
     let warnings = reader.check_known(&known_section)?;
     if !overrides.skip_memory_verify {
@@ -173,7 +178,8 @@ pub fn prepare(dir: &std::path::Path, overrides: &RestoreOverrides) -> Result<Re
     }
 
     // CPU compatibility against what a new vCPU would get here.
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| RestoreError::Kvm(format!("cannot open /dev/kvm: {e}")))?;
+    let kvm = kvm_ioctls::Kvm::new()
+        .map_err(|e| RestoreError::Kvm(format!("cannot open /dev/kvm: {e}")))?;
     let host = cpuid::effective_for_new_vcpu(&kvm, config.vcpus)
         .map_err(|e| RestoreError::Kvm(e.to_string()))?;
     compat::check(&body.cpu, &cpuid::vendor(&host), &host)?;
@@ -215,7 +221,10 @@ pub fn prepare(dir: &std::path::Path, overrides: &RestoreOverrides) -> Result<Re
 }
 
 /// Guest memory for a restore, with how long loading it took.
-pub fn load_memory(plan: &RestorePlan, mode: RestoreMode) -> Result<(GuestRam, Duration), RestoreError> {
+pub fn load_memory(
+    plan: &RestorePlan,
+    mode: RestoreMode,
+) -> Result<(GuestRam, Duration), RestoreError> {
     let started = Instant::now();
     let path = plan.reader.memory_file_path();
     let err = |message: String| RestoreError::Memory {
@@ -246,7 +255,12 @@ pub fn load_memory(plan: &RestorePlan, mode: RestoreMode) -> Result<(GuestRam, D
         }
         RestoreMode::Eager => {
             let mem = memory::allocate(plan.config.memory_mib).map_err(|e| err(e.to_string()))?;
-            for (r, region) in plan.reader.regions().iter().zip(vm_memory::GuestMemoryBackend::iter(&mem)) {
+            for (r, region) in plan
+                .reader
+                .regions()
+                .iter()
+                .zip(vm_memory::GuestMemoryBackend::iter(&mem))
+            {
                 // SAFETY: the region was just mapped by us, nothing else
                 // refers to it yet, and its length is what we pass.
                 let dst = unsafe {

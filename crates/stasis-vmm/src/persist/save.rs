@@ -160,7 +160,11 @@ pub fn snapshot(
     }
     Ok(SnapshotReport {
         path: commit.dir,
-        pause_ms: ms(if opts.stop { paused_at.elapsed() } else { pause }),
+        pause_ms: ms(if opts.stop {
+            paused_at.elapsed()
+        } else {
+            pause
+        }),
         total_ms: ms(started.elapsed()),
         memory_bytes: mem_stats.guest_bytes,
         memory_written_bytes: mem_stats.bytes_written,

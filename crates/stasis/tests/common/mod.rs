@@ -154,7 +154,10 @@ impl VmProcess {
             Some(i) => &text[..=i],
             None => "",
         };
-        complete.lines().map(|l| l.trim_end_matches('\r').to_string()).collect()
+        complete
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .collect()
     }
 
     /// Lines starting with `tag`.
@@ -184,7 +187,10 @@ impl VmProcess {
         let end = Instant::now() + timeout;
         loop {
             let lines = self.lines();
-            if lines.iter().any(|l| l.starts_with("GUEST-EXCEPTION") || l.starts_with("GUEST-ERROR")) {
+            if lines
+                .iter()
+                .any(|l| l.starts_with("GUEST-EXCEPTION") || l.starts_with("GUEST-ERROR"))
+            {
                 self.fail(&format!("guest reported an error while waiting for {what}"));
             }
             if pred(&lines) {
@@ -273,12 +279,7 @@ pub fn err_text(out: &Output) -> String {
 
 /// Starts `stasis restore DIR` with serial output in a file of `scratch`
 /// and the API socket in `runtime_dir`.
-pub fn restore_process(
-    tag: &str,
-    dir: &Path,
-    runtime_dir: &Path,
-    extra: &[&str],
-) -> VmProcess {
+pub fn restore_process(tag: &str, dir: &Path, runtime_dir: &Path, extra: &[&str]) -> VmProcess {
     let scratch = Scratch::new(tag);
     let serial = scratch.join("serial.log");
     let stderr_path = scratch.join("stderr.log");

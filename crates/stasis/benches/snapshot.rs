@@ -1,0 +1,194 @@
+//! Snapshot and restore benchmark: prints a table, asserts nothing.
+//!
+//! For each guest size, boots the guest kit's memory workload over (almost)
+//! all of RAM, waits until it has written every page once, then measures:
+//! a live snapshot (guest pause, total time, MB/s, size on disk), and
+//! restores in lazy and eager mode (time from `stasis restore` to the vCPUs
+//! starting, and until the guest has verified and rewritten all its memory
+//! once more). Medians of `STASIS_BENCH_RUNS` runs (default 3).
+//!
+//! ```text
+//! cargo bench -p stasis --bench snapshot                 # 256 MiB, 1 GiB, 4 GiB
+//! STASIS_BENCH_SIZES=256,1024 STASIS_BENCH_RUNS=5 cargo bench -p stasis --bench snapshot
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const STASIS: &str = env!("CARGO_BIN_EXE_stasis");
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until the serial log has `n` complete `MEM ` lines; returns when.
+fn wait_mem_lines(log: &Path, n: usize, timeout: Duration) -> Instant {
+    let end = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.lines().filter(|l| l.starts_with("MEM ")).count() >= n {
+            return Instant::now();
+        }
+        assert!(
+            !text.contains("GUEST-ERROR") && !text.contains("MEM-BAD"),
+            "guest reported an error:\n{text}"
+        );
+        assert!(Instant::now() < end, "timed out waiting for {n} MEM lines in {}", log.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn stasis(runtime: &Path) -> Command {
+    let mut c = Command::new(STASIS);
+    c.env("STASIS_RUNTIME_DIR", runtime);
+    c
+}
+
+fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn du_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+#[derive(Default, Clone)]
+struct Run {
+    pause_ms: f64,
+    total_ms: f64,
+    mb_s: f64,
+    disk_mib: f64,
+    lazy_ready_ms: f64,
+    lazy_touch_ms: f64,
+    eager_ready_ms: f64,
+    eager_touch_ms: f64,
+}
+
+/// Restores `snap` and returns (ms from spawn to "ready" (vCPUs about to
+/// start), ms from spawn until the guest finished a full memory pass).
+fn restore(snap: &Path, runtime: &Path, mode: &str, work: &Path) -> (f64, f64) {
+    let log = work.join(format!("serial-{mode}.log"));
+    let _ = std::fs::remove_file(&log);
+    let t0 = Instant::now();
+    let mut child = stasis(runtime)
+        .args(["restore", snap.to_str().unwrap(), "--mode", mode, "--no-verify"])
+        .args(["--name", &format!("bench-{mode}")])
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn stasis restore");
+    let stderr = child.stderr.take().unwrap();
+    let mut ready = None;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        if line.contains(" running: ") {
+            ready = Some(t0.elapsed());
+            break;
+        }
+    }
+    let ready = ready.unwrap_or_else(|| panic!("restore ({mode}) did not start"));
+    // The first MEM line after restore ends the pass that was under way; the
+    // second ends a full pass: the guest has verified and rewritten every
+    // page since the restore.
+    let touched = wait_mem_lines(&log, 2, Duration::from_secs(600)) - t0;
+    kill(child);
+    (ready.as_secs_f64() * 1e3, touched.as_secs_f64() * 1e3)
+}
+
+fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
+    let runtime = work.join("run");
+    let log = work.join("serial.log");
+    let _ = std::fs::remove_file(&log);
+    let vm = stasis(&runtime)
+        .args(["run", "--name", "bench", "--memory", &format!("{mib}M")])
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--cmdline", &format!("console=ttyS0 workload=memory mem_mib={mib}")])
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn stasis run");
+    // Pass 1 done: every page of the working set has been written.
+    wait_mem_lines(&log, 1, Duration::from_secs(900));
+    let snap = work.join("snap");
+    let out = stasis(&runtime)
+        .args(["snapshot", "bench", snap.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kill(vm);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut run = Run {
+        pause_ms: r["pause_ms"].as_f64().unwrap(),
+        total_ms: r["total_ms"].as_f64().unwrap(),
+        disk_mib: du_bytes(&snap) as f64 / (1 << 20) as f64,
+        ..Default::default()
+    };
+    run.mb_s = r["memory_bytes"].as_f64().unwrap() / 1e6 / (run.total_ms / 1e3);
+    (run.lazy_ready_ms, run.lazy_touch_ms) = restore(&snap, &runtime, "lazy", work);
+    (run.eager_ready_ms, run.eager_touch_ms) = restore(&snap, &runtime, "eager", work);
+    let _ = std::fs::remove_dir_all(&snap);
+    run
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs us too:
+    // only do the work when asked to benchmark.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("snapshot benchmark: run with `cargo bench -p stasis --bench snapshot`");
+        return;
+    }
+    let sizes: Vec<u64> = std::env::var("STASIS_BENCH_SIZES")
+        .unwrap_or_else(|_| "256,1024,4096".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("STASIS_BENCH_SIZES: MiB list"))
+        .collect();
+    let runs: usize = std::env::var("STASIS_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let work = Dir(std::env::temp_dir().join(format!("stasis-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&work.0).unwrap();
+    let kernel = stasis_guestkit::write_guest(&work.0).unwrap();
+
+    println!("stasis snapshot/restore benchmark: medians of {runs} run(s); times in ms");
+    println!(
+        "| guest | pause | snapshot total | MB/s | on disk MiB | lazy: ready | lazy: all RAM touched | eager: ready | eager: all RAM touched |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &mib in &sizes {
+        let all: Vec<Run> = (0..runs).map(|_| one_run(mib, &kernel, &work.0)).collect();
+        let m = |f: fn(&Run) -> f64| median(all.iter().map(f).collect());
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} |",
+            if mib >= 1024 { format!("{} GiB", mib / 1024) } else { format!("{mib} MiB") },
+            m(|r| r.pause_ms),
+            m(|r| r.total_ms),
+            m(|r| r.mb_s),
+            m(|r| r.disk_mib),
+            m(|r| r.lazy_ready_ms),
+            m(|r| r.lazy_touch_ms),
+            m(|r| r.eager_ready_ms),
+            m(|r| r.eager_touch_ms),
+        );
+    }
+}
