@@ -312,3 +312,6 @@ fn load_initrd(
         })?;
     Ok(InitrdPlacement { addr, size })
 }
+
+#[cfg(test)]
+mod tests;
