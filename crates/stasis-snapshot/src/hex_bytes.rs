@@ -40,7 +40,7 @@ pub fn encode(bytes: &[u8]) -> String {
 /// Decodes a hex string (either case) into bytes.
 pub fn decode(s: &str) -> Result<Vec<u8>, String> {
     let s = s.as_bytes();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("hex string has odd length {}", s.len()));
     }
     fn nibble(c: u8, at: usize) -> Result<u8, String> {

@@ -19,6 +19,8 @@
 //! The complete specification, the versioning rules and the compatibility
 //! promise are in `docs/FORMAT.md`. This crate needs no KVM.
 
+#![warn(missing_docs)]
+
 mod crc;
 mod error;
 mod fsutil;

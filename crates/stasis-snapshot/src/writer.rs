@@ -224,6 +224,12 @@ pub struct SnapshotWriter {
     sections: Vec<SectionEntry>,
     memory: Option<(File, MemoryLayout)>,
     threads: usize,
+    /// Set when a write failed half-way: the files are inconsistent, so
+    /// `commit` refuses.
+    failed: Option<String>,
+    /// Use `RENAME_EXCHANGE` when replacing (tests turn it off to exercise
+    /// the fallback).
+    exchange: bool,
     /// The temp dir is no longer ours to delete (renamed into place).
     done: bool,
 }
@@ -276,6 +282,8 @@ impl SnapshotWriter {
                 .map(|n| n.get())
                 .unwrap_or(1)
                 .min(2),
+            failed: None,
+            exchange: true,
             done: false,
         })
     }
@@ -326,12 +334,19 @@ impl SnapshotWriter {
             });
         }
         let pad = (SECTION_ALIGN - self.state_len % SECTION_ALIGN) % SECTION_ALIGN;
-        let ctx = || format!("writing {}", self.tmp_dir.join(STATE_FILE).display());
-        self.state
+        let written = self
+            .state
             .write_all(&[0u8; SECTION_ALIGN as usize][..pad as usize])
-            .map_err(io_ctx(ctx()))?;
+            .and_then(|()| self.state.write_all(bytes));
+        if let Err(e) = written {
+            let e = io_ctx(format!(
+                "writing section '{name}'/'{instance}' to {}",
+                self.tmp_dir.join(STATE_FILE).display()
+            ))(e);
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
         let offset = self.state_len + pad;
-        self.state.write_all(bytes).map_err(io_ctx(ctx()))?;
         self.state_len = offset + bytes.len() as u64;
         self.sections.push(SectionEntry {
             name: name.to_string(),
@@ -361,6 +376,20 @@ impl SnapshotWriter {
         }
         let start = Instant::now();
         let layout = plan_layout(regions)?;
+        let result = self.copy_memory(regions, layout, start);
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    /// The I/O part of `write_memory`, after the regions were checked.
+    fn copy_memory(
+        &mut self,
+        regions: &[MemoryRegionSource<'_>],
+        layout: MemoryLayout,
+        start: Instant,
+    ) -> Result<MemoryWriteStats> {
         let path = self.tmp_dir.join(MEMORY_FILE);
         let file = OpenOptions::new()
             .read(true)
@@ -440,6 +469,11 @@ impl SnapshotWriter {
     /// the target path, replacing an older snapshot there, and fsyncs the
     /// parent directory.
     pub fn commit(mut self, input: ManifestInput) -> Result<CommitStats> {
+        if let Some(e) = &self.failed {
+            return Err(Error::Usage(format!(
+                "an earlier write failed ({e}); this snapshot cannot be committed"
+            )));
+        }
         let start = Instant::now();
         let state_path = self.tmp_dir.join(STATE_FILE);
         self.state
@@ -520,9 +554,13 @@ impl SnapshotWriter {
                 Ok(false)
             }
             Target::Snapshot | Target::EmptyDir => {
-                let exchanged = fsutil::rename_exchange(&tmp, &final_dir).map_err(io_ctx(
-                    format!("exchanging {} and {}", tmp.display(), final_dir.display()),
-                ))?;
+                let exchanged = self.exchange
+                    && fsutil::rename_exchange(&tmp, &final_dir).map_err(io_ctx(format!(
+                        "exchanging {} and {}",
+                        tmp.display(),
+                        final_dir.display()
+                    )))?;
+                tracing::debug!(exchanged, "replacing the existing snapshot");
                 if exchanged {
                     // The new snapshot is at final_dir; tmp now holds the old one.
                     self.done = true;
@@ -549,9 +587,15 @@ impl SnapshotWriter {
     }
 }
 
-/// Deletes a replaced snapshot; failure leaves garbage but no damage.
+/// Deletes a replaced snapshot; failure leaves garbage but no damage. The
+/// manifest goes first, so that a deletion cut short never leaves a
+/// directory that looks like a (damaged) snapshot.
 fn remove_old(dir: &Path) {
-    if let Err(e) = fs::remove_dir_all(dir) {
+    let result = match fs::remove_file(dir.join(MANIFEST_FILE)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => fs::remove_dir_all(dir),
+    };
+    if let Err(e) = result {
         tracing::warn!(dir = %dir.display(), error = %e, "could not delete the replaced snapshot");
     }
 }
@@ -569,18 +613,19 @@ impl Drop for SnapshotWriter {
     }
 }
 
-/// Removes leftovers of writers that died before finishing with the
-/// snapshot at `final_dir`: sibling `.<name>.tmp-<pid>-<n>` and
-/// `.<name>.old-<pid>-<n>` directories whose process no longer exists.
+/// Removes leftovers of writers that died (were killed, or the machine
+/// crashed) while writing the snapshot at `final_dir`: sibling
+/// `.<name>.tmp-<pid>-<n>` and `.<name>.old-<pid>-<n>` directories whose
+/// process no longer exists. Returns what it removed.
 ///
-/// Does nothing unless `final_dir` holds a snapshot (has `manifest.json`):
-/// after a crash in the middle of the fallback replacement, a leftover may
-/// be the only complete copy (see `docs/FORMAT.md`). Returns what it removed.
+/// A leftover that holds a `manifest.json` is removed only if `final_dir`
+/// holds a snapshot: after a crash between the two renames of the fallback
+/// replacement (see `docs/FORMAT.md`), `final_dir` is missing and the
+/// leftovers are the only complete copies. Leftovers of live processes
+/// (e.g. a concurrent writer) are never touched.
 pub fn remove_stale_temp_dirs(final_dir: &Path) -> Result<Vec<PathBuf>> {
     let (parent, name) = split_target(final_dir)?;
-    if check_target(final_dir).ok() != Some(Target::Snapshot) {
-        return Ok(Vec::new());
-    }
+    let target_is_snapshot = check_target(final_dir).ok() == Some(Target::Snapshot);
     let mut prefix = OsString::from(".");
     prefix.push(&name);
     let prefix = prefix.to_string_lossy().into_owned();
@@ -610,7 +655,16 @@ pub fn remove_stale_temp_dirs(final_dir: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         let path = entry.path();
-        fs::remove_dir_all(&path).map_err(io_ctx(format!("removing {}", path.display())))?;
+        if !target_is_snapshot && fs::symlink_metadata(path.join(MANIFEST_FILE)).is_ok() {
+            continue;
+        }
+        remove_old(&path);
+        if fs::symlink_metadata(&path).is_ok() {
+            return Err(Error::Io {
+                context: format!("removing {}", path.display()),
+                source: io::Error::other("directory still exists after removal"),
+            });
+        }
         tracing::info!(dir = %path.display(), "removed stale snapshot temp dir");
         removed.push(path);
     }
@@ -826,6 +880,39 @@ mod tests {
         assert_eq!(tasks[0].pad, (2 << 20) - 4096 * 3);
         assert_eq!(tasks[2].pad, 0);
         assert_eq!(tasks[2].data_len, 1 << 20);
+    }
+
+    #[test]
+    fn fallback_replacement_without_rename_exchange() {
+        let base =
+            std::env::temp_dir().join(format!("stasis-snapshot-unit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        let target = base.join("snap");
+        let mut notes = BTreeMap::new();
+        for note in ["old", "new"] {
+            notes.insert("n".to_string(), note.to_string());
+            let mut w = SnapshotWriter::create(&target).unwrap();
+            w.exchange = false;
+            w.add_raw_section("x", note, 1, false, note.as_bytes())
+                .unwrap();
+            let stats = w
+                .commit(ManifestInput {
+                    notes: notes.clone(),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(stats.replaced_existing, note == "new");
+        }
+        let entries: Vec<_> = fs::read_dir(&base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, vec![OsString::from("snap")]);
+        let r = crate::SnapshotReader::open(&target).unwrap();
+        assert_eq!(r.body().notes["n"], "new");
+        assert_eq!(r.sections()[0].instance, "new");
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
