@@ -6,6 +6,22 @@ use common::*;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// (file name, crc32c) of every file in `dir`, sorted.
+fn fingerprint(dir: &std::path::Path) -> Vec<(String, u32)> {
+    let mut v: Vec<(String, u32)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                crc32c::crc32c(&std::fs::read(e.path()).unwrap()),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -16,16 +32,7 @@ fn fixture(name: &str) -> PathBuf {
 fn v1_heartbeat_snapshot_restores_and_continues() {
     let dir = fixture("v1-heartbeat-16m");
     let snap = dir.join("snapshot");
-    let before_files: Vec<(String, u32)> = std::fs::read_dir(&snap)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                crc32c::crc32c(&std::fs::read(e.path()).unwrap()),
-            )
-        })
-        .collect();
+    let before_files = fingerprint(&snap);
     let runtime = Scratch::new("fx-run");
     let out = stasis(&["verify", snap.to_str().unwrap()], runtime.path());
     assert!(out.status.success(), "{}", err_text(&out));
@@ -69,15 +76,6 @@ fn v1_heartbeat_snapshot_restores_and_continues() {
     let genid = r.wait_tagged("GENID", 1, Duration::from_secs(30));
     assert_eq!(num(&genid[0], "generation"), 1, "{}", genid[0]);
     drop(r);
-    let after_files: Vec<(String, u32)> = std::fs::read_dir(&snap)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                crc32c::crc32c(&std::fs::read(e.path()).unwrap()),
-            )
-        })
-        .collect();
+    let after_files = fingerprint(&snap);
     assert_eq!(before_files, after_files, "restoring modified the fixture");
 }

@@ -313,45 +313,34 @@ pub struct XcrValue {
     pub value: u64,
 }
 
-/// One CPUID leaf as the guest saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub struct CpuidLeaf {
-    pub function: u32,
-    pub index: u32,
-    pub flags: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
+/// One CPUID leaf as the guest saw it: the manifest's type, so that a
+/// vCPU section and the manifest's `cpu.cpuid` describe leaves alike.
+pub use stasis_snapshot::CpuidEntry as CpuidLeaf;
 
-impl From<&kvm_cpuid_entry2> for CpuidLeaf {
-    fn from(e: &kvm_cpuid_entry2) -> Self {
-        Self {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        }
+/// A KVM CPUID entry as a saved leaf.
+pub fn leaf_from_kvm(e: &kvm_cpuid_entry2) -> CpuidLeaf {
+    CpuidLeaf {
+        function: e.function,
+        index: e.index,
+        flags: e.flags,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
     }
 }
 
-impl From<&CpuidLeaf> for kvm_cpuid_entry2 {
-    fn from(l: &CpuidLeaf) -> Self {
-        Self {
-            function: l.function,
-            index: l.index,
-            flags: l.flags,
-            eax: l.eax,
-            ebx: l.ebx,
-            ecx: l.ecx,
-            edx: l.edx,
-            ..Default::default()
-        }
+/// A saved leaf as a KVM CPUID entry.
+pub fn leaf_to_kvm(l: &CpuidLeaf) -> kvm_cpuid_entry2 {
+    kvm_cpuid_entry2 {
+        function: l.function,
+        index: l.index,
+        flags: l.flags,
+        eax: l.eax,
+        ebx: l.ebx,
+        ecx: l.ecx,
+        edx: l.edx,
+        ..Default::default()
     }
 }
 
@@ -468,7 +457,7 @@ pub fn save_vcpu(
         mp_state: mp_state.mp_state,
         vcpu_events: abi::to_bytes(&events),
         debug_regs: abi::to_bytes(&debug),
-        cpuid: cpuid.as_slice().iter().map(CpuidLeaf::from).collect(),
+        cpuid: cpuid.as_slice().iter().map(leaf_from_kvm).collect(),
         tsc_khz,
     })
 }
@@ -550,7 +539,7 @@ pub fn restore_vcpu(
         &state
             .cpuid
             .iter()
-            .map(kvm_cpuid_entry2::from)
+            .map(leaf_to_kvm)
             .collect::<Vec<_>>(),
     )
     .map_err(|_| VcpuStateError::TooMany {

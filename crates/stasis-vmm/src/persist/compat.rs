@@ -4,6 +4,8 @@
 use kvm_bindings::CpuId;
 use stasis_snapshot::{CpuInfo, CpuidEntry};
 
+use crate::cpu::state::leaf_from_kvm;
+
 /// Why this host cannot run a snapshot.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompatError {
@@ -105,19 +107,7 @@ pub fn check(saved: &CpuInfo, host_vendor: &str, host: &CpuId) -> Result<(), Com
             host: host_vendor.to_string(),
         });
     }
-    let host: Vec<CpuidEntry> = host
-        .as_slice()
-        .iter()
-        .map(|e| CpuidEntry {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
-        .collect();
+    let host: Vec<CpuidEntry> = host.as_slice().iter().map(leaf_from_kvm).collect();
     let find = |set: &[CpuidEntry], f: u32, i: u32| {
         set.iter()
             .find(|e| e.function == f && e.index == i)
