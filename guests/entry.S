@@ -633,7 +633,9 @@ tss_array:
 
 /*
  * Identity map of the first 64 GiB with 2 MiB pages, U/S=1, R/W=1. The two
- * 2 MiB pages covering 0xFEC00000-0xFEFFFFFF (IOAPIC, LAPIC) are PCD|PWT.
+ * 2 MiB pages covering 0xFEC00000-0xFEFFFFFF (IOAPIC, LAPIC) and the eight
+ * covering the virtio-mmio windows 0xD0000000-0xD0FFFFFF are PCD|PWT
+ * (ring 3 drives the virtio devices through them).
  */
         .section .data.pagetables, "aw"
         .balign 4096
@@ -651,7 +653,7 @@ pdpt:
 pd:
         n = 0
         .rept 64 * 512
-        .if (n == (0xFEC00000 >> 21)) || (n == (0xFEE00000 >> 21))
+        .if (n == (0xFEC00000 >> 21)) || (n == (0xFEE00000 >> 21)) || ((n >= (0xD0000000 >> 21)) && (n < (0xD1000000 >> 21)))
         .quad   (n << 21) | 0x9F                /* P RW US PWT PCD PS */
         .else
         .quad   (n << 21) | 0x87                /* P RW US PS */

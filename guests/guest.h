@@ -187,6 +187,12 @@ struct config {
     u32 nranges;
     u64 range_start[128], range_pages[128];
     u64 mem_total_pages;    /* pages used by the workload, all CPUs */
+    /* virtio workloads (slot keys: ~0 = not given) */
+    u64 disk_index, disk_slot, disk_blocks, disk_start, disk_verify_only, disk_pass_ms;
+    u64 net_index, net_slot, net_ms;
+    u64 rng_index, rng_slot, rng_bytes, rng_ms;
+    u64 virtio_timeout_ms;
+    u32 bsp;                /* APIC ID of the boot CPU */
 };
 extern struct config cfg;
 extern volatile u32 cpu_online[MAX_CPUS];

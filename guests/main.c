@@ -3,6 +3,7 @@
  * tables, TSC frequency, the boot line, AP start-up.
  */
 #include "guest.h"
+#include "virtio.h"
 
 struct config cfg;
 volatile u32 cpu_online[MAX_CPUS];
@@ -182,6 +183,14 @@ static void parse_cmdline(u32 cpu)
             { "mmio_addr", &cfg.mmio_addr }, { "regs_hold_ms", &cfg.regs_hold_ms },
             { "regs_inject", &cfg.regs_inject },
             { "mem_inject", &cfg.mem_inject },
+            { "disk_index", &cfg.disk_index }, { "disk_slot", &cfg.disk_slot },
+            { "disk_blocks", &cfg.disk_blocks }, { "disk_start", &cfg.disk_start },
+            { "disk_verify_only", &cfg.disk_verify_only }, { "disk_pass_ms", &cfg.disk_pass_ms },
+            { "net_index", &cfg.net_index }, { "net_slot", &cfg.net_slot },
+            { "net_ms", &cfg.net_ms },
+            { "rng_index", &cfg.rng_index }, { "rng_slot", &cfg.rng_slot },
+            { "rng_bytes", &cfg.rng_bytes }, { "rng_ms", &cfg.rng_ms },
+            { "virtio_timeout_ms", &cfg.virtio_timeout_ms },
             { "tsc_khz", &cmdline_tsc_khz },
         };
         if (streq(key, "workload")) {
@@ -440,7 +449,8 @@ static void build_ranges(void)
 static int known_workload(const char *w)
 {
     return streq(w, "heartbeat") || streq(w, "memory") || streq(w, "registers") ||
-           streq(w, "timer") || streq(w, "action");
+           streq(w, "timer") || streq(w, "action") || streq(w, "disk") || streq(w, "net") ||
+           streq(w, "rng");
 }
 
 static void detect_tsc(void)
@@ -561,6 +571,7 @@ static void print_platform_line(u32 cpu, const char *src)
     l_kv(&l, "smp", cfg.smp);
     l_ks(&l, "svc_trap", svc_via_ud ? "ud" : svc_via_gp ? "gp" : "int80");
     l_kv(&l, "pio_emulated", pio_emulated);
+    l_kv(&l, "virtio_devices", virtio_nslots);
     l_emit(&l, cpu);
 }
 
@@ -576,6 +587,13 @@ static __attribute__((noreturn)) void bsp_main(u32 cpu)
     cfg.mmio_addr = 0xD0000000;
     cfg.regs_hold_ms = 20;
     cfg.tsc_khz = 2000000;
+    cfg.bsp = cpu;
+    cfg.disk_slot = cfg.net_slot = cfg.rng_slot = VSLOT_ANY;
+    cfg.disk_blocks = 256;
+    cfg.net_ms = 100;
+    cfg.rng_bytes = 64;
+    cfg.rng_ms = 10;
+    cfg.virtio_timeout_ms = 2000;
 
     if (read_boot_info(cpu))
         halt_forever();
@@ -609,6 +627,7 @@ static __attribute__((noreturn)) void bsp_main(u32 cpu)
     build_ranges();
 
     u64 nop = svc(SVC_NOP, 0, 0, 0);
+    virtio_scan();
     print_boot_line(cpu, acpi_status);
     print_platform_line(cpu, src);
     if (nop != SVC_NOP_MAGIC)
@@ -622,6 +641,7 @@ static __attribute__((noreturn)) void bsp_main(u32 cpu)
         l_kv(&l, "type", e820_type[i]);
         l_emit(&l, cpu);
     }
+    virtio_print_slots(cpu);
 
     if (!known_workload(cfg.workload)) {
         struct line l;

@@ -1,5 +1,7 @@
-/* Ring-3 workloads: heartbeat, memory, registers, timer, action. */
+/* Ring-3 workloads: heartbeat, memory, registers, timer, action (the virtio
+ * ones, disk/net/rng, are in virtio_workloads.c). */
 #include "guest.h"
+#include "virtio.h"
 
 static u64 ms_ticks(u64 ms)
 {
@@ -548,6 +550,15 @@ void run_workload(u32 cpu)
         timer(cpu);
     if (streq(w, "action"))
         action(cpu);
+    if (streq(w, "disk") || streq(w, "net") || streq(w, "rng")) {
+        if (cpu != cfg.bsp)
+            halt_forever();             /* one driver per device: the BSP */
+        if (streq(w, "disk"))
+            disk_workload(cpu);
+        if (streq(w, "net"))
+            net_workload(cpu);
+        rng_workload(cpu);
+    }
     guest_error(cpu, "unknown-workload");
     halt_forever();
 }

@@ -8,6 +8,7 @@
 
 mod serial;
 mod size;
+mod virtio;
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,11 @@ use serde::{Deserialize, Serialize};
 
 pub use serial::{SerialConfig, SerialParseError};
 pub use size::{parse_size_mib, SizeParseError};
+pub use virtio::{
+    check_disk_file, validate_device_id, validate_tap_name, ConsoleConfig, DeviceParseError,
+    DiskConfig, MacAddr, NetConfig, RngConfig, VirtioDeviceRef, MAX_DEVICE_ID_LEN,
+    MAX_TAP_NAME_LEN, MAX_VIRTIO_DEVICES,
+};
 
 /// The smallest guest memory stasis accepts, in MiB.
 ///
@@ -105,6 +111,18 @@ pub struct VmConfig {
     /// The control socket; defaults to `<runtime dir>/<name>.sock`.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// virtio-blk disks (`[[disk]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk: Vec<DiskConfig>,
+    /// virtio-net interfaces (`[[net]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
+    /// virtio-rng entropy sources (`[[rng]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rng: Vec<RngConfig>,
+    /// virtio-console consoles (`[[console]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub console: Vec<ConsoleConfig>,
 }
 
 fn default_vcpus() -> u32 {
@@ -169,6 +187,19 @@ pub enum ConfigError {
     /// The serial configuration is incomplete.
     #[error("serial: {0}")]
     Serial(String),
+    /// A virtio device is misconfigured.
+    #[error("{kind} '{id}': {problem}")]
+    Device {
+        /// `disk`, `net`, `rng` or `console`.
+        kind: &'static str,
+        /// The device's id as given.
+        id: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// More virtio devices than the VM has slots for.
+    #[error("{0} virtio devices (disks, nets, rngs and consoles together): at most {MAX_VIRTIO_DEVICES} are supported")]
+    TooManyDevices(usize),
 }
 
 /// The longest command line accepted (the Linux boot protocol's limit on
@@ -189,6 +220,10 @@ impl VmConfig {
             boot: BootProtocol::Auto,
             serial: SerialConfig::default(),
             api_socket: None,
+            disk: Vec::new(),
+            net: Vec::new(),
+            rng: Vec::new(),
+            console: Vec::new(),
         }
     }
 
@@ -233,26 +268,36 @@ impl VmConfig {
         if let Some(p) = self.api_socket.as_mut() {
             fix(p);
         }
-        match &mut self.serial {
+        let fix_output = |o: &mut SerialConfig| match o {
             SerialConfig::File { path } | SerialConfig::Socket { path } => fix(path),
             SerialConfig::Stdout | SerialConfig::Null => {}
+        };
+        fix_output(&mut self.serial);
+        for d in &mut self.disk {
+            fix(&mut d.path);
+        }
+        for c in &mut self.console {
+            fix_output(&mut c.output);
         }
     }
 
     /// Checks everything that can be checked without KVM: name, sizes, that
-    /// the kernel and initrd exist, the command line.
+    /// the kernel, initrd and disk images exist, the command line, the
+    /// virtio devices.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_for_restore()?;
         check_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd)?;
         }
+        self.validate_devices(true)?;
         Ok(())
     }
 
     /// The checks that apply to a VM restored from a snapshot: as
     /// [`VmConfig::validate`], except that the kernel and initrd files need
-    /// not exist any more (their contents are in the saved memory).
+    /// not exist any more (their contents are in the saved memory). Disk
+    /// images are checked by the restore itself, against the saved sizes.
     pub fn validate_for_restore(&self) -> Result<(), ConfigError> {
         validate_name(&self.name)?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -271,6 +316,7 @@ impl VmConfig {
             return Err(ConfigError::Cmdline("contains a NUL byte".into()));
         }
         self.serial.validate().map_err(ConfigError::Serial)?;
+        self.validate_devices(false)?;
         Ok(())
     }
 

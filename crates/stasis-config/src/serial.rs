@@ -47,6 +47,18 @@ impl std::str::FromStr for SerialConfig {
     }
 }
 
+impl std::fmt::Display for SerialConfig {
+    /// The command-line form, which [`std::str::FromStr`] parses back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stdout => f.write_str("stdout"),
+            Self::Null => f.write_str("null"),
+            Self::File { path } => write!(f, "file:{}", path.display()),
+            Self::Socket { path } => write!(f, "socket:{}", path.display()),
+        }
+    }
+}
+
 impl SerialConfig {
     pub(crate) fn validate(&self) -> Result<(), String> {
         match self {

@@ -201,3 +201,202 @@ fn toml_round_trip() {
     let back = VmConfig::from_toml_str(&cfg.to_toml_string()).unwrap();
     assert_eq!(back, cfg);
 }
+
+#[test]
+fn virtio_devices_from_toml_arrays_of_tables() {
+    let cfg = VmConfig::from_toml_str(
+        r#"
+        name = "v"
+        kernel = "/k"
+        [[disk]]
+        id = "root"
+        path = "/img/root.raw"
+        [[disk]]
+        id = "data"
+        path = "/img/data.raw"
+        readonly = true
+        [[net]]
+        id = "eth0"
+        tap = "tap0"
+        mac = "52:54:00:12:34:56"
+        [[rng]]
+        id = "rng0"
+        [[console]]
+        id = "con0"
+        output = "file:/tmp/con0.log"
+        [[console]]
+        id = "con1"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(cfg.disk.len(), 2);
+    assert!(!cfg.disk[0].readonly && cfg.disk[1].readonly);
+    assert_eq!(
+        cfg.net[0].mac,
+        Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]))
+    );
+    assert_eq!(
+        cfg.console[0].output,
+        SerialConfig::File {
+            path: "/tmp/con0.log".into()
+        }
+    );
+    assert_eq!(cfg.console[1].output, SerialConfig::Stdout);
+    let order: Vec<&str> = cfg.virtio_devices().iter().map(|d| d.id()).collect();
+    assert_eq!(order, ["root", "data", "eth0", "rng0", "con0", "con1"]);
+    let back = VmConfig::from_toml_str(&cfg.to_toml_string()).unwrap();
+    assert_eq!(back, cfg);
+}
+
+#[test]
+fn virtio_unknown_keys_are_errors() {
+    let err = VmConfig::from_toml_str("name='a'\nkernel='k'\n[[disk]]\nid='d'\npath='/x'\nro=true")
+        .unwrap_err();
+    assert!(err.to_string().contains("ro"), "{err}");
+    let err = VmConfig::from_toml_str(
+        "name='a'\nkernel='k'\n[[net]]\nid='n'\ntap='t'\nmac='01:00:00:00:00:01'",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("multicast"), "{err}");
+}
+
+#[test]
+fn device_flag_forms() {
+    let d: DiskConfig = "id=root,path=/x.img,readonly=on".parse().unwrap();
+    assert_eq!(
+        d,
+        DiskConfig {
+            id: "root".into(),
+            path: "/x.img".into(),
+            readonly: true
+        }
+    );
+    let d: DiskConfig = "path=/x.img,id=r".parse().unwrap();
+    assert!(!d.readonly);
+    let n: NetConfig = "id=eth0,tap=tap0,mac=52:54:00:aa:bb:cc".parse().unwrap();
+    assert_eq!(n.mac.unwrap().to_string(), "52:54:00:aa:bb:cc");
+    assert_eq!("id=r".parse::<RngConfig>().unwrap().id, "r");
+    let c: ConsoleConfig = "id=c,output=socket:/run/c.sock".parse().unwrap();
+    assert_eq!(
+        c.output,
+        SerialConfig::Socket {
+            path: "/run/c.sock".into()
+        }
+    );
+    for (bad, want) in [
+        ("path=/x", "missing id"),
+        ("id=a", "missing path"),
+        ("id=a,path=/x,size=3", "unknown key 'size'"),
+        ("id=a,path=/x,readonly=maybe", "expected on or off"),
+        ("id=a,id=b,path=/x", "given twice"),
+        ("id=a,/x", "not key=value"),
+    ] {
+        let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
+        assert!(e.contains(want), "{bad}: {e}");
+        assert!(e.starts_with("invalid --disk"), "{e}");
+    }
+    assert!("id=n,tap=t,mac=52:54:00:zz:00:00"
+        .parse::<NetConfig>()
+        .unwrap_err()
+        .to_string()
+        .contains("not hexadecimal"));
+    assert!("id=c,output=tty".parse::<ConsoleConfig>().is_err());
+}
+
+#[test]
+fn virtio_validation_errors_name_the_device() {
+    let (d, k) = kernel_file();
+    let img = d.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let mut cfg = VmConfig::new("a", k);
+    cfg.disk.push(DiskConfig {
+        id: "root".into(),
+        path: img.clone(),
+        readonly: false,
+    });
+    cfg.validate().unwrap();
+
+    let mut dup = cfg.clone();
+    dup.rng.push(RngConfig { id: "root".into() });
+    let e = dup.validate().unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "rng 'root': id is already used by a disk device (ids must be unique across all devices)"
+    );
+
+    let mut missing = cfg.clone();
+    missing.disk[0].path = d.path().join("nope.img");
+    let e = missing.validate().unwrap_err().to_string();
+    assert!(
+        e.starts_with("disk 'root': ") && e.ends_with("nope.img: no such file"),
+        "{e}"
+    );
+    // A restore checks the disk itself (against the saved size).
+    missing.validate_for_restore().unwrap();
+
+    let mut badid = cfg.clone();
+    badid.disk[0].id = "-x".into();
+    assert!(badid
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("must start with"));
+    badid.disk[0].id = "a b".into();
+    assert!(badid
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("may contain only"));
+
+    let mut tap = cfg.clone();
+    tap.net.push(NetConfig {
+        id: "eth0".into(),
+        tap: "a-very-long-tap-name".into(),
+        mac: None,
+    });
+    assert!(tap
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("longer than 15"));
+
+    let mut many = cfg.clone();
+    many.rng = (0..16)
+        .map(|i| RngConfig {
+            id: format!("r{i}"),
+        })
+        .collect();
+    assert!(matches!(
+        many.validate(),
+        Err(ConfigError::TooManyDevices(17))
+    ));
+}
+
+#[test]
+fn derived_mac_is_stable_and_local_unicast() {
+    let a = MacAddr::derived("vm1", "eth0");
+    assert_eq!(a, MacAddr::derived("vm1", "eth0"));
+    assert_ne!(a, MacAddr::derived("vm1", "eth1"));
+    assert_ne!(a, MacAddr::derived("vm2", "eth0"));
+    assert_eq!(&a.0[..3], &[0x52, 0x54, 0x00]);
+    assert_eq!(a.to_string().parse::<MacAddr>().unwrap(), a);
+}
+
+#[test]
+fn device_paths_resolve_against_config_dir() {
+    let d = tempdir::Dir::new();
+    let file = d.path().join("vm.toml");
+    std::fs::write(
+        &file,
+        "name='a'\nkernel='k'\n[[disk]]\nid='r'\npath='r.img'\n[[console]]\nid='c'\noutput='file:c.log'\n",
+    )
+    .unwrap();
+    let cfg = VmConfig::from_toml_file(&file).unwrap();
+    assert_eq!(cfg.disk[0].path, d.path().join("r.img"));
+    assert_eq!(
+        cfg.console[0].output,
+        SerialConfig::File {
+            path: d.path().join("c.log")
+        }
+    );
+}

@@ -15,6 +15,13 @@
 //! `int 0x80`. APs are started (INIT-SIPI-SIPI, trampoline at `0x8000`) only
 //! with `smp=1`; the CPU count comes from the ACPI MADT, else the MP table.
 //!
+//! The `disk`, `net` and `rng` workloads drive virtio-mmio devices (virtio
+//! 1.x, register layout version 2) found in the windows `0xD0000000 +
+//! n * 0x1000`, `n < 16`, from ring 3 by polling split virtqueues: no
+//! interrupts, no CPL0 work. [`disk`] and [`net`] describe the block stamps
+//! and Ethernet frames for host-side checks; `guests/net-responder.py`
+//! answers the `net` workload's frames on a tap.
+//!
 //! # Command line
 //!
 //! Whitespace-separated `key=value`; unknown keys (e.g. `console=ttyS0`) are
@@ -22,7 +29,7 @@
 //!
 //! | key | default | meaning |
 //! |---|---|---|
-//! | `workload` | `heartbeat` | `heartbeat`, `memory`, `registers`, `timer`, `action` (else `GUEST-ERROR what=unknown-workload` and halt) |
+//! | `workload` | `heartbeat` | `heartbeat`, `memory`, `registers`, `timer`, `action`, `disk`, `net`, `rng` (else `GUEST-ERROR what=unknown-workload` and halt) |
 //! | `smp` | `0` | `1`: start all APs from the MADT/MP table, every CPU runs the workload |
 //! | `tsc_khz` | – | TSC kHz if CPUID `0x40000010` does not give it (else 2000000, `tsc_src=default`) |
 //! | `report_ms` | `1000` | period of `MEM-PROGRESS`, `REGS`, `TIMER` lines |
@@ -36,6 +43,17 @@
 //! | `after_ms` | `200` | delay before the action |
 //! | `do` | – | `reset`, `shutdown`, `acpi-reset`, `triple-fault`, `mmio-exec`, `halt`, `ud2` (ring-3 #UD → `GUEST-EXCEPTION`) |
 //! | `mmio_addr` | `0xD0000000` | target of `do=mmio-exec` |
+//! | `disk_index` / `disk_slot` | `0` / – | `disk`: the N-th virtio-blk device in slot order, or the one in MMIO slot N |
+//! | `disk_start` | `0` | `disk`: first block of the region, in 4 KiB blocks |
+//! | `disk_blocks` | `256` | `disk`: region size in 4 KiB blocks (clamped to the capacity) |
+//! | `disk_verify_only` | `0` | `disk`: `1` = only check the stamps already on the disk (one `DISK` line), then halt |
+//! | `disk_pass_ms` | `0` | `disk`: minimum duration of a pass |
+//! | `net_index` / `net_slot` | `0` / – | `net`: which virtio-net device |
+//! | `net_ms` | `100` | `net`: one frame every N ms |
+//! | `rng_index` / `rng_slot` | `0` / – | `rng`: which virtio-rng device |
+//! | `rng_bytes` | `64` | `rng`: bytes per request (1..4096) |
+//! | `rng_ms` | `10` | `rng`: one request every N ms (0 = back to back) |
+//! | `virtio_timeout_ms` | `2000` | a virtio request pending this long (running time) gives `GUEST-ERROR what=virtio-timeout` |
 //!
 //! # Output (COM1, one line per event)
 //!
@@ -46,17 +64,27 @@
 //!
 //! * `STASIS-GUEST boot proto=<linux64|pvh> cpus=<n> acpi=<ok|missing|bad-checksum:<RSDP|RSDP-ext|XSDT|RSDT|MADT>> mptable=<ok|missing|bad> tsc_khz=<n> tsc_src=<cpuid|cmdline|default> xcr0_hex=<x> avx512=<0|1> mem_mib=<n> workload=<name> cmdline="<command line>"`
 //!   — once, from the BSP (`"` in the command line is shown as `'`).
-//! * `PLATFORM cpus=<n> cpu_src=<acpi|mptable|default> acpi_cpus=<n> mptable_cpus=<n> apic_ids=<a,b,..> e820_entries=<n> avx=<0|1> smp=<0|1> svc_trap=<int80|ud|gp> pio_emulated=<n>`
+//! * `PLATFORM cpus=<n> cpu_src=<acpi|mptable|default> acpi_cpus=<n> mptable_cpus=<n> apic_ids=<a,b,..> e820_entries=<n> avx=<0|1> smp=<0|1> svc_trap=<int80|ud|gp> pio_emulated=<n> virtio_devices=<n>`
 //!   — once; `svc_trap` tells how the host delivered ring 3's `int 0x80`
 //!   (natively, or as #UD/#GP that the guest turned into the service call),
 //!   `pio_emulated` how many ring-3 port accesses the #GP handler emulated.
 //! * `E820 index=<i> addr_hex=<x> size_hex=<x> type=<n>` — once per entry.
+//! * `VIRTIO slot=<n> addr_hex=<x> device_id=<n> version=<n> vendor_hex=<x> type=<net|blk|rng|...>`
+//!   — once per virtio-mmio window that reads the magic value, at every boot.
 //! * `SMP-START expected=<n> started=<n> wait_ms=<n>` — with `smp=1`, after
 //!   the APs came up or 2 s passed (missing ones: `GUEST-ERROR what=ap-timeout cpu=<id>`).
 //! * `CPU-UP cpu=<apic id>` — each CPU as it enters the workload.
 //! * `GUEST-ERROR what=<token> ...` — e.g. `pvh-bad-magic magic_hex=`,
 //!   `unknown-workload name=`, `unknown-action do=`, `mem-clamped`,
-//!   `ap-timeout`, `action-returned`, `bad-number key=`.
+//!   `ap-timeout`, `action-returned`, `bad-number key=`; virtio:
+//!   `virtio-no-device type= index=|slot=`, `virtio-init slot= reason=
+//!   value_hex= status_hex=`, `virtio-timeout dev= slot= queue= op= waited_ms=
+//!   avail_idx= used_idx= last_used= in_flight= status_hex= isr_hex=` (a
+//!   request pending `virtio_timeout_ms`; the guest keeps waiting),
+//!   `virtio-late ... waited_ms=` (it completed after all), `virtio-bad-used
+//!   reason=<id-out-of-range|id-not-in-flight|used-idx-ahead>`,
+//!   `virtio-used-len op= want= got=`, `virtio-net-num-buffers value=`,
+//!   `disk-io-error op= block= status=`, `disk-no-blocks`.
 //! * `GUEST-EXCEPTION cpu=<id> vector=<n> error=<hex> rip=<hex> cs=<hex>` —
 //!   any CPU exception (except the emulated ring-3 port I/O #GP and a
 //!   ring-3 `int 0x80` that arrives as #UD/#GP); the CPU halts.
@@ -81,6 +109,24 @@
 //!   `mmio_addr` at CPL0; `halt`: `cli; hlt` forever); if the guest is still
 //!   running 1 s later: `GUEST-ERROR what=action-returned`. With `smp=1` every
 //!   CPU does it, so usually only the first `ACTION` line gets out.
+//! * virtio workloads (BSP only; APs halt): `VIRTIO-INIT slot= type= offered_hex=
+//!   features_hex= queue_sizes=<a[,b]> status_hex=` after DRIVER_OK.
+//! * disk: `DISK-CONFIG index= capacity_sectors= ro=<0|1> flush=<0|1> id=<string>
+//!   id_status= slot= blk_size= start= blocks= clamped=<0|1> mode=<write|verify>`,
+//!   then per pass `DISK index= pass= written= verified= bad= total_bad=` (pass p
+//!   reads and checks pass p-1's stamps, writes pass p's, flushes if `flush=1`),
+//!   and `DISK-BAD index= block= want_pass= found_pass= reason=<magic|block|pass|checksum|io|write-io>`
+//!   for the first bad block of a pass. Read-only device (`DISK-RO index= slot=
+//!   capacity_sectors= action=verify-only`) or `disk_verify_only=1`: one
+//!   `DISK index= pass=<P> written=0 verified= bad= total_bad= older= mode=verify`
+//!   (P from the first block's stamp; blocks may hold P or P-1, `older` counts
+//!   P-1), then halt.
+//! * net: `NET-CONFIG index= slot= mac= mac_src=<config|generated> rx_bufs= tx_bufs= net_ms=`,
+//!   then every `report_ms` `NET mac=<xx:..> sent= received= replies= bad=
+//!   last_reply_seq= tx_done= tx_full=`; `NET-BAD reason=<checksum|mac|seq> seq= sent= len=`
+//!   for the first 4 bad replies. Frame format: [`net`].
+//! * rng: `RNG-CONFIG index= slot= bytes= rng_ms=`, then every `report_ms`
+//!   `RNG requests= bytes= last_hex=<first 8 bytes of the last request> distinct=<byte values seen, of 256>`.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -176,6 +222,167 @@ pub fn parse_line(line: &str) -> Option<GuestLine> {
         words,
         fields,
     })
+}
+
+pub mod disk {
+    //! The block stamps of the `disk` workload, so that host-side tests can
+    //! check (or prepare) a disk image the guest wrote (or will read).
+    //!
+    //! A stamped block is 4 KiB of little-endian u64 words: `0` [`MAGIC`]
+    //! (`"STASDISK"`), `1` pass, `2` block number (absolute, in 4 KiB units from
+    //! the start of the disk), `3` checksum (FNV-1a over words 4..511, one u64
+    //! per step), `4..511` splitmix64 words derived from (block, pass).
+
+    /// Word 0 of every stamped block: the bytes `STASDISK`.
+    pub const MAGIC: u64 = 0x4B53_4944_5341_5453;
+    /// Size of one workload block.
+    pub const BLOCK_SIZE: usize = 4096;
+    const WORDS: usize = BLOCK_SIZE / 8;
+
+    fn mix64(z: u64) -> u64 {
+        let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn checksum(words: &[u64]) -> u64 {
+        words[4..].iter().fold(0xCBF2_9CE4_8422_2325, |c, &w| {
+            (c ^ w).wrapping_mul(0x0100_0000_01B3)
+        })
+    }
+
+    fn words(data: &[u8]) -> Vec<u64> {
+        data.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    }
+
+    /// The block the guest writes for `block` in `pass`.
+    pub fn stamp(block: u64, pass: u64) -> Vec<u8> {
+        let mut w = vec![0u64; WORDS];
+        let mut st = block.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ pass.wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ MAGIC;
+        for x in &mut w[4..] {
+            st = st.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            *x = mix64(st);
+        }
+        w[0] = MAGIC;
+        w[1] = pass;
+        w[2] = block;
+        w[3] = checksum(&w);
+        w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// Why a block is not a valid stamp (the `reason=` of `DISK-BAD`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum BadBlock {
+        /// Shorter than [`BLOCK_SIZE`].
+        Short,
+        /// Word 0 is not [`MAGIC`].
+        Magic,
+        /// The stamp names another block.
+        Block(u64),
+        /// Words 4..511 do not match the checksum in word 3.
+        Checksum,
+    }
+
+    /// Checks that `data` holds a valid stamp of `block`; returns its pass.
+    pub fn check(data: &[u8], block: u64) -> Result<u64, BadBlock> {
+        if data.len() < BLOCK_SIZE {
+            return Err(BadBlock::Short);
+        }
+        let w = words(&data[..BLOCK_SIZE]);
+        if w[0] != MAGIC {
+            return Err(BadBlock::Magic);
+        }
+        if w[2] != block {
+            return Err(BadBlock::Block(w[2]));
+        }
+        if checksum(&w) != w[3] {
+            return Err(BadBlock::Checksum);
+        }
+        Ok(w[1])
+    }
+}
+
+pub mod net {
+    //! The Ethernet frames of the `net` workload, for responders on the host
+    //! side of the guest's network device.
+    //!
+    //! The guest broadcasts 60-byte frames (no FCS) with EtherType
+    //! [`ETHERTYPE`]; payload (offsets from the end of the 14-byte Ethernet
+    //! header): `0..8` [`REQUEST_MAGIC`], `8..14` the guest's MAC, `14..16`
+    //! zero, `16..24` sequence number (u64 LE, from 1), `24..32` FNV-1a 64 of
+    //! payload bytes `0..24` (u64 LE), then zero padding. A reply has the same
+    //! layout with [`REPLY_MAGIC`], the guest's MAC and sequence number echoed
+    //! and the checksum recomputed; [`reply_for`] builds one.
+
+    /// EtherType of the workload's frames (IEEE local experimental 2).
+    pub const ETHERTYPE: u16 = 0x88B5;
+    /// Payload magic of a guest's frame.
+    pub const REQUEST_MAGIC: &[u8; 8] = b"STASISNT";
+    /// Payload magic of a reply.
+    pub const REPLY_MAGIC: &[u8; 8] = b"STASISRP";
+    /// Length of the frames the guest sends (and of [`reply_for`]'s).
+    pub const FRAME_LEN: usize = 60;
+
+    /// FNV-1a, 64-bit, over bytes.
+    pub fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xCBF2_9CE4_8422_2325, |c, &b| {
+            (c ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
+        })
+    }
+
+    fn parse(frame: &[u8], magic: &[u8; 8]) -> Option<([u8; 6], u64)> {
+        if frame.len() < 14 + 32 || frame[12..14] != ETHERTYPE.to_be_bytes() {
+            return None;
+        }
+        let p = &frame[14..];
+        if &p[..8] != magic {
+            return None;
+        }
+        let sum = u64::from_le_bytes(p[24..32].try_into().ok()?);
+        if fnv1a(&p[..24]) != sum {
+            return None;
+        }
+        let mac = p[8..14].try_into().ok()?;
+        let seq = u64::from_le_bytes(p[16..24].try_into().ok()?);
+        Some((mac, seq))
+    }
+
+    /// The guest's MAC and sequence number, if `frame` (an Ethernet frame
+    /// without virtio header) is a valid guest frame.
+    pub fn parse_request(frame: &[u8]) -> Option<([u8; 6], u64)> {
+        parse(frame, REQUEST_MAGIC)
+    }
+
+    /// Same for a reply frame.
+    pub fn parse_reply(frame: &[u8]) -> Option<([u8; 6], u64)> {
+        parse(frame, REPLY_MAGIC)
+    }
+
+    /// Builds a reply frame from `src_mac` to the guest that sent `frame`;
+    /// `None` if `frame` is not a valid guest frame.
+    pub fn reply_for(frame: &[u8], src_mac: [u8; 6]) -> Option<Vec<u8>> {
+        let (mac, seq) = parse_request(frame)?;
+        Some(build(REPLY_MAGIC, mac, src_mac, mac, seq))
+    }
+
+    /// Builds a frame of the workload's format: `dst`, `src`, payload with
+    /// `magic`, `mac` and `seq`.
+    pub fn build(magic: &[u8; 8], dst: [u8; 6], src: [u8; 6], mac: [u8; 6], seq: u64) -> Vec<u8> {
+        let mut f = vec![0u8; FRAME_LEN];
+        f[0..6].copy_from_slice(&dst);
+        f[6..12].copy_from_slice(&src);
+        f[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
+        f[14..22].copy_from_slice(magic);
+        f[22..28].copy_from_slice(&mac);
+        f[30..38].copy_from_slice(&seq.to_le_bytes());
+        let sum = fnv1a(&f[14..38]);
+        f[38..46].copy_from_slice(&sum.to_le_bytes());
+        f
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +519,112 @@ mod tests {
         assert_eq!(l.num("cpus"), Some(2));
         assert_eq!(l.num("xcr0_hex"), Some(0xe7));
         assert_eq!(l.get("cmdline"), Some("console=ttyS0 workload=heartbeat"));
+    }
+
+    /// The static page tables map the virtio-mmio windows (0xD0000000 to
+    /// 0xD0FFFFFF) and the IOAPIC/LAPIC pages uncached (PCD|PWT), the rest
+    /// of the 64 GiB identity map write-back.
+    #[test]
+    fn page_tables_uncache_device_windows() {
+        let ph = phdrs(GUEST_ELF);
+        let data = ph
+            .iter()
+            .filter(|p| p.p_type == 1)
+            .map(|p| &GUEST_ELF[p.offset as usize..(p.offset + p.filesz) as usize])
+            .find_map(|seg| {
+                // The page directory entry of 2 MiB page 1 is 0x200087, of
+                // page 2 0x400087: find the directory by its first entries.
+                (0..seg.len().saturating_sub(24)).step_by(8).find_map(|o| {
+                    (u64le(seg, o) == 0x87 && u64le(seg, o + 8) == 0x20_0087).then(|| &seg[o..])
+                })
+            })
+            .expect("page directory in a PT_LOAD");
+        let entry = |n: usize| u64le(data, 8 * n);
+        for n in 0..(64 * 512) {
+            let uncached = (0x680..0x688).contains(&n) || n == 0x7f6 || n == 0x7f7;
+            let want = ((n as u64) << 21) | if uncached { 0x9f } else { 0x87 };
+            assert_eq!(entry(n), want, "PD entry {n:#x}");
+        }
+    }
+
+    #[test]
+    fn disk_stamp_roundtrip() {
+        let b = disk::stamp(42, 7);
+        assert_eq!(b.len(), disk::BLOCK_SIZE);
+        assert_eq!(disk::check(&b, 42), Ok(7));
+        assert_eq!(disk::check(&b, 43), Err(disk::BadBlock::Block(42)));
+        let mut c = b.clone();
+        c[1000] ^= 0x10;
+        assert_eq!(disk::check(&c, 42), Err(disk::BadBlock::Checksum));
+        let mut m = b.clone();
+        m[0] ^= 1;
+        assert_eq!(disk::check(&m, 42), Err(disk::BadBlock::Magic));
+        assert_eq!(disk::check(&b[..100], 42), Err(disk::BadBlock::Short));
+        assert_ne!(disk::stamp(42, 8), b);
+    }
+
+    /// Known answers taken from a disk image the guest wrote (pass 0x7fc of
+    /// blocks 3, 7 and 18): word 3 is the checksum of all 508 data words.
+    #[test]
+    fn disk_stamp_matches_guest() {
+        for (block, sum) in [
+            (3u64, 0xa065_accf_cd30_19b1u64),
+            (7, 0xfb29_3ecb_fbb7_931c),
+            (18, 0x7db5_79cb_1754_2152),
+        ] {
+            let b = disk::stamp(block, 0x7fc);
+            assert_eq!(u64le(&b, 0), disk::MAGIC);
+            assert_eq!(&b[..8], b"STASDISK");
+            assert_eq!(u64le(&b, 24), sum, "block {block}");
+        }
+    }
+
+    #[test]
+    fn net_frames() {
+        let guest = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let host = [0x02, 0, 0, 0, 0, 1];
+        let req = net::build(net::REQUEST_MAGIC, [0xff; 6], guest, guest, 9);
+        assert_eq!(req.len(), net::FRAME_LEN);
+        assert_eq!(&req[12..14], &[0x88, 0xb5]);
+        assert_eq!(net::parse_request(&req), Some((guest, 9)));
+        assert_eq!(net::parse_reply(&req), None);
+        let rep = net::reply_for(&req, host).unwrap();
+        assert_eq!(&rep[0..6], &guest);
+        assert_eq!(&rep[6..12], &host);
+        assert_eq!(net::parse_reply(&rep), Some((guest, 9)));
+        assert_eq!(net::reply_for(&rep, host), None, "a reply is not a request");
+        let mut bad = req.clone();
+        bad[30] ^= 1; // sequence number, checksum no longer matches
+        assert_eq!(net::parse_request(&bad), None);
+        assert_eq!(net::parse_request(&req[..40]), None);
+    }
+
+    #[test]
+    fn parse_virtio_lines() {
+        let v = parse_line(
+            "VIRTIO slot=1 addr_hex=d0001000 device_id=2 version=2 vendor_hex=0 type=blk",
+        )
+        .unwrap();
+        assert_eq!(v.num("slot"), Some(1));
+        assert_eq!(v.num("addr_hex"), Some(0xd000_1000));
+        assert_eq!(v.num("device_id"), Some(2));
+        let d = parse_line(
+            "DISK-CONFIG index=0 capacity_sectors=16384 ro=0 flush=1 id=stasis-test-blk id_status=0 \
+             slot=1 blk_size=512 start=0 blocks=256 clamped=0 mode=write",
+        )
+        .unwrap();
+        assert_eq!(d.get("id"), Some("stasis-test-blk"));
+        assert_eq!(d.num("capacity_sectors"), Some(16384));
+        let n = parse_line(
+            "NET mac=52:54:00:12:34:56 sent=6 received=5 replies=5 bad=0 last_reply_seq=5 tx_done=5 tx_full=0",
+        )
+        .unwrap();
+        assert_eq!(n.get("mac"), Some("52:54:00:12:34:56"));
+        assert_eq!(n.num("last_reply_seq"), Some(5));
+        let r = parse_line("RNG requests=101 bytes=6464 last_hex=fa2fa59a9df023fd distinct=256")
+            .unwrap();
+        assert_eq!(r.num("last_hex"), Some(0xfa2f_a59a_9df0_23fd));
+        assert_eq!(r.num("distinct"), Some(256));
     }
 
     #[test]

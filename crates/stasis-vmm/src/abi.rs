@@ -69,9 +69,11 @@ mod tests {
 
     #[test]
     fn round_trip_and_size_check() {
-        let mut d = kvm_bindings::kvm_debugregs::default();
-        d.dr7 = 0x400;
-        d.db[2] = 0xdead;
+        let d = kvm_bindings::kvm_debugregs {
+            dr7: 0x400,
+            db: [0, 0, 0xdead, 0],
+            ..Default::default()
+        };
         let b = to_bytes(&d);
         let back: kvm_bindings::kvm_debugregs = from_bytes("debugregs", &b).unwrap();
         assert_eq!(back.dr7, 0x400);

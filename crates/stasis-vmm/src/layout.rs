@@ -13,6 +13,7 @@
 //! 0x000e_0000  ACPI tables (RSDP first, found by the legacy BIOS-area scan)
 //! 0x0010_0000  kernel (1 MiB), then initrd near the top of low RAM
 //! 0xc000_0000  MMIO hole: device windows, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xd000_0000  virtio-mmio slots 0..16, 4 KiB each (see VIRTIO_MMIO_BASE)
 //! 0x1_0000_0000  RAM above 4 GiB, when the VM has more than 3 GiB
 //! ```
 
@@ -76,6 +77,37 @@ pub const ACPI_RESET_PORT: u16 = 0x3c2;
 /// The value that, written to [`ACPI_RESET_PORT`], resets the VM.
 pub const ACPI_RESET_VALUE: u8 = 0x01;
 
+/// Start of the virtio-mmio device windows, inside the MMIO hole.
+///
+/// This placement is a stable interface (guests scan for it): virtio device
+/// number *n* of a VM (slot *n*, counting disks, then network interfaces,
+/// then entropy sources, then consoles, each in configuration order) has
+/// its 4 KiB virtio-mmio version 2 register window at
+/// `VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_SIZE` and its edge-triggered
+/// interrupt on GSI `VIRTIO_GSIS[n]`. Up to [`VIRTIO_MMIO_SLOTS`] slots;
+/// unused slots read as all ones (no magic value). Guests find the devices
+/// by reading the magic value `0x74726976` ("virt") at the start of each
+/// slot, from the ACPI DSDT (`LNRO0005` devices `VR00`, `VR01`, ... with
+/// `_UID` = slot), or from the `virtio_mmio.device=4K@0xd0000000:5` entries
+/// the VMM appends to the kernel command line.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// How many virtio-mmio slots there are.
+pub const VIRTIO_MMIO_SLOTS: usize = 16;
+/// The GSI (= IOAPIC pin, and for GSIs below 16 also the ISA IRQ) of each
+/// virtio-mmio slot: the ISA lines no emulated device uses (keyboard 1,
+/// COM1 4 and the RTC 8 are taken; 0, 2, 3, 12 and 13 are left alone), then
+/// the IOAPIC-only pins 16-23.
+pub const VIRTIO_GSIS: [u32; VIRTIO_MMIO_SLOTS] =
+    [5, 6, 7, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+
+/// The register window base and GSI of virtio slot `slot`.
+pub fn virtio_mmio_slot(slot: usize) -> Option<(u64, u32)> {
+    let gsi = *VIRTIO_GSIS.get(slot)?;
+    Some((VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE, gsi))
+}
+
 /// COM1's I/O base and IRQ.
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1's interrupt line.
@@ -86,6 +118,15 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// CMOS RTC index/data ports.
 pub const CMOS_PORT: u16 = 0x70;
+
+// The boot structures must not overlap; checked when the crate compiles.
+const BOOT_PAGE_TABLES_END: u64 = PD_ADDR + BOOT_IDENTITY_MAP_GIB * 0x1000;
+const _: () = assert!(BOOT_PAGE_TABLES_END <= 0x10000);
+const _: () = assert!(PVH_START_INFO_ADDR + 0x1000 <= ZERO_PAGE_ADDR);
+const _: () = assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_POINTER);
+const _: () = assert!(BOOT_PAGE_TABLES_END <= CMDLINE_ADDR);
+const _: () = assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE <= LOW_RESERVED_START);
+const _: () = assert!(VMGENID_ADDR + 24 <= MPTABLE_ADDR);
 
 /// The guest RAM ranges for a VM of `mem_bytes`: everything below the MMIO
 /// hole, the rest above 4 GiB.
@@ -118,13 +159,17 @@ mod tests {
     }
 
     #[test]
-    fn boot_structures_do_not_overlap() {
-        let page_tables_end = PD_ADDR + BOOT_IDENTITY_MAP_GIB * 0x1000;
-        assert!(page_tables_end <= 0x10000);
-        assert!(PVH_START_INFO_ADDR + 0x1000 <= ZERO_PAGE_ADDR);
-        assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_POINTER);
-        assert!(page_tables_end <= CMDLINE_ADDR);
-        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE <= LOW_RESERVED_START);
-        assert!(VMGENID_ADDR + 24 <= MPTABLE_ADDR);
+    fn virtio_slots_fit_the_hole_and_avoid_legacy_irqs() {
+        assert_eq!(VIRTIO_MMIO_SLOTS, stasis_config::MAX_VIRTIO_DEVICES);
+        assert_eq!(virtio_mmio_slot(0), Some((0xd000_0000, 5)));
+        assert_eq!(virtio_mmio_slot(15), Some((0xd000_f000, 23)));
+        assert_eq!(virtio_mmio_slot(16), None);
+        let end = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SLOTS as u64 * VIRTIO_MMIO_SIZE;
+        assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START && end <= IOAPIC_ADDR);
+        for (i, g) in VIRTIO_GSIS.iter().enumerate() {
+            assert!(![0, 1, 2, COM1_IRQ, 8].contains(g));
+            assert!(*g < 24);
+            assert!(!VIRTIO_GSIS[..i].contains(g));
+        }
     }
 }

@@ -29,6 +29,9 @@ use crate::devices::rtc::CmosRtc;
 use crate::devices::rtc::CmosRtcState;
 use crate::devices::serial::{self, SerialError, SerialPort};
 use crate::devices::serial::{SerialDeviceState, Uart};
+use crate::devices::virtio::{
+    self, MmioTransport, VirtioDevice, VirtioDeviceState, VirtioError, VirtioSlot,
+};
 use crate::devices::vmgenid::{VmGenId, VmGenIdState};
 use crate::exit::{ExitReason, ExitSink};
 use crate::layout;
@@ -84,6 +87,9 @@ pub enum VmError {
     /// The serial port.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// A virtio device.
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
     /// Two devices overlap (a bug).
     #[error(transparent)]
     Bus(#[from] BusOverlap),
@@ -199,6 +205,8 @@ pub struct CapturedState {
     pub rtc: CmosRtcState,
     /// The VM generation ID.
     pub vmgenid: VmGenIdState,
+    /// The virtio devices, in slot order.
+    pub virtio: Vec<VirtioDeviceState>,
 }
 
 /// The parts of a VM that outlive the builder and are shared by
@@ -212,6 +220,21 @@ pub struct VmShared {
     msr_indices: Vec<u32>,
     xsave_size: usize,
     vmgenid: VmGenId,
+    virtio: Vec<VirtioSlot>,
+}
+
+impl VmShared {
+    fn pause_devices(&self) {
+        for d in &self.virtio {
+            d.transport.lock().expect("virtio lock").pause();
+        }
+    }
+
+    fn resume_devices(&self) {
+        for d in &self.virtio {
+            d.transport.lock().expect("virtio lock").resume();
+        }
+    }
 }
 
 /// How long pause waits for every vCPU to leave the guest.
@@ -256,6 +279,9 @@ impl VmControl {
             threads.resume();
             return Err(e.into());
         }
+        // With the vCPUs parked no request is in progress; pausing the
+        // devices stops their worker threads touching guest memory.
+        self.shared.pause_devices();
         self.state.store(2, Ordering::SeqCst);
         Ok(())
     }
@@ -273,6 +299,7 @@ impl VmControl {
                 })
             }
         }
+        self.shared.resume_devices();
         guard.as_ref().expect("paused VM has threads").resume();
         self.state.store(1, Ordering::SeqCst);
         Ok(())
@@ -319,6 +346,12 @@ impl VmControl {
         let (irqchip, pit, clock) = vm_state::save(&self.shared.vm)?;
         let serial = SerialDeviceState::save(&self.shared.uart.lock().expect("uart lock"));
         let rtc = self.shared.rtc.lock().expect("rtc lock").save();
+        let virtio = self
+            .shared
+            .virtio
+            .iter()
+            .map(|d| d.transport.lock().expect("virtio lock").save_device())
+            .collect();
         Ok(CapturedState {
             vcpus,
             irqchip,
@@ -327,6 +360,7 @@ impl VmControl {
             serial,
             rtc,
             vmgenid: self.shared.vmgenid.save(),
+            virtio,
         })
     }
 
@@ -396,6 +430,31 @@ fn open_kvm(vcpus: u32) -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
+/// The configuration the kernel is loaded with: the user's, with a
+/// `virtio_mmio.device=` entry per virtio device appended to the command
+/// line (unless the command line already has such entries).
+fn boot_config(config: &VmConfig, virtio_devices: usize) -> Result<VmConfig, VmError> {
+    let mut c = config.clone();
+    if virtio_devices == 0 || c.cmdline.contains("virtio_mmio.device=") {
+        return Ok(c);
+    }
+    let extra = virtio::cmdline_devices(virtio_devices);
+    c.cmdline = if c.cmdline.trim().is_empty() {
+        extra
+    } else {
+        format!("{} {extra}", c.cmdline.trim_end())
+    };
+    if c.cmdline.len() > stasis_config::MAX_CMDLINE_LEN {
+        return Err(stasis_config::ConfigError::Cmdline(format!(
+            "with the virtio_mmio.device= entries appended it is {} bytes, more than {}",
+            c.cmdline.len(),
+            stasis_config::MAX_CMDLINE_LEN
+        ))
+        .into());
+    }
+    Ok(c)
+}
+
 /// The size of the XSAVE area KVM uses on this host.
 pub fn host_xsave_size(kvm: &Kvm) -> usize {
     (kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize).max(4096)
@@ -430,6 +489,12 @@ impl Vm {
     }
 
     fn build(config: &VmConfig, source: VmSource) -> Result<Self, VmError> {
+        // Backends first: a missing disk image or tap creates no VM.
+        let saved_virtio = match &source {
+            VmSource::Boot => None,
+            VmSource::Restore { state, .. } => Some(state.virtio.as_slice()),
+        };
+        let virtio_devices = virtio::open_devices(config, saved_virtio)?;
         let kvm = open_kvm(config.vcpus)?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
@@ -451,8 +516,12 @@ impl Vm {
         memory::register(&vm, &mem)?;
         let boot = match saved {
             None => {
-                let rsdp = platform::write_tables(&mem, config.vcpus)?;
-                Some(boot::load(config, &mem, rsdp)?)
+                let rsdp = platform::write_tables(&mem, config.vcpus, virtio_devices.len())?;
+                Some(boot::load(
+                    &boot_config(config, virtio_devices.len())?,
+                    &mem,
+                    rsdp,
+                )?)
             }
             Some(_) => None,
         };
@@ -460,6 +529,7 @@ impl Vm {
         let (exit_tx, exit_rx) = channel();
         let exit = ExitSink::new(exit_tx);
         let (pio, uart, rtc) = Self::create_devices(&vm, config, &exit, saved)?;
+        let (mmio, virtio) = Self::create_virtio(&vm, &mem, virtio_devices, saved)?;
         let vmgenid = match saved {
             Some(s) => VmGenId::after_restore(&s.vmgenid),
             None => VmGenId::new(),
@@ -506,6 +576,7 @@ impl Vm {
             msr_indices,
             xsave_size,
             vmgenid,
+            virtio,
         });
         let control = VmControl {
             threads: Arc::new(Mutex::new(None)),
@@ -516,7 +587,7 @@ impl Vm {
         };
         let context = VcpuContext {
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::default()),
+            mmio: Arc::new(mmio),
             exit,
             control: Arc::new(RunControl::default()),
         };
@@ -574,6 +645,75 @@ impl Vm {
         Ok((pio, uart, rtc))
     }
 
+    /// Puts each virtio device in its slot: an irqfd on the slot's GSI, a
+    /// transport (fresh, or restored from `saved`) on the MMIO bus, and the
+    /// device's worker thread.
+    fn create_virtio(
+        vm: &VmFd,
+        mem: &GuestRam,
+        devices: Vec<Box<dyn VirtioDevice>>,
+        saved: Option<&CapturedState>,
+    ) -> Result<(Bus, Vec<VirtioSlot>), VmError> {
+        let mut bus = Bus::default();
+        let mut slots = Vec::with_capacity(devices.len());
+        if let Some(s) = saved {
+            if let Some(extra) = s
+                .virtio
+                .iter()
+                .find(|v| !devices.iter().any(|d| d.id() == v.id()))
+            {
+                return Err(VmError::Mismatch(format!(
+                    "saved {} '{}' is not in the configuration",
+                    extra.section_name(),
+                    extra.id()
+                )));
+            }
+        }
+        for (slot, device) in devices.into_iter().enumerate() {
+            let (base, gsi) = layout::virtio_mmio_slot(slot).ok_or_else(|| {
+                VmError::Mismatch(format!(
+                    "more than {} virtio devices",
+                    layout::VIRTIO_MMIO_SLOTS
+                ))
+            })?;
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Irq {
+                what: "a virtio device",
+                source,
+            })?;
+            vm.register_irqfd(&irq, gsi)
+                .map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
+            let transport = match saved {
+                None => MmioTransport::new(device, mem.clone(), irq, slot),
+                Some(s) => {
+                    let state =
+                        s.virtio
+                            .iter()
+                            .find(|v| v.id() == device.id())
+                            .ok_or_else(|| {
+                                VmError::Mismatch(format!(
+                                    "no saved state for {} '{}'",
+                                    device.kind(),
+                                    device.id()
+                                ))
+                            })?;
+                    if state.section_name() != device.kind() {
+                        return Err(VmError::Mismatch(format!(
+                            "'{}' was saved as a {} and is configured as a {}",
+                            device.id(),
+                            state.section_name(),
+                            device.kind()
+                        )));
+                    }
+                    MmioTransport::restore(device, mem.clone(), irq, slot, state.transport())?
+                }
+            };
+            let slot = VirtioSlot::new(transport)?;
+            bus.insert(base, layout::VIRTIO_MMIO_SIZE, slot.transport.clone())?;
+            slots.push(slot);
+        }
+        Ok((bus, slots))
+    }
+
     fn create_vcpus(
         vm: &VmFd,
         count: u32,
@@ -628,6 +768,7 @@ impl Vm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmError> {
+        self.control.shared.resume_devices();
         let vcpus = std::mem::take(&mut self.vcpus);
         let threads = VcpuThreads::start(vcpus, self.context.clone())?;
         *self.control.threads.lock().expect("threads lock") = Some(threads);
@@ -642,6 +783,9 @@ impl Vm {
         self.control.state.store(3, Ordering::SeqCst);
         if let Some(threads) = self.control.threads.lock().expect("threads lock").take() {
             threads.stop();
+        }
+        for d in &self.control.shared.virtio {
+            d.shutdown();
         }
         reason
     }

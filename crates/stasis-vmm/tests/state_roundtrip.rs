@@ -46,8 +46,8 @@ fn vm_wide_state_round_trips() {
         ..Default::default()
     };
     a.get_irqchip(&mut pic).unwrap();
-    // SAFETY: chip_id is a PIC, so the pic member is the valid one.
-    unsafe { pic.chip.pic.imr = 0xb8 };
+    // chip_id is a PIC, so the pic member is the one KVM reads.
+    pic.chip.pic.imr = 0xb8;
     a.set_irqchip(&pic).unwrap();
     let mut pit = a.get_pit2().unwrap();
     pit.channels[0].count = 11932;
@@ -72,7 +72,10 @@ fn vm_wide_state_round_trips() {
     // The clock resumes from the saved value: neither back in time nor
     // jumped by the time between save and restore (allow 1 s of test time).
     assert!(clock2.clock_ns >= clock.clock_ns);
-    assert!(clock2.clock_ns < clock.clock_ns + 1_000_000_000, "{clock:?} -> {clock2:?}");
+    assert!(
+        clock2.clock_ns < clock.clock_ns + 1_000_000_000,
+        "{clock:?} -> {clock2:?}"
+    );
 }
 
 fn vcpu_with_state(vm: &VmFd) -> VcpuFd {

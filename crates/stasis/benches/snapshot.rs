@@ -38,7 +38,11 @@ fn wait_mem_lines(log: &Path, n: usize, timeout: Duration) -> Instant {
             !text.contains("GUEST-ERROR") && !text.contains("MEM-BAD"),
             "guest reported an error:\n{text}"
         );
-        assert!(Instant::now() < end, "timed out waiting for {n} MEM lines in {}", log.display());
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {n} MEM lines in {}",
+            log.display()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -81,7 +85,13 @@ fn restore(snap: &Path, runtime: &Path, mode: &str, work: &Path) -> (f64, f64) {
     let _ = std::fs::remove_file(&log);
     let t0 = Instant::now();
     let mut child = stasis(runtime)
-        .args(["restore", snap.to_str().unwrap(), "--mode", mode, "--no-verify"])
+        .args([
+            "restore",
+            snap.to_str().unwrap(),
+            "--mode",
+            mode,
+            "--no-verify",
+        ])
         .args(["--name", &format!("bench-{mode}")])
         .arg("--serial")
         .arg(format!("file:{}", log.display()))
@@ -116,7 +126,10 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
         .arg("--kernel")
         .arg(kernel)
         // All of RAM but the guest image and boot structures (~6 MiB).
-        .args(["--cmdline", &format!("console=ttyS0 workload=memory mem_mib={}", mib - 8)])
+        .args([
+            "--cmdline",
+            &format!("console=ttyS0 workload=memory mem_mib={}", mib - 8),
+        ])
         .arg("--serial")
         .arg(format!("file:{}", log.display()))
         .stdout(Stdio::null())
@@ -130,7 +143,11 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
         .args(["snapshot", "bench", snap.to_str().unwrap(), "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     kill(vm);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut run = Run {
@@ -181,7 +198,11 @@ fn main() {
         let m = |f: fn(&Run) -> f64| median(all.iter().map(f).collect());
         println!(
             "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} |",
-            if mib >= 1024 { format!("{} GiB", mib / 1024) } else { format!("{mib} MiB") },
+            if mib >= 1024 {
+                format!("{} GiB", mib / 1024)
+            } else {
+                format!("{mib} MiB")
+            },
             m(|r| r.pause_ms),
             m(|r| r.total_ms),
             m(|r| r.mb_s),

@@ -5,9 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
 
-use stasis_api::{
-    ApiHandler, ApiRequest, ApiResponse, SnapshotRequest, VmInfo, VmState,
-};
+use stasis_api::{ApiHandler, ApiRequest, ApiResponse, SnapshotRequest, VmInfo, VmState};
 use stasis_vmm::persist::save::{self, SnapshotError, SnapshotOptions};
 use stasis_vmm::{RunState, VmControl, VmError};
 

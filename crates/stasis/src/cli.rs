@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use stasis_config::{BootProtocol, SerialConfig};
+use stasis_config::{BootProtocol, ConsoleConfig, DiskConfig, NetConfig, RngConfig, SerialConfig};
 
 /// stasis: a KVM virtual machine monitor built around VM state.
 #[derive(Debug, Parser)]
@@ -83,6 +83,18 @@ pub struct RestoreArgs {
     /// checksums are always checked).
     #[arg(long)]
     pub no_verify: bool,
+    /// Another image file for a disk: ID=PATH (repeatable). It must have the
+    /// size the saved one had.
+    #[arg(long = "disk-path", value_name = "ID=PATH", value_parser = parse_id_value)]
+    pub disk_paths: Vec<(String, String)>,
+    /// Another tap for a network device: ID=TAP (repeatable).
+    #[arg(long = "tap", value_name = "ID=TAP", value_parser = parse_id_value)]
+    pub taps: Vec<(String, String)>,
+    /// Another destination for a console: ID=DEST (repeatable), DEST being
+    /// stdout, null, file:PATH, socket:PATH, or a path (replacing the path
+    /// of a file or socket destination).
+    #[arg(long = "console-path", value_name = "ID=DEST", value_parser = parse_id_value)]
+    pub console_paths: Vec<(String, String)>,
 }
 
 /// `stasis verify DIR`.
@@ -145,6 +157,21 @@ pub struct RunArgs {
     /// Control socket path (default: <runtime dir>/<name>.sock).
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// A virtio disk on a raw image (repeatable). A flag with the id of a
+    /// disk in --config replaces it.
+    #[arg(long = "disk", value_name = "id=ID,path=PATH[,readonly=on]")]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio network device on an existing tap (repeatable); the MAC
+    /// defaults to one derived from the VM name and the id.
+    #[arg(long = "net", value_name = "id=ID,tap=TAP[,mac=MAC]")]
+    pub nets: Vec<NetConfig>,
+    /// A virtio entropy device fed from getrandom(2) (repeatable).
+    #[arg(long = "rng", value_name = "id=ID")]
+    pub rngs: Vec<RngConfig>,
+    /// A virtio console (repeatable); output: stdout (default), null,
+    /// file:PATH, socket:PATH.
+    #[arg(long = "console", value_name = "id=ID[,output=DEST]")]
+    pub consoles: Vec<ConsoleConfig>,
     /// Print the resulting configuration as TOML and exit without running.
     #[arg(long)]
     pub print_config: bool,
@@ -159,6 +186,14 @@ pub struct DemoArgs {
     /// vCPUs for the demo guest (each runs the heartbeat).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+}
+
+/// Parses `ID=VALUE`.
+fn parse_id_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((id, v)) if !id.is_empty() && !v.is_empty() => Ok((id.to_string(), v.to_string())),
+        _ => Err(format!("expected ID=VALUE, got '{s}'")),
+    }
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {

@@ -26,6 +26,13 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
         name: args.name.clone(),
         api_socket: args.api_socket.clone(),
         serial: args.serial.clone(),
+        disk_paths: args
+            .disk_paths
+            .iter()
+            .map(|(id, p)| (id.clone(), p.into()))
+            .collect(),
+        taps: args.taps.clone(),
+        console_outputs: args.console_paths.clone(),
     };
     let started = std::time::Instant::now();
     let plan = restore::prepare(&args.dir, &overrides).map_err(|e| e.to_string())?;

@@ -53,8 +53,23 @@ pub fn build_config(args: &RunArgs) -> Result<VmConfig, String> {
     if let Some(v) = &args.api_socket {
         cfg.api_socket = Some(v.clone());
     }
+    merge_by_id(&mut cfg.disk, &args.disks, |d| &d.id);
+    merge_by_id(&mut cfg.net, &args.nets, |n| &n.id);
+    merge_by_id(&mut cfg.rng, &args.rngs, |r| &r.id);
+    merge_by_id(&mut cfg.console, &args.consoles, |c| &c.id);
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
+}
+
+/// Adds the devices given as flags to those of the file: a flag whose id
+/// is already there replaces that entry, others are appended.
+fn merge_by_id<T: Clone>(list: &mut Vec<T>, flags: &[T], id: impl Fn(&T) -> &String) {
+    for f in flags {
+        match list.iter_mut().find(|e| id(e) == id(f)) {
+            Some(e) => *e = f.clone(),
+            None => list.push(f.clone()),
+        }
+    }
 }
 
 /// The control socket path for `cfg`.

@@ -53,8 +53,7 @@ fn v1_heartbeat_snapshot_restores_and_continues() {
     let cut = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
     let last_hb = before[..cut]
         .lines()
-        .filter(|l| l.starts_with("HB "))
-        .last()
+        .rfind(|l| l.starts_with("HB "))
         .expect("fixture has heartbeats")
         .to_string();
     let joined = format!("{}{}", &before[cut..], after);

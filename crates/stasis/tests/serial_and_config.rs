@@ -35,7 +35,9 @@ fn serial_socket_replays_recent_output_and_streams_new_lines() {
     // Connect late: the boot line printed before we connected is replayed.
     std::thread::sleep(Duration::from_millis(500));
     let stream = UnixStream::connect(&sock).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     assert!(first.starts_with("STASIS-GUEST boot"), "{first}");
@@ -51,7 +53,10 @@ fn serial_socket_replays_recent_output_and_streams_new_lines() {
     // Typing into the socket reaches the UART: this guest never reads its
     // receive FIFO, so the bytes wait there, and a snapshot shows them.
     (&stream).write_all(b"hello\n").unwrap();
-    let l = lines.find(|l| l.as_ref().unwrap().starts_with("HB ")).unwrap().unwrap();
+    let l = lines
+        .find(|l| l.as_ref().unwrap().starts_with("HB "))
+        .unwrap()
+        .unwrap();
     assert!(l.starts_with("HB "));
     let snap = s.join("snap");
     let out = Command::new(stasis_bin())
@@ -110,7 +115,10 @@ fn a_vm_runs_from_a_toml_config_file() {
             assert_eq!(num(b, "cpus"), 2);
             break;
         }
-        assert!(Instant::now() < end, "config-file VM did not run as configured:\n{text}");
+        assert!(
+            Instant::now() < end,
+            "config-file VM did not run as configured:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // It is found under the name from the file.

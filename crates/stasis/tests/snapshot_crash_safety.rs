@@ -49,7 +49,11 @@ fn missing_parent_directory_fails_and_the_vm_runs_on() {
     let target = vm.scratch.join("no/such/dir/snap");
     let out = vm.cli(&["snapshot", &vm.name, target.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err_text(&out).contains("parent directory"), "{}", err_text(&out));
+    assert!(
+        err_text(&out).contains("parent directory"),
+        "{}",
+        err_text(&out)
+    );
     still_running(&mut vm);
 }
 
@@ -61,8 +65,15 @@ fn an_unrelated_directory_is_never_overwritten() {
     std::fs::write(target.join("thesis.txt"), b"do not lose me").unwrap();
     let out = vm.cli(&["snapshot", &vm.name, target.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err_text(&out).contains("refusing to overwrite"), "{}", err_text(&out));
-    assert_eq!(std::fs::read(target.join("thesis.txt")).unwrap(), b"do not lose me");
+    assert!(
+        err_text(&out).contains("refusing to overwrite"),
+        "{}",
+        err_text(&out)
+    );
+    assert_eq!(
+        std::fs::read(target.join("thesis.txt")).unwrap(),
+        b"do not lose me"
+    );
     still_running(&mut vm);
 }
 

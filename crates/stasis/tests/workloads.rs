@@ -32,6 +32,20 @@ fn boot(tag: &str, vcpus: u32, boot: &str, cmdline: &str, memory: &str) -> VmPro
     vm
 }
 
+/// Waits until every CPU has printed at least `n` lines with `tag`.
+fn wait_per_cpu(vm: &mut VmProcess, tag: &str, n: usize, vcpus: u32) -> Vec<String> {
+    let prefix = format!("{tag} ");
+    vm.wait_until(&format!("{n} '{tag}' lines from each of {vcpus} CPUs"), T, |ls| {
+        (0..u64::from(vcpus)).all(|cpu| {
+            ls.iter()
+                .filter(|l| l.starts_with(&prefix) && num(l, "cpu") == cpu)
+                .count()
+                >= n
+        })
+    });
+    vm.tagged(tag)
+}
+
 fn cpus_in(lines: &[String]) -> Vec<u64> {
     let mut c: Vec<u64> = lines.iter().map(|l| num(l, "cpu")).collect();
     c.sort();
@@ -41,7 +55,7 @@ fn cpus_in(lines: &[String]) -> Vec<u64> {
 
 fn heartbeat(tag: &str, vcpus: u32, proto: &str) {
     let mut vm = boot(tag, vcpus, proto, "workload=heartbeat hb_ms=50", "64M");
-    let hb = vm.wait_tagged("HB", 4 * vcpus as usize, T);
+    let hb = wait_per_cpu(&mut vm, "HB", 4, vcpus);
     assert_eq!(cpus_in(&hb), (0..u64::from(vcpus)).collect::<Vec<_>>());
     for cpu in 0..u64::from(vcpus) {
         let mine: Vec<&String> = hb.iter().filter(|l| num(l, "cpu") == cpu).collect();
@@ -55,7 +69,7 @@ fn heartbeat(tag: &str, vcpus: u32, proto: &str) {
 fn memory(tag: &str, vcpus: u32, proto: &str) {
     let mut vm = boot(tag, vcpus, proto, "workload=memory mem_mib=32", "96M");
     // Three passes per CPU: the second and third verify every page.
-    let mem = vm.wait_tagged("MEM", 3 * vcpus as usize, T);
+    let mem = wait_per_cpu(&mut vm, "MEM", 3, vcpus);
     assert_eq!(cpus_in(&mem), (0..u64::from(vcpus)).collect::<Vec<_>>());
     for l in &mem {
         assert_eq!(num(l, "bad"), 0, "{l}");
@@ -67,7 +81,7 @@ fn memory(tag: &str, vcpus: u32, proto: &str) {
 
 fn registers(tag: &str, vcpus: u32, proto: &str) {
     let mut vm = boot(tag, vcpus, proto, "workload=registers report_ms=200", "64M");
-    let regs = vm.wait_tagged("REGS", 3 * vcpus as usize, T);
+    let regs = wait_per_cpu(&mut vm, "REGS", 3, vcpus);
     assert_eq!(cpus_in(&regs), (0..u64::from(vcpus)).collect::<Vec<_>>());
     for l in &regs {
         assert_eq!(num(l, "mismatches"), 0, "{l}");
@@ -84,7 +98,7 @@ fn timer(tag: &str, vcpus: u32, proto: &str) {
         "workload=timer timer_hz=100 report_ms=500",
         "64M",
     );
-    let t = vm.wait_tagged("TIMER", 3 * vcpus as usize, T);
+    let t = wait_per_cpu(&mut vm, "TIMER", 3, vcpus);
     assert_eq!(cpus_in(&t), (0..u64::from(vcpus)).collect::<Vec<_>>());
     // Ignore each CPU's first report (it includes start-up); the rest must
     // show the configured rate, within generous bounds for a noisy host.

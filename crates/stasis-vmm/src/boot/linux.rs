@@ -26,13 +26,15 @@ pub fn write_zero_page(
     cmdline_size: u32,
     initrd: Option<InitrdPlacement>,
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
-    params.hdr = header.unwrap_or_else(|| setup_header {
-        boot_flag: KERNEL_BOOT_FLAG_MAGIC,
-        header: KERNEL_HDR_MAGIC,
-        kernel_alignment: KERNEL_MIN_ALIGNMENT,
+    let mut params = boot_params {
+        hdr: header.unwrap_or_else(|| setup_header {
+            boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+            header: KERNEL_HDR_MAGIC,
+            kernel_alignment: KERNEL_MIN_ALIGNMENT,
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.loadflags |= LOADED_HIGH | CAN_USE_HEAP;
     params.hdr.heap_end_ptr = 0xfe00;

@@ -286,7 +286,7 @@ fn load_initrd(
     let low_end = mem
         .iter()
         .next()
-        .map(|r| vm_memory::GuestMemoryRegion::len(r))
+        .map(vm_memory::GuestMemoryRegion::len)
         .unwrap_or(0);
     let mut limit = low_end.min(layout::MMIO_HOLE_START);
     if let Some(h) = header {

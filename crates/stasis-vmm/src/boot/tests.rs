@@ -86,21 +86,29 @@ fn debian_bzimage_gets_a_proper_zero_page() {
 
     let zp: boot_params = read(&mem, layout::ZERO_PAGE_ADDR);
     let hdr = zp.hdr;
-    assert_eq!({ hdr.header }, 0x5372_6448, "HdrS magic kept from the image");
+    assert_eq!(
+        { hdr.header },
+        0x5372_6448,
+        "HdrS magic kept from the image"
+    );
     assert!({ hdr.version } >= 0x20c, "modern boot protocol");
     assert_eq!({ hdr.type_of_loader }, 0xff);
     assert_ne!({ hdr.loadflags } & 1, 0, "LOADED_HIGH");
     assert_eq!({ hdr.cmd_line_ptr } as u64, layout::CMDLINE_ADDR);
-    assert_eq!(cstring_at(&mem, layout::CMDLINE_ADDR), "console=ttyS0 root=/dev/vda");
+    assert_eq!(
+        cstring_at(&mem, layout::CMDLINE_ADDR),
+        "console=ttyS0 root=/dev/vda"
+    );
 
     // initrd: page-aligned, below the kernel's limit and low RAM's end, bytes in place.
     let (addr, size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size } as u64);
     assert_eq!(size, 3 * 4096 + 17);
     assert_eq!(addr % 4096, 0);
     assert!(addr + size <= 256 << 20);
-    assert!(addr + size <= u64::from({ hdr.initrd_addr_max }) + 1);
+    assert!(addr + size <= u64::from(hdr.initrd_addr_max) + 1);
     let mut b = [0u8; 1];
-    mem.read_slice(&mut b, GuestAddress(addr + size - 1)).unwrap();
+    mem.read_slice(&mut b, GuestAddress(addr + size - 1))
+        .unwrap();
     assert_eq!(b[0], 0xab);
 
     // e820: usable low memory, reserved up to 1 MiB, the rest usable.
@@ -113,7 +121,11 @@ fn debian_bzimage_gets_a_proper_zero_page() {
         e,
         vec![
             (0, layout::LOW_RESERVED_START, 1),
-            (layout::LOW_RESERVED_START, layout::HIMEM_START - layout::LOW_RESERVED_START, 2),
+            (
+                layout::LOW_RESERVED_START,
+                layout::HIMEM_START - layout::LOW_RESERVED_START,
+                2
+            ),
             (layout::HIMEM_START, (256 << 20) - layout::HIMEM_START, 1),
         ]
     );
@@ -125,7 +137,10 @@ fn debian_bzimage_refuses_pvh() {
     cfg.boot = BootProtocol::Pvh;
     let mem = memory::allocate(64).unwrap();
     let err = load(&cfg, &mem, layout::ACPI_START).unwrap_err();
-    assert!(err.to_string().contains("PVH needs an ELF vmlinux"), "{err}");
+    assert!(
+        err.to_string().contains("PVH needs an ELF vmlinux"),
+        "{err}"
+    );
 }
 
 fn guest_elf(dir: &Path) -> PathBuf {
@@ -152,8 +167,18 @@ fn elf_with_pvh_note_boots_through_pvh_by_default() {
         })
         .collect();
     assert_eq!(entries.len(), 4);
-    assert_eq!(entries[2], (layout::HIMEM_START, layout::MMIO_HOLE_START - layout::HIMEM_START, 1));
-    assert_eq!(entries[3], (layout::FOUR_GIB, (5u64 << 30) - layout::MMIO_HOLE_START, 1));
+    assert_eq!(
+        entries[2],
+        (
+            layout::HIMEM_START,
+            layout::MMIO_HOLE_START - layout::HIMEM_START,
+            1
+        )
+    );
+    assert_eq!(
+        entries[3],
+        (layout::FOUR_GIB, (5u64 << 30) - layout::MMIO_HOLE_START, 1)
+    );
 }
 
 #[test]
@@ -186,5 +211,9 @@ fn initrd_too_large_is_refused_by_name() {
     cfg.initrd = Some(initrd);
     let mem = memory::allocate(32).unwrap();
     let err = load(&cfg, &mem, layout::ACPI_START).unwrap_err();
-    assert!(err.to_string().starts_with("initrd of 41943040 bytes does not fit"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("initrd of 41943040 bytes does not fit"),
+        "{err}"
+    );
 }

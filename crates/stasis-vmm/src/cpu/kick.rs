@@ -37,7 +37,7 @@ pub fn install_handler() -> std::io::Result<()> {
     static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     INSTALLED
         .get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno()))
-        .clone()
+        .to_owned()
         .map_err(std::io::Error::from_raw_os_error)
 }
 

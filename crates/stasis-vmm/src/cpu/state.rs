@@ -487,7 +487,7 @@ fn set_xsave(
     bytes: &[u8],
     host_size: usize,
 ) -> Result<(), VcpuStateError> {
-    if bytes.len() < 4096 || bytes.len() % 4 != 0 || bytes.len() > host_size.max(4096) {
+    if bytes.len() < 4096 || !bytes.len().is_multiple_of(4) || bytes.len() > host_size.max(4096) {
         return Err(VcpuStateError::XsaveSize {
             vcpu: index,
             saved: bytes.len(),
@@ -535,17 +535,11 @@ pub fn restore_vcpu(
     };
     // 1. CPUID first: KVM derives what the other state may contain (XSAVE
     //    features, MSRs that exist) from it.
-    let cpuid = CpuId::from_entries(
-        &state
-            .cpuid
-            .iter()
-            .map(leaf_to_kvm)
-            .collect::<Vec<_>>(),
-    )
-    .map_err(|_| VcpuStateError::TooMany {
-        vcpu: index,
-        what: "CPUID",
-    })?;
+    let cpuid = CpuId::from_entries(&state.cpuid.iter().map(leaf_to_kvm).collect::<Vec<_>>())
+        .map_err(|_| VcpuStateError::TooMany {
+            vcpu: index,
+            what: "CPUID",
+        })?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     // 2. TSC frequency: if this host's differs by more than 250 ppm, ask
     //    KVM to scale; hosts without TSC scaling keep their own rate (the

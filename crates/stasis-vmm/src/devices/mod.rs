@@ -6,4 +6,5 @@ pub mod bus;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 pub mod vmgenid;

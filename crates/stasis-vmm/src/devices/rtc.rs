@@ -571,6 +571,22 @@ impl fmt::Display for RtcStateError {
 
 impl std::error::Error for RtcStateError {}
 
+impl super::bus::BusDevice for CmosRtc {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        data[0] = CmosRtc::read(self, offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        CmosRtc::write(self, offset as u8, data[0]);
+    }
+}
+
+impl stasis_snapshot::SectionState for CmosRtcState {
+    const NAME: &'static str = "rtc";
+    const VERSION: u32 = 1;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -957,20 +973,4 @@ mod tests {
         assert_eq!(i64::from(rd(&mut rtc, REG_YEAR)), t.year % 100);
         assert!((rtc.guest_seconds() - now).abs() <= 1);
     }
-}
-
-impl super::bus::BusDevice for CmosRtc {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        data[0] = CmosRtc::read(self, offset as u8);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        CmosRtc::write(self, offset as u8, data[0]);
-    }
-}
-
-impl stasis_snapshot::SectionState for CmosRtcState {
-    const NAME: &'static str = "rtc";
-    const VERSION: u32 = 1;
 }

@@ -123,17 +123,41 @@ impl Write for SocketSink {
     }
 }
 
-/// Creates COM1 for `config`, raising its interrupt through `irq`, in its
-/// power-on state or in `saved` state.
-/// For a socket, a thread accepts one client at a time: it gets the recent
-/// output, then everything the guest prints, and what it sends is fed to the
-/// guest's receive FIFO.
-pub fn create(
-    config: &SerialConfig,
-    irq: EventFd,
-    saved: Option<&SerialDeviceState>,
-) -> Result<Arc<Mutex<Uart>>, SerialError> {
-    let (out, socket): (Box<dyn Write + Send>, Option<_>) = match config {
+/// Where a socket client's input goes.
+pub type InputSink = Box<dyn FnMut(&[u8]) + Send>;
+
+/// An opened output destination (`stdout`, `file:`, `socket:`, `null`),
+/// shared by COM1 and the virtio consoles.
+pub struct Output {
+    /// Where the guest's bytes go.
+    pub writer: Box<dyn Write + Send>,
+    socket: Option<(UnixListener, Arc<Mutex<SocketState>>, PathBuf)>,
+}
+
+impl Output {
+    /// For a socket destination, starts the thread (named `thread_name`)
+    /// that accepts one client at a time: it gets the recent output, then
+    /// everything the guest prints, and what it sends goes to `input`. Does
+    /// nothing for other destinations.
+    pub fn start_socket(&mut self, thread_name: &str, input: InputSink) -> Result<(), SerialError> {
+        let Some((listener, state, path)) = self.socket.take() else {
+            return Ok(());
+        };
+        std::thread::Builder::new()
+            .name(thread_name.into())
+            .spawn(move || accept_loop(listener, state, input, path))
+            .map_err(|source| SerialError::Socket {
+                path: PathBuf::new(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+/// Opens the destination `config` names: appends to a file, binds a
+/// socket (see [`Output::start_socket`]), or writes to stdout or nowhere.
+pub fn open_output(config: &SerialConfig) -> Result<Output, SerialError> {
+    let (writer, socket): (Box<dyn Write + Send>, Option<_>) = match config {
         SerialConfig::Stdout => (Box::new(LineFlush(io::stdout())), None),
         SerialConfig::Null => (Box::new(io::sink()), None),
         SerialConfig::File { path } => {
@@ -156,6 +180,21 @@ pub fn create(
             )
         }
     };
+    Ok(Output { writer, socket })
+}
+
+/// Creates COM1 for `config`, raising its interrupt through `irq`, in its
+/// power-on state or in `saved` state.
+/// For a socket, a thread accepts one client at a time: it gets the recent
+/// output, then everything the guest prints, and what it sends is fed to the
+/// guest's receive FIFO.
+pub fn create(
+    config: &SerialConfig,
+    irq: EventFd,
+    saved: Option<&SerialDeviceState>,
+) -> Result<Arc<Mutex<Uart>>, SerialError> {
+    let mut output = open_output(config)?;
+    let out = std::mem::replace(&mut output.writer, Box::new(io::sink()));
     let uart = match saved {
         None => Serial::new(IrqTrigger(irq), out),
         Some(state) => Serial::from_state(
@@ -167,16 +206,15 @@ pub fn create(
         .map_err(|e| SerialError::State(format!("{e:?}")))?,
     };
     let uart = Arc::new(Mutex::new(uart));
-    if let Some((listener, state, path)) = socket {
-        let uart = uart.clone();
-        std::thread::Builder::new()
-            .name("serial-socket".into())
-            .spawn(move || accept_loop(listener, state, uart, path))
-            .map_err(|source| SerialError::Socket {
-                path: PathBuf::new(),
-                source,
-            })?;
-    }
+    let fifo = uart.clone();
+    output.start_socket(
+        "serial-socket",
+        Box::new(move |bytes| {
+            // The FIFO holds 64 bytes; input beyond that is dropped, as a
+            // real UART without flow control would.
+            let _ = fifo.lock().expect("uart lock").enqueue_raw_bytes(bytes);
+        }),
+    )?;
     Ok(uart)
 }
 
@@ -200,7 +238,7 @@ fn bind_socket(path: &Path) -> Result<UnixListener, SerialError> {
 fn accept_loop(
     listener: UnixListener,
     state: Arc<Mutex<SocketState>>,
-    uart: Arc<Mutex<Uart>>,
+    mut input: InputSink,
     path: PathBuf,
 ) {
     for stream in listener.incoming() {
@@ -225,9 +263,7 @@ fn accept_loop(
             if n == 0 {
                 break;
             }
-            // The FIFO holds 64 bytes; input beyond that is dropped, as a
-            // real UART without flow control would.
-            let _ = uart.lock().expect("uart lock").enqueue_raw_bytes(&buf[..n]);
+            input(&buf[..n]);
         }
         state.lock().expect("serial socket lock").client = None;
     }

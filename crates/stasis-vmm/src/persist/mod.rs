@@ -14,6 +14,17 @@
 //! | `serial` | `com1` | [`crate::devices::serial::SerialDeviceState`] |
 //! | `rtc` | `cmos` | [`crate::devices::rtc::CmosRtcState`] |
 //! | `vmgenid` | `0` | [`crate::devices::vmgenid::VmGenIdState`] |
+//! | `virtio-blk` | device id | [`crate::devices::virtio::state::VirtioBlkState`] |
+//! | `virtio-net` | device id | [`crate::devices::virtio::state::VirtioNetState`] |
+//! | `virtio-rng` | device id | [`crate::devices::virtio::state::VirtioRngState`] |
+//! | `virtio-console` | device id | [`crate::devices::virtio::state::VirtioConsoleState`] |
+//!
+//! Each virtio section holds both the device's virtio-mmio transport
+//! (slot, features, status, interrupt status, config space, queues) and
+//! what it needs of its backend (disk: path, size, read-only; net: tap,
+//! MAC; console: output). The device ids come from the saved
+//! configuration; a restore refuses a snapshot whose configuration names
+//! a device without a section.
 
 pub mod compat;
 pub mod restore;

@@ -19,6 +19,9 @@ use crate::cpu::cpuid;
 use crate::cpu::state::VcpuState;
 use crate::devices::rtc::CmosRtcState;
 use crate::devices::serial::SerialDeviceState;
+use crate::devices::virtio::state::{
+    VirtioBlkState, VirtioConsoleState, VirtioDeviceState, VirtioNetState, VirtioRngState,
+};
 use crate::devices::vmgenid::{VmGenId, VmGenIdState};
 use crate::layout;
 use crate::memory::{self, GuestRam};
@@ -64,6 +67,15 @@ pub struct RestoreOverrides {
     pub api_socket: Option<PathBuf>,
     /// A new serial destination.
     pub serial: Option<SerialConfig>,
+    /// New image files for disks, by disk id (`--disk-path ID=PATH`).
+    pub disk_paths: Vec<(String, PathBuf)>,
+    /// New taps for network devices, by device id (`--tap ID=TAP`).
+    pub taps: Vec<(String, String)>,
+    /// New output destinations for consoles, by device id
+    /// (`--console-path ID=DEST`): `stdout`, `null`, `file:PATH`,
+    /// `socket:PATH`, or a bare path that replaces the path of a file or
+    /// socket destination (and means `file:PATH` otherwise).
+    pub console_outputs: Vec<(String, String)>,
 }
 
 /// Ways a restore can fail before any VM exists.
@@ -76,8 +88,30 @@ pub enum RestoreError {
     #[error("snapshot's VM configuration cannot be read: {0}")]
     Config(String),
     /// The configuration (after overrides) is invalid.
-    #[error("{0} (the saved configuration can be overridden on restore: --name, --api-socket, --serial)")]
+    #[error("{0} (the saved configuration can be overridden on restore: --name, --api-socket, --serial, --disk-path, --tap, --console-path)")]
     Invalid(#[from] stasis_config::ConfigError),
+    /// An override names a device the snapshot does not have.
+    #[error("{flag} {id}=...: the snapshot has no {kind} with id '{id}' (it has: {known})")]
+    UnknownDevice {
+        /// The flag.
+        flag: &'static str,
+        /// The id given.
+        id: String,
+        /// `disk`, `net` or `console`.
+        kind: &'static str,
+        /// The ids of that kind in the snapshot.
+        known: String,
+    },
+    /// A device's backend cannot be used for the restore.
+    #[error("{kind} '{id}': {message}")]
+    Backend {
+        /// `disk`, `net` or `console`.
+        kind: &'static str,
+        /// The device id.
+        id: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// A section the restore needs is missing.
     #[error("snapshot lacks required section '{name}' instance '{instance}'")]
     MissingSection {
@@ -126,6 +160,10 @@ fn known_section(name: &str) -> Option<u32> {
         n if n == SerialDeviceState::NAME => Some(SerialDeviceState::VERSION),
         n if n == CmosRtcState::NAME => Some(CmosRtcState::VERSION),
         n if n == VmGenIdState::NAME => Some(VmGenIdState::VERSION),
+        n if n == VirtioBlkState::NAME => Some(VirtioBlkState::VERSION),
+        n if n == VirtioNetState::NAME => Some(VirtioNetState::VERSION),
+        n if n == VirtioRngState::NAME => Some(VirtioRngState::VERSION),
+        n if n == VirtioConsoleState::NAME => Some(VirtioConsoleState::VERSION),
         _ => None,
     }
 }
@@ -165,6 +203,7 @@ pub fn prepare(
     if let Some(s) = &overrides.serial {
         config.serial = s.clone();
     }
+    apply_device_overrides(&mut config, overrides)?;
     config.validate_for_restore()?;
 
     // The memory regions must be exactly what this configuration maps.
@@ -203,6 +242,7 @@ pub fn prepare(
         Some((_, v)) => v,
         None => VmGenId::new().save(),
     };
+    let virtio = read_virtio_states(&reader, &config)?;
     let state = CapturedState {
         vcpus,
         irqchip: required(&reader, SINGLETON)?,
@@ -211,6 +251,7 @@ pub fn prepare(
         serial: required(&reader, COM1)?,
         rtc: required(&reader, CMOS)?,
         vmgenid,
+        virtio,
     };
     Ok(RestorePlan {
         config,
@@ -218,6 +259,147 @@ pub fn prepare(
         warnings,
         reader,
     })
+}
+
+/// Applies `--disk-path`, `--tap` and `--console-path` to the saved
+/// configuration; an id the snapshot does not have is an error.
+fn apply_device_overrides(
+    config: &mut VmConfig,
+    overrides: &RestoreOverrides,
+) -> Result<(), RestoreError> {
+    fn unknown<'a>(
+        flag: &'static str,
+        kind: &'static str,
+        id: &str,
+        ids: impl Iterator<Item = &'a String>,
+    ) -> RestoreError {
+        let known: Vec<&str> = ids.map(String::as_str).collect();
+        RestoreError::UnknownDevice {
+            flag,
+            id: id.to_string(),
+            kind,
+            known: if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            },
+        }
+    }
+    for (id, path) in &overrides.disk_paths {
+        match config.disk.iter_mut().find(|d| &d.id == id) {
+            Some(d) => d.path = path.clone(),
+            None => {
+                return Err(unknown(
+                    "--disk-path",
+                    "disk",
+                    id,
+                    config.disk.iter().map(|d| &d.id),
+                ))
+            }
+        }
+    }
+    for (id, tap) in &overrides.taps {
+        match config.net.iter_mut().find(|n| &n.id == id) {
+            Some(n) => n.tap = tap.clone(),
+            None => {
+                return Err(unknown(
+                    "--tap",
+                    "net",
+                    id,
+                    config.net.iter().map(|n| &n.id),
+                ))
+            }
+        }
+    }
+    for (id, dest) in &overrides.console_outputs {
+        let Some(c) = config.console.iter_mut().find(|c| &c.id == id) else {
+            return Err(unknown(
+                "--console-path",
+                "console",
+                id,
+                config.console.iter().map(|c| &c.id),
+            ));
+        };
+        c.output = match dest.parse::<SerialConfig>() {
+            Ok(o) => o,
+            Err(_) => match &c.output {
+                SerialConfig::Socket { .. } => SerialConfig::Socket { path: dest.into() },
+                _ => SerialConfig::File { path: dest.into() },
+            },
+        };
+    }
+    Ok(())
+}
+
+/// Reads the section of every virtio device the configuration names, and
+/// checks that each backend can be had: disk images exist with their saved
+/// size, taps can be attached.
+fn read_virtio_states(
+    reader: &SnapshotReader,
+    config: &VmConfig,
+) -> Result<Vec<VirtioDeviceState>, RestoreError> {
+    use stasis_config::VirtioDeviceRef as D;
+    let mut out = Vec::new();
+    for d in config.virtio_devices() {
+        let state = match d {
+            D::Disk(disk) => {
+                let s: VirtioBlkState = required(reader, &disk.id)?;
+                let err = |message: String| RestoreError::Backend {
+                    kind: "disk",
+                    id: disk.id.clone(),
+                    message,
+                };
+                let size = match std::fs::metadata(&disk.path) {
+                    Ok(m) if m.is_file() => m.len(),
+                    Ok(_) => {
+                        return Err(err(format!(
+                            "{} is not a regular file",
+                            disk.path.display()
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(err(format!(
+                            "disk image {}: {e} (give another with --disk-path {}=PATH)",
+                            disk.path.display(),
+                            disk.id
+                        )))
+                    }
+                };
+                if size != s.size {
+                    return Err(err(format!(
+                        "disk image {} is {size} bytes, but the snapshot was taken with a {}-byte image (is it the same disk?)",
+                        disk.path.display(),
+                        s.size
+                    )));
+                }
+                if disk.readonly != s.readonly {
+                    return Err(err(format!(
+                        "saved as {}, configured as {}",
+                        if s.readonly { "read-only" } else { "writable" },
+                        if disk.readonly {
+                            "read-only"
+                        } else {
+                            "writable"
+                        }
+                    )));
+                }
+                VirtioDeviceState::Blk(s)
+            }
+            D::Net(net) => {
+                let s: VirtioNetState = required(reader, &net.id)?;
+                crate::devices::virtio::probe_tap(&net.tap).map_err(|m| RestoreError::Backend {
+                    kind: "net",
+                    id: net.id.clone(),
+                    message: format!("{m} (give another with --tap {}=TAP)", net.id),
+                })?;
+                VirtioDeviceState::Net(s)
+            }
+            D::Rng(r) => VirtioDeviceState::Rng(required(reader, &r.id)?),
+            D::Console(c) => VirtioDeviceState::Console(required(reader, &c.id)?),
+        };
+        out.push(state);
+    }
+    Ok(out)
 }
 
 /// Guest memory for a restore, with how long loading it took.
@@ -275,4 +457,96 @@ pub fn load_memory(
         }
     };
     Ok((mem, started.elapsed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stasis_config::{ConsoleConfig, DiskConfig, NetConfig};
+
+    fn config() -> VmConfig {
+        let mut c = VmConfig::new("v", "/k");
+        c.disk.push(DiskConfig {
+            id: "root".into(),
+            path: "/old.img".into(),
+            readonly: false,
+        });
+        c.net.push(NetConfig {
+            id: "eth0".into(),
+            tap: "tap0".into(),
+            mac: None,
+        });
+        c.console.push(ConsoleConfig {
+            id: "con0".into(),
+            output: SerialConfig::Socket {
+                path: "/run/c.sock".into(),
+            },
+        });
+        c.console.push(ConsoleConfig {
+            id: "con1".into(),
+            output: SerialConfig::Stdout,
+        });
+        c
+    }
+
+    #[test]
+    fn device_overrides_apply_by_id() {
+        let mut c = config();
+        let o = RestoreOverrides {
+            disk_paths: vec![("root".into(), "/new.img".into())],
+            taps: vec![("eth0".into(), "tap5".into())],
+            console_outputs: vec![
+                ("con0".into(), "/run/new.sock".into()),
+                ("con1".into(), "/var/log/con1.log".into()),
+            ],
+            ..Default::default()
+        };
+        apply_device_overrides(&mut c, &o).unwrap();
+        assert_eq!(c.disk[0].path, PathBuf::from("/new.img"));
+        assert_eq!(c.net[0].tap, "tap5");
+        assert_eq!(
+            c.console[0].output,
+            SerialConfig::Socket {
+                path: "/run/new.sock".into()
+            }
+        );
+        assert_eq!(
+            c.console[1].output,
+            SerialConfig::File {
+                path: "/var/log/con1.log".into()
+            }
+        );
+        let o = RestoreOverrides {
+            console_outputs: vec![("con0".into(), "null".into())],
+            ..Default::default()
+        };
+        apply_device_overrides(&mut c, &o).unwrap();
+        assert_eq!(c.console[0].output, SerialConfig::Null);
+    }
+
+    #[test]
+    fn unknown_override_ids_are_refused() {
+        let mut c = config();
+        let o = RestoreOverrides {
+            disk_paths: vec![("data".into(), "/x".into())],
+            ..Default::default()
+        };
+        let e = apply_device_overrides(&mut c, &o).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--disk-path data=...: the snapshot has no disk with id 'data' (it has: root)"
+        );
+        let o = RestoreOverrides {
+            taps: vec![("eth1".into(), "tap1".into())],
+            ..Default::default()
+        };
+        assert!(apply_device_overrides(&mut c, &o).is_err());
+        c.console.clear();
+        let o = RestoreOverrides {
+            console_outputs: vec![("c".into(), "stdout".into())],
+            ..Default::default()
+        };
+        let e = apply_device_overrides(&mut c, &o).unwrap_err().to_string();
+        assert!(e.ends_with("(it has: none)"), "{e}");
+    }
 }

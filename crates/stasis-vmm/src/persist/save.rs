@@ -69,19 +69,7 @@ fn ms(d: Duration) -> f64 {
 /// The CPU description recorded in the manifest: vendor, brand string and
 /// the CPUID the guest saw (vCPU 0's).
 pub fn cpu_info(vendor: &str, state: &CapturedState) -> CpuInfo {
-    let cpuid: Vec<CpuidEntry> = state.vcpus[0]
-        .cpuid
-        .iter()
-        .map(|l| CpuidEntry {
-            function: l.function,
-            index: l.index,
-            flags: l.flags,
-            eax: l.eax,
-            ebx: l.ebx,
-            ecx: l.ecx,
-            edx: l.edx,
-        })
-        .collect();
+    let cpuid: Vec<CpuidEntry> = state.vcpus[0].cpuid.clone();
     let mut brand = Vec::new();
     for f in 0x8000_0002u32..=0x8000_0004 {
         if let Some(e) = cpuid.iter().find(|e| e.function == f) {
@@ -90,9 +78,21 @@ pub fn cpu_info(vendor: &str, state: &CapturedState) -> CpuInfo {
             }
         }
     }
-    let model = String::from_utf8_lossy(&brand)
+    let mut model = String::from_utf8_lossy(&brand)
         .trim_matches(|c: char| c == '\0' || c.is_whitespace())
         .to_string();
+    if model.is_empty() {
+        // Some KVMs pass no brand-string leaves; the host's is what the
+        // snapshot was taken on.
+        model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+            })
+            .unwrap_or_default();
+    }
     CpuInfo {
         vendor: vendor.to_string(),
         model,
@@ -107,6 +107,16 @@ pub fn snapshot(
     opts: &SnapshotOptions,
 ) -> Result<SnapshotReport, SnapshotError> {
     let started = Instant::now();
+    // Temporary directories of snapshots whose writer was killed are
+    // removed first (only those of dead processes; never the only copy).
+    match stasis_snapshot::remove_stale_temp_dirs(dir) {
+        Ok(removed) => {
+            for d in removed {
+                tracing::info!("removed {} left by an interrupted snapshot", d.display());
+            }
+        }
+        Err(e) => tracing::warn!("cannot clean up after interrupted snapshots: {e}"),
+    }
     // Creating the writer first checks the target before the guest pauses.
     let mut writer = SnapshotWriter::create(dir)?;
     let was_paused = control.state() == RunState::Paused;
@@ -191,6 +201,9 @@ fn write_contents(
     writer.add_section(COM1, false, &state.serial)?;
     writer.add_section(CMOS, false, &state.rtc)?;
     writer.add_section(SINGLETON, true, &state.vmgenid)?;
+    for v in &state.virtio {
+        v.write_to(writer)?;
+    }
     let mem = control.memory();
     let names: Vec<String> = (0..mem.num_regions()).map(|i| format!("ram{i}")).collect();
     let regions: Vec<MemoryRegionSource> = mem
@@ -198,8 +211,8 @@ fn write_contents(
         .zip(&names)
         .map(|(r, name)| {
             // SAFETY: the region stays mapped while `control` (and so the
-            // VM) lives, and no vCPU runs while the VM is paused; devices
-            // that write guest memory only do so for running vCPUs.
+            // VM) lives, and no vCPU runs while the VM is paused; device
+            // threads (virtio-net receive) are paused with the vCPUs.
             unsafe {
                 MemoryRegionSource::from_raw(name, r.start_addr().0, r.as_ptr(), r.len() as usize)
             }

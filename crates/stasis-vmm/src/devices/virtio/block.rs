@@ -1,0 +1,451 @@
+//! virtio-blk (device type 2) on a raw image file.
+//!
+//! One request queue. Requests: read, write, flush (`fdatasync` before the
+//! request completes), get-id (the device id, truncated to 20 bytes),
+//! discard (`fallocate(PUNCH_HOLE | KEEP_SIZE)`). A read-only disk offers
+//! `VIRTIO_BLK_F_RO`, opens the image read-only, and fails writes and
+//! discards with `VIRTIO_BLK_S_IOERR` without touching the image. Every
+//! request completes before the notify that submitted it returns (see the
+//! module docs of [`super`]).
+//!
+//! The image is locked with `flock` (exclusive for a writable disk, shared
+//! for a read-only one), so two VMs cannot write one image at once.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use stasis_config::DiskConfig;
+use virtio_queue::{DescriptorChain, QueueT};
+
+use super::state::BackendState;
+use super::{DeviceContext, VirtioDevice, VirtioError, TYPE_BLOCK};
+use crate::memory::GuestRam;
+
+/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// `VIRTIO_BLK_F_RO`: the disk is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// `VIRTIO_BLK_F_FLUSH`: flush requests (a write-back cache).
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// `VIRTIO_BLK_F_DISCARD`: discard requests.
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+
+/// Request types.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Write.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Flush.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Get the device id string.
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Discard.
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+
+/// Status: success.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Status: I/O error (also: writes to a read-only disk, out-of-range).
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Status: request type not supported.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Sector size of the virtio-blk interface.
+pub const SECTOR_SIZE: u64 = 512;
+/// The request queue's maximum size.
+pub const QUEUE_SIZE: u16 = 256;
+/// `seg_max`: data segments per request (the queue size less the header
+/// and status descriptors).
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// `max_discard_sectors`: 2 GiB per segment.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// `max_discard_seg`.
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// `discard_sector_alignment`: 4 KiB, the usual file-system block.
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+/// Length of the id string returned by get-id.
+pub const ID_BYTES: usize = 20;
+/// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and
+/// its padding.
+pub const CONFIG_SIZE: usize = 0x3c;
+
+/// Data is moved between the image and guest memory in chunks of this size.
+const CHUNK: usize = 1 << 20;
+
+/// A virtio-blk disk.
+pub struct Block {
+    id: String,
+    path: PathBuf,
+    file: File,
+    size: u64,
+    readonly: bool,
+    config: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Block {
+    /// Opens (and locks) the image `cfg` names.
+    pub fn open(cfg: &DiskConfig) -> Result<Self, VirtioError> {
+        let err = |message: String| VirtioError::Backend {
+            kind: "virtio-blk",
+            id: cfg.id.clone(),
+            message,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.readonly)
+            .open(&cfg.path)
+            .map_err(|e| {
+                err(format!(
+                    "cannot open disk image {}: {e}",
+                    cfg.path.display()
+                ))
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| err(format!("cannot stat {}: {e}", cfg.path.display())))?;
+        if !meta.is_file() {
+            return Err(err(format!("{} is not a regular file", cfg.path.display())));
+        }
+        let op = if cfg.readonly {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on an fd we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(err(if e.kind() == std::io::ErrorKind::WouldBlock {
+                format!(
+                    "disk image {} is in use by another VM (it holds a {} lock)",
+                    cfg.path.display(),
+                    if cfg.readonly {
+                        "write"
+                    } else {
+                        "read or write"
+                    }
+                )
+            } else {
+                format!("cannot lock {}: {e}", cfg.path.display())
+            }));
+        }
+        let size = meta.len();
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            tracing::warn!(
+                "virtio-blk '{}': {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible to the guest",
+                cfg.id,
+                cfg.path.display(),
+                size % SECTOR_SIZE
+            );
+        }
+        Ok(Self::from_file(
+            &cfg.id,
+            cfg.path.clone(),
+            file,
+            size,
+            cfg.readonly,
+        ))
+    }
+
+    fn from_file(id: &str, path: PathBuf, file: File, size: u64, readonly: bool) -> Self {
+        Self {
+            id: id.to_string(),
+            path,
+            file,
+            size,
+            readonly,
+            config: config_space(size / SECTOR_SIZE),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The image file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The image's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    /// Executes one request; returns the number of bytes written into the
+    /// chain's device-writable part (status byte included).
+    fn execute(&mut self, mem: &GuestRam, chain: DescriptorChain<&GuestRam>) -> u32 {
+        let mut reader = match chain.clone().reader(mem) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("virtio-blk '{}': bad request chain: {e}", self.id);
+                return 0;
+            }
+        };
+        let mut data_out = match chain.writer(mem) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("virtio-blk '{}': bad request chain: {e}", self.id);
+                return 0;
+            }
+        };
+        let writable = data_out.available_bytes();
+        if writable == 0 {
+            tracing::warn!("virtio-blk '{}': request without a status byte", self.id);
+            return 0;
+        }
+        let mut status_out = match data_out.split_at(writable - 1) {
+            Ok(s) => s,
+            Err(_) => return 0,
+        };
+        let mut header = [0u8; 16];
+        let status = if reader.read_exact(&mut header).is_err() {
+            tracing::warn!("virtio-blk '{}': request header too short", self.id);
+            VIRTIO_BLK_S_IOERR
+        } else {
+            let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+            let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+            match kind {
+                VIRTIO_BLK_T_IN => self.read(sector, &mut data_out),
+                VIRTIO_BLK_T_OUT => self.write(sector, &mut reader),
+                VIRTIO_BLK_T_FLUSH => self.flush(),
+                VIRTIO_BLK_T_GET_ID => self.get_id(&mut data_out),
+                VIRTIO_BLK_T_DISCARD => self.discard(&mut reader),
+                other => {
+                    tracing::debug!("virtio-blk '{}': unsupported request {other}", self.id);
+                    VIRTIO_BLK_S_UNSUPP
+                }
+            }
+        };
+        let _ = status_out.write_all(&[status]);
+        (data_out.bytes_written() + status_out.bytes_written()) as u32
+    }
+
+    /// Checks that `len` bytes at `sector` are within the disk and whole
+    /// sectors; returns the byte offset.
+    fn range(&self, sector: u64, len: u64) -> Option<u64> {
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            tracing::debug!(
+                "virtio-blk '{}': {len}-byte request is not whole sectors",
+                self.id
+            );
+            return None;
+        }
+        let off = sector.checked_mul(SECTOR_SIZE)?;
+        let end = off.checked_add(len)?;
+        if end > self.capacity() * SECTOR_SIZE {
+            tracing::debug!(
+                "virtio-blk '{}': request {off:#x}+{len:#x} beyond the disk's {} sectors",
+                self.id,
+                self.capacity()
+            );
+            return None;
+        }
+        Some(off)
+    }
+
+    fn read(&mut self, sector: u64, out: &mut virtio_queue::Writer) -> u8 {
+        let len = out.available_bytes();
+        let Some(mut off) = self.range(sector, len as u64) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            self.buf.resize(n, 0);
+            if let Err(e) = self.file.read_exact_at(&mut self.buf[..n], off) {
+                tracing::warn!("virtio-blk '{}': read at {off:#x}: {e}", self.id);
+                return VIRTIO_BLK_S_IOERR;
+            }
+            if out.write_all(&self.buf[..n]).is_err() {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            off += n as u64;
+            left -= n;
+        }
+        VIRTIO_BLK_S_OK
+    }
+
+    fn write(&mut self, sector: u64, input: &mut virtio_queue::Reader) -> u8 {
+        if self.readonly {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let len = input.available_bytes();
+        let Some(mut off) = self.range(sector, len as u64) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            self.buf.resize(n, 0);
+            if input.read_exact(&mut self.buf[..n]).is_err() {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            if let Err(e) = self.file.write_all_at(&self.buf[..n], off) {
+                tracing::warn!("virtio-blk '{}': write at {off:#x}: {e}", self.id);
+                return VIRTIO_BLK_S_IOERR;
+            }
+            off += n as u64;
+            left -= n;
+        }
+        VIRTIO_BLK_S_OK
+    }
+
+    fn flush(&mut self) -> u8 {
+        if self.readonly {
+            return VIRTIO_BLK_S_OK;
+        }
+        match self.file.sync_data() {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(e) => {
+                tracing::warn!("virtio-blk '{}': fdatasync: {e}", self.id);
+                VIRTIO_BLK_S_IOERR
+            }
+        }
+    }
+
+    fn get_id(&mut self, out: &mut virtio_queue::Writer) -> u8 {
+        let mut id = [0u8; ID_BYTES];
+        let n = self.id.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
+        let room = out.available_bytes().min(ID_BYTES);
+        match out.write_all(&id[..room]) {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(_) => VIRTIO_BLK_S_IOERR,
+        }
+    }
+
+    fn discard(&mut self, input: &mut virtio_queue::Reader) -> u8 {
+        if self.readonly {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let len = input.available_bytes();
+        if len == 0 || !len.is_multiple_of(16) || len / 16 > MAX_DISCARD_SEG as usize {
+            tracing::debug!(
+                "virtio-blk '{}': discard with {len} bytes of segments",
+                self.id
+            );
+            return VIRTIO_BLK_S_UNSUPP;
+        }
+        let mut segments = Vec::with_capacity(len / 16);
+        for _ in 0..len / 16 {
+            let mut seg = [0u8; 16];
+            if input.read_exact(&mut seg).is_err() {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            let sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
+            let sectors = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+            let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+            if flags != 0 {
+                return VIRTIO_BLK_S_UNSUPP;
+            }
+            if sectors > MAX_DISCARD_SECTORS {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            let bytes = u64::from(sectors) * SECTOR_SIZE;
+            let Some(off) = self.range(sector, bytes) else {
+                return VIRTIO_BLK_S_IOERR;
+            };
+            segments.push((off, bytes));
+        }
+        for (off, bytes) in segments {
+            if bytes == 0 {
+                continue;
+            }
+            // SAFETY: fallocate on an fd we own with in-range, non-negative
+            // offsets (checked above); no memory is involved.
+            let r = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    bytes as libc::off_t,
+                )
+            };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    // Discard is a hint: a file system that cannot punch
+                    // holes keeps the data, which the spec allows.
+                    continue;
+                }
+                tracing::warn!("virtio-blk '{}': discard at {off:#x}: {e}", self.id);
+                return VIRTIO_BLK_S_IOERR;
+            }
+        }
+        VIRTIO_BLK_S_OK
+    }
+}
+
+/// `struct virtio_blk_config` for a disk of `capacity` sectors.
+pub fn config_space(capacity: u64) -> Vec<u8> {
+    let mut c = vec![0u8; CONFIG_SIZE];
+    c[0x00..0x08].copy_from_slice(&capacity.to_le_bytes());
+    c[0x0c..0x10].copy_from_slice(&SEG_MAX.to_le_bytes());
+    c[0x24..0x28].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[0x28..0x2c].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+    c[0x2c..0x30].copy_from_slice(&DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn kind(&self) -> &'static str {
+        "virtio-blk"
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn queue_max_sizes(&self) -> &'static [u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let f = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_DISCARD;
+        if self.readonly {
+            f | VIRTIO_BLK_F_RO
+        } else {
+            f
+        }
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) {
+        let mem = ctx.mem;
+        let mut completed = false;
+        while let Some(chain) = ctx.queues[index].pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = self.execute(mem, chain);
+            if let Err(e) = ctx.queues[index].add_used(mem, head, len) {
+                tracing::warn!("virtio-blk '{}': cannot complete request: {e}", self.id);
+                break;
+            }
+            completed = true;
+        }
+        if completed {
+            ctx.signal_used(index);
+        }
+    }
+
+    fn save_backend(&self) -> BackendState {
+        BackendState::Block {
+            path: self.path.clone(),
+            size: self.size,
+            readonly: self.readonly,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

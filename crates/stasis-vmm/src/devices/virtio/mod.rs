@@ -1,0 +1,481 @@
+//! virtio devices on the virtio-mmio transport: disks ([`block`]), network
+//! interfaces ([`net`]), entropy ([`rng`]) and consoles ([`console`]).
+//!
+//! # Placement
+//!
+//! Device *n* of a VM (disks first, then network interfaces, entropy
+//! sources and consoles, each in configuration order) sits in virtio-mmio
+//! slot *n*: its register window is at
+//! [`crate::layout::VIRTIO_MMIO_BASE`]` + n * 0x1000` and its interrupt on
+//! [`crate::layout::VIRTIO_GSIS`]`[n]`. The VMM describes each slot in the
+//! ACPI DSDT (`LNRO0005`) and appends `virtio_mmio.device=4K@ADDR:GSI` to
+//! the kernel command line.
+//!
+//! # Threads, locking, and where requests complete
+//!
+//! Each device is an [`mmio::MmioTransport`] (registers, queues, interrupt)
+//! owning its device model, behind one mutex that the MMIO bus locks for
+//! every register access. Queues are processed **synchronously in the vCPU
+//! thread that wrote `QueueNotify`**, inside that MMIO exit, under the
+//! device mutex: a disk request is read, executed with `pread`/`pwrite`
+//! (`fdatasync` for a flush), and put in the used ring before the vCPU
+//! re-enters the guest; so are transmitted packets, console output and
+//! entropy. Compared with ioeventfd and a device thread this costs a
+//! userspace exit per notify (the guest kit's polling drivers notify once
+//! per batch), but it means that **no request is ever half done when the
+//! vCPUs are parked**: a vCPU parks only between two `KVM_RUN`s, never
+//! inside an exit handler, so pausing the vCPUs quiesces every queue that
+//! the guest drives.
+//!
+//! The one exception is what the host side starts: frames arriving on a
+//! tap. Each network device has a worker thread (`virtio-net-ID`) that
+//! `poll`s the tap and a wake-up eventfd and, with the device mutex held,
+//! moves frames into receive buffers. The worker touches guest memory only
+//! under that mutex and only while the transport is not paused.
+//!
+//! # Pausing and snapshots
+//!
+//! [`crate::VmControl::pause`] parks the vCPUs, then pauses every transport
+//! ([`mmio::MmioTransport::pause`]): with the mutex held, so any receive in
+//! progress has finished, it marks the transport paused, and the worker
+//! stops polling the tap until resumed (frames wait in the tap's kernel
+//! queue). From then until resume nothing writes guest memory or device
+//! state, so capture and the memory copy see one consistent instant. A VM
+//! starts with its transports paused; [`crate::Vm::start`] resumes them.
+//!
+//! # Interrupts
+//!
+//! Each transport has an eventfd registered as an irqfd on its GSI (edge
+//! triggered: each write is one edge). `InterruptStatus` bit 0 is set when
+//! used buffers were added and the driver did not suppress interrupts
+//! (`VRING_AVAIL_F_NO_INTERRUPT`); bit 1 (configuration change) is set when
+//! the device needs a reset. A restored transport whose saved interrupt
+//! status is non-zero raises one more edge when the VM starts (after the
+//! irqchip state is restored), so an interrupt the guest had not yet seen
+//! is not lost (a spurious one is harmless to virtio drivers).
+//!
+//! # Saved state
+//!
+//! One section per device, named after its kind (`virtio-blk`,
+//! `virtio-net`, `virtio-rng`, `virtio-console`) with the device id as
+//! instance, holding the transport ([`state::VirtioMmioState`]: slot,
+//! negotiated features, status, interrupt status, config space, and each
+//! queue's size, readiness, ring addresses and next_avail/next_used) and
+//! what the device needs of its backend (see [`state`]).
+
+pub mod block;
+pub mod console;
+pub mod mmio;
+pub mod net;
+pub mod rng;
+pub mod state;
+mod tap;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestRam;
+
+pub use mmio::MmioTransport;
+pub use state::VirtioDeviceState;
+
+/// Device type of a network card.
+pub const TYPE_NET: u32 = 1;
+/// Device type of a block device.
+pub const TYPE_BLOCK: u32 = 2;
+/// Device type of a console.
+pub const TYPE_CONSOLE: u32 = 3;
+/// Device type of an entropy source.
+pub const TYPE_RNG: u32 = 4;
+
+/// `VIRTIO_F_VERSION_1`: the modern (virtio 1.x) interface. Always offered
+/// and required of the driver.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_RING_INDIRECT_DESC`: indirect descriptor tables (handled by
+/// `virtio-queue`); offered by every device.
+pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
+
+/// `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's flags.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// `InterruptStatus` bit: used buffers were added.
+pub const INT_VRING: u32 = 1;
+/// `InterruptStatus` bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// Errors creating or restoring a virtio device.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// The backend (image file, tap, output) could not be opened.
+    #[error("{kind} '{id}': {message}")]
+    Backend {
+        /// `virtio-blk`, `virtio-net`, ...
+        kind: &'static str,
+        /// The device id.
+        id: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The saved state does not fit the device.
+    #[error("saved state of {kind} '{id}' does not fit the device: {message}")]
+    State {
+        /// `virtio-blk`, `virtio-net`, ...
+        kind: &'static str,
+        /// The device id.
+        id: String,
+        /// What does not fit.
+        message: String,
+    },
+    /// A resource of the VMM (eventfd, thread) could not be had.
+    #[error("{kind} '{id}': {what}: {source}")]
+    Host {
+        /// `virtio-blk`, `virtio-net`, ...
+        kind: &'static str,
+        /// The device id.
+        id: String,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The interrupt line of one transport: `InterruptStatus` and the irqfd.
+pub struct Interrupt {
+    status: u32,
+    evt: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised through `evt` (an irqfd).
+    pub fn new(evt: EventFd) -> Self {
+        Self { status: 0, evt }
+    }
+
+    /// The `InterruptStatus` register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Sets `bits` in `InterruptStatus` and raises one edge.
+    pub fn raise(&mut self, bits: u32) {
+        self.status |= bits;
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!("virtio interrupt eventfd write failed: {e}");
+        }
+    }
+
+    /// `InterruptACK`: clears `bits`.
+    pub fn ack(&mut self, bits: u32) {
+        self.status &= !bits;
+    }
+
+    fn set_status(&mut self, status: u32) {
+        self.status = status;
+    }
+}
+
+/// What a device model gets when it works on its queues: the queues, guest
+/// memory and the interrupt line.
+pub struct DeviceContext<'a> {
+    /// The device's queues, in the device type's order.
+    pub queues: &'a mut [Queue],
+    /// Guest memory.
+    pub mem: &'a GuestRam,
+    /// The transport's interrupt.
+    pub irq: &'a mut Interrupt,
+}
+
+impl DeviceContext<'_> {
+    /// Tells the driver that queue `index` has new used buffers, unless it
+    /// asked for no interrupts (`VRING_AVAIL_F_NO_INTERRUPT`).
+    pub fn signal_used(&mut self, index: usize) {
+        let q = &self.queues[index];
+        let flags: u16 = self
+            .mem
+            .read_obj(GuestAddress(q.avail_ring()))
+            .map(u16::from_le)
+            .unwrap_or(0);
+        if flags & VRING_AVAIL_F_NO_INTERRUPT == 0 {
+            self.irq.raise(INT_VRING);
+        }
+    }
+}
+
+/// A virtio device model behind an [`MmioTransport`]. Every method runs
+/// with the transport's mutex held.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// The section name and log prefix: `virtio-blk`, ...
+    fn kind(&self) -> &'static str;
+    /// The user's id for this device.
+    fn id(&self) -> &str;
+    /// The maximum size of each queue; their number is the length.
+    fn queue_max_sizes(&self) -> &'static [u16];
+    /// Device-specific feature bits offered (the transport adds
+    /// [`VIRTIO_F_VERSION_1`] and [`VIRTIO_F_RING_INDIRECT_DESC`]).
+    fn features(&self) -> u64;
+    /// The device-specific configuration space.
+    fn config(&self) -> &[u8];
+    /// A driver write into the configuration space; ignored by default
+    /// (no device here has writable configuration fields).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            "{} '{}': ignored config write of {} bytes at {offset:#x}",
+            self.kind(),
+            self.id(),
+            data.len()
+        );
+    }
+    /// The driver set `DRIVER_OK` (or a device that was live was restored).
+    fn activate(&mut self, ctx: &mut DeviceContext) {
+        let _ = ctx;
+    }
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+    /// The driver notified queue `index` (the transport checked that the
+    /// device is live and the queue ready).
+    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext);
+    /// The device's worker thread saw its backend become ready (only for
+    /// devices with a [`VirtioDevice::worker`]).
+    fn backend_ready(&mut self, ctx: &mut DeviceContext) {
+        let _ = ctx;
+    }
+    /// The transport was paused (`false`) or resumed (`true`).
+    fn set_running(&mut self, running: bool) {
+        let _ = running;
+    }
+    /// What a worker thread must poll, if the device needs one.
+    fn worker(&self) -> Option<WorkerSpec> {
+        None
+    }
+    /// The device-specific part of the saved state.
+    fn save_backend(&self) -> state::BackendState;
+}
+
+/// What a device's worker thread polls: a backend fd while `want` is set,
+/// and always the `wake` eventfd.
+pub struct WorkerSpec {
+    /// The backend's fd (the tap).
+    pub fd: RawFd,
+    /// Whether the device wants to hear that `fd` is readable.
+    pub want: Arc<AtomicBool>,
+    /// Written whenever `want` changes or the worker must look again.
+    pub wake: Arc<EventFd>,
+}
+
+/// A running worker thread; stopped and joined on [`Worker::stop`] or drop.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(
+        name: String,
+        spec: WorkerSpec,
+        transport: Arc<Mutex<MmioTransport>>,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = spec.wake.clone();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker_loop(spec, transport, stop))?
+        };
+        Ok(Self {
+            stop,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn worker_loop(spec: WorkerSpec, transport: Arc<Mutex<MmioTransport>>, stop: Arc<AtomicBool>) {
+    loop {
+        let want = spec.want.load(Ordering::SeqCst);
+        let mut fds = [
+            libc::pollfd {
+                fd: spec.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: spec.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n = if want { 2 } else { 1 };
+        // SAFETY: `fds` is a valid array of `n` pollfd structs that lives
+        // across the call; the fds stay open while the worker runs (the
+        // wake eventfd is shared through an Arc, the backend fd is owned by
+        // the device, which the transport keeps alive).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!("virtio worker poll failed: {e}; worker stops");
+            return;
+        }
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if fds[0].revents != 0 {
+            // Non-blocking: drains the counter; EAGAIN is fine.
+            let _ = spec.wake.read();
+        }
+        transport
+            .lock()
+            .expect("virtio transport lock")
+            .backend_ready();
+    }
+}
+
+/// One virtio device of a VM: its transport (also on the MMIO bus) and its
+/// worker thread, if it has one.
+pub struct VirtioSlot {
+    /// The device.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    worker: Mutex<Option<Worker>>,
+}
+
+impl VirtioSlot {
+    /// Wraps `transport` and starts its device's worker thread, if any.
+    pub fn new(transport: MmioTransport) -> Result<Self, VirtioError> {
+        let spec = transport.device().worker();
+        let name = format!("{}-{}", transport.device().kind(), transport.device().id());
+        let (kind, id) = (
+            transport.device().kind(),
+            transport.device().id().to_string(),
+        );
+        let transport = Arc::new(Mutex::new(transport));
+        let worker =
+            match spec {
+                Some(spec) => Some(Worker::spawn(name, spec, transport.clone()).map_err(
+                    |source| VirtioError::Host {
+                        kind,
+                        id,
+                        what: "cannot start the worker thread",
+                        source,
+                    },
+                )?),
+                None => None,
+            };
+        Ok(Self {
+            transport,
+            worker: Mutex::new(worker),
+        })
+    }
+
+    /// Stops the worker thread (the VM is ending).
+    pub fn shutdown(&self) {
+        if let Some(mut w) = self.worker.lock().expect("worker lock").take() {
+            w.stop();
+        }
+    }
+}
+
+/// Opens the backend of every virtio device `config` lists, in slot order
+/// (see [`stasis_config::VmConfig::virtio_devices`]): disk images, taps,
+/// console outputs. Done before anything else of a VM is created, so a
+/// missing image or tap creates no VM. For a restore, `saved` holds the
+/// saved states: a network device keeps its saved MAC address, and a disk
+/// image must still have its saved size.
+pub fn open_devices(
+    config: &stasis_config::VmConfig,
+    saved: Option<&[VirtioDeviceState]>,
+) -> Result<Vec<Box<dyn VirtioDevice>>, VirtioError> {
+    use stasis_config::VirtioDeviceRef as D;
+    let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in config.virtio_devices() {
+        let state = saved.and_then(|s| s.iter().find(|s| s.id() == d.id()));
+        let dev: Box<dyn VirtioDevice> = match d {
+            D::Disk(disk) => {
+                let b = block::Block::open(disk)?;
+                if let Some(VirtioDeviceState::Blk(s)) = state {
+                    let (size, now) = (s.size, b.size());
+                    if now != size {
+                        return Err(VirtioError::Backend {
+                            kind: "virtio-blk",
+                            id: disk.id.clone(),
+                            message: format!(
+                                "disk image {} is {now} bytes; the snapshot was taken with {size}",
+                                disk.path.display()
+                            ),
+                        });
+                    }
+                }
+                Box::new(b)
+            }
+            D::Net(net) => {
+                let mac = match state {
+                    Some(VirtioDeviceState::Net(s)) => {
+                        s.mac.parse().map_err(|e: String| VirtioError::State {
+                            kind: "virtio-net",
+                            id: net.id.clone(),
+                            message: e,
+                        })?
+                    }
+                    _ => net
+                        .mac
+                        .unwrap_or_else(|| stasis_config::MacAddr::derived(&config.name, &net.id)),
+                };
+                Box::new(net::Net::open(&net.id, &net.tap, mac)?)
+            }
+            D::Rng(r) => Box::new(rng::Rng::new(&r.id)),
+            D::Console(c) => Box::new(console::Console::open(&c.id, &c.output)?),
+        };
+        out.push(dev);
+    }
+    Ok(out)
+}
+
+/// Checks that the tap `name` exists and can be attached (it is opened
+/// and closed again).
+pub fn probe_tap(name: &str) -> Result<(), String> {
+    tap::Tap::open(name).map(drop)
+}
+
+/// The `virtio_mmio.device=` kernel parameters for `count` devices (one
+/// per slot, for kernels built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
+pub fn cmdline_devices(count: usize) -> String {
+    (0..count)
+        .filter_map(crate::layout::virtio_mmio_slot)
+        .map(|(base, gsi)| format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A fresh queue of `max` entries (a power of two no larger than 32768).
+fn new_queue(max: u16) -> Queue {
+    Queue::new(max).expect("device queue sizes are powers of two")
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;
