@@ -35,14 +35,18 @@ fn boot(tag: &str, vcpus: u32, boot: &str, cmdline: &str, memory: &str) -> VmPro
 /// Waits until every CPU has printed at least `n` lines with `tag`.
 fn wait_per_cpu(vm: &mut VmProcess, tag: &str, n: usize, vcpus: u32) -> Vec<String> {
     let prefix = format!("{tag} ");
-    vm.wait_until(&format!("{n} '{tag}' lines from each of {vcpus} CPUs"), T, |ls| {
-        (0..u64::from(vcpus)).all(|cpu| {
-            ls.iter()
-                .filter(|l| l.starts_with(&prefix) && num(l, "cpu") == cpu)
-                .count()
-                >= n
-        })
-    });
+    vm.wait_until(
+        &format!("{n} '{tag}' lines from each of {vcpus} CPUs"),
+        T,
+        |ls| {
+            (0..u64::from(vcpus)).all(|cpu| {
+                ls.iter()
+                    .filter(|l| l.starts_with(&prefix) && num(l, "cpu") == cpu)
+                    .count()
+                    >= n
+            })
+        },
+    );
     vm.tagged(tag)
 }
 

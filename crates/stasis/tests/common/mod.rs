@@ -96,6 +96,20 @@ pub struct VmOpts<'a> {
     pub boot: &'a str,
     pub cmdline: &'a str,
     pub extra: Vec<String>,
+    /// Run the VMM inside this network namespace.
+    pub netns: Option<String>,
+}
+
+/// `stasis` itself, or `ip netns exec NS stasis` when `netns` is set.
+pub fn stasis_command(netns: Option<&str>) -> Command {
+    match netns {
+        None => Command::new(stasis_bin()),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, stasis_bin()]);
+            c
+        }
+    }
 }
 
 impl Default for VmOpts<'_> {
@@ -106,6 +120,7 @@ impl Default for VmOpts<'_> {
             boot: "auto",
             cmdline: "console=ttyS0 workload=heartbeat",
             extra: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -119,7 +134,7 @@ impl VmProcess {
         let runtime_dir = scratch.join("run");
         let stderr_path = scratch.join("stderr.log");
         let name = format!("{tag}-{}", std::process::id());
-        let child = Command::new(stasis_bin())
+        let child = stasis_command(opts.netns.as_deref())
             .env("STASIS_RUNTIME_DIR", &runtime_dir)
             .arg("run")
             .args(["--name", &name])
@@ -280,11 +295,22 @@ pub fn err_text(out: &Output) -> String {
 /// Starts `stasis restore DIR` with serial output in a file of `scratch`
 /// and the API socket in `runtime_dir`.
 pub fn restore_process(tag: &str, dir: &Path, runtime_dir: &Path, extra: &[&str]) -> VmProcess {
+    restore_process_in(None, tag, dir, runtime_dir, extra)
+}
+
+/// [`restore_process`], inside network namespace `netns` if given.
+pub fn restore_process_in(
+    netns: Option<&str>,
+    tag: &str,
+    dir: &Path,
+    runtime_dir: &Path,
+    extra: &[&str],
+) -> VmProcess {
     let scratch = Scratch::new(tag);
     let serial = scratch.join("serial.log");
     let stderr_path = scratch.join("stderr.log");
     let name = format!("{tag}-{}", std::process::id());
-    let child = Command::new(stasis_bin())
+    let child = stasis_command(netns)
         .env("STASIS_RUNTIME_DIR", runtime_dir)
         .arg("restore")
         .arg(dir)
@@ -319,5 +345,79 @@ impl VmProcess {
             self.fail(&format!("snapshot failed: {}", err_text(&out)));
         }
         serde_json::from_slice(&out.stdout).expect("snapshot --json output")
+    }
+}
+
+/// A network namespace with tap devices and a `net-responder.py` on each,
+/// removed (with everything in it) when dropped. Needs root and `ip`.
+pub struct NetNs {
+    pub name: String,
+    responders: Vec<(String, Child, PathBuf)>,
+}
+
+impl NetNs {
+    pub fn new(tag: &str, taps: &[&str], scratch: &Scratch) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "st-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("the ip tool (iproute2)");
+            assert!(out.status.success(), "ip {args:?}: {}", err_text(&out));
+        };
+        ip(&["netns", "add", &name]);
+        let mut ns = NetNs {
+            name: name.clone(),
+            responders: Vec::new(),
+        };
+        for tap in taps {
+            ip(&[
+                "netns", "exec", &name, "ip", "tuntap", "add", "dev", tap, "mode", "tap",
+            ]);
+            ip(&["netns", "exec", &name, "ip", "link", "set", tap, "up"]);
+            let log = scratch.join(&format!("responder-{tap}.log"));
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests/net-responder.py");
+            let child = Command::new("ip")
+                .args(["netns", "exec", &name, "python3", "-u"])
+                .arg(&script)
+                .arg(tap)
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("python3 for the responder");
+            ns.responders.push((tap.to_string(), child, log));
+        }
+        ns
+    }
+
+    /// The responder's last `requests=` count for `tap`.
+    pub fn requests_seen(&self, tap: &str) -> u64 {
+        let (_, _, log) = self.responders.iter().find(|(t, _, _)| t == tap).unwrap();
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("RESPONDER "))
+            .last()
+            .map(|l| num(l, "requests"))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        for (_, c, _) in self.responders.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
