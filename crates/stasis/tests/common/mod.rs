@@ -403,8 +403,7 @@ impl NetNs {
         std::fs::read_to_string(log)
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.starts_with("RESPONDER "))
-            .last()
+            .rfind(|l| l.starts_with("RESPONDER "))
             .map(|l| num(l, "requests"))
             .unwrap_or(0)
     }
