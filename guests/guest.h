@@ -192,6 +192,8 @@ struct config {
     u64 net_index, net_slot, net_ms;
     u64 rng_index, rng_slot, rng_bytes, rng_ms;
     u64 virtio_timeout_ms;
+    char bench_mode[16];    /* diskbench */
+    u64 bench_ms, bench_qd;
     u32 bsp;                /* APIC ID of the boot CPU */
 };
 extern struct config cfg;

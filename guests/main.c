@@ -191,10 +191,15 @@ static void parse_cmdline(u32 cpu)
             { "rng_index", &cfg.rng_index }, { "rng_slot", &cfg.rng_slot },
             { "rng_bytes", &cfg.rng_bytes }, { "rng_ms", &cfg.rng_ms },
             { "virtio_timeout_ms", &cfg.virtio_timeout_ms },
+            { "bench_ms", &cfg.bench_ms }, { "bench_qd", &cfg.bench_qd },
             { "tsc_khz", &cmdline_tsc_khz },
         };
         if (streq(key, "workload")) {
             copy_str(cfg.workload, sizeof(cfg.workload), val);
+            continue;
+        }
+        if (streq(key, "bench_mode")) {
+            copy_str(cfg.bench_mode, sizeof(cfg.bench_mode), val);
             continue;
         }
         if (streq(key, "do")) {
@@ -450,7 +455,7 @@ static int known_workload(const char *w)
 {
     return streq(w, "heartbeat") || streq(w, "memory") || streq(w, "registers") ||
            streq(w, "timer") || streq(w, "action") || streq(w, "disk") || streq(w, "net") ||
-           streq(w, "rng");
+           streq(w, "rng") || streq(w, "diskbench");
 }
 
 static void detect_tsc(void)
@@ -594,6 +599,9 @@ static __attribute__((noreturn)) void bsp_main(u32 cpu)
     cfg.rng_bytes = 64;
     cfg.rng_ms = 10;
     cfg.virtio_timeout_ms = 2000;
+    copy_str(cfg.bench_mode, sizeof(cfg.bench_mode), "randread4k");
+    cfg.bench_ms = 2000;
+    cfg.bench_qd = 8;
 
     if (read_boot_info(cpu))
         halt_forever();

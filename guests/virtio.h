@@ -55,6 +55,8 @@
 
 /* Feature bits */
 #define VIRTIO_F_VERSION_1      (1ul << 32)
+#define VIRTIO_BLK_F_SIZE_MAX   (1ul << 1)
+#define VIRTIO_BLK_F_SEG_MAX    (1ul << 2)
 #define VIRTIO_BLK_F_RO         (1ul << 5)
 #define VIRTIO_BLK_F_BLK_SIZE   (1ul << 6)
 #define VIRTIO_BLK_F_FLUSH      (1ul << 9)
@@ -191,6 +193,7 @@ void virtio_timeout_error(struct vq *q, const char *what, u64 waited_ticks);
 
 /* virtio_workloads.c */
 __attribute__((noreturn)) void disk_workload(u32 cpu);
+__attribute__((noreturn)) void diskbench_workload(u32 cpu);
 __attribute__((noreturn)) void net_workload(u32 cpu);
 __attribute__((noreturn)) void rng_workload(u32 cpu);
 

@@ -385,6 +385,240 @@ void disk_workload(u32 cpu)
     }
 }
 
+/* ================================================================ diskbench */
+
+/*
+ * Throughput benchmark: keeps `bench_qd` requests in flight over the whole
+ * capacity for `bench_ms` after a warm-up, prints one DISKBENCH line, halts. Data buffers come from usable RAM above the image (as for `memory`),
+ * so the image does not grow by qd x 1 MiB of .bss.
+ */
+#define BENCH_WARMUP_MS 200
+#define BENCH_SLOTS     (VQ_MAX / 3)    /* header + >= 1 data + status */
+#define BENCH_SEQ_REQ   (1ul << 20)
+#define BENCH_RND_REQ   4096ul
+#define BENCH_PATTERN   0x484342534154535Aul    /* "ZSTASBCH", non-zero bytes */
+
+static struct blk_req bench_req[BENCH_SLOTS];
+
+static int streq(const char *a, const char *b)
+{
+    while (*a && *a == *b)
+        a++, b++;
+    return *a == *b;
+}
+
+static __attribute__((noreturn)) void bench_fail(u32 cpu, const char *what, const char *k, u64 v)
+{
+    struct line l;
+    l_init(&l, "GUEST-ERROR what=");
+    l_str(&l, what);
+    l_kv(&l, "cpu", cpu);
+    l_kv(&l, k, v);
+    l_emit(&l, cpu);
+    halt_forever();
+}
+
+void diskbench_workload(u32 cpu)
+{
+    struct line l;
+    u32 index;
+    const char *mode = cfg.bench_mode;
+    int wr = streq(mode, "randwrite4k") || streq(mode, "seqwrite1m");
+    int seq = streq(mode, "seqread1m") || streq(mode, "seqwrite1m");
+    if (!seq && !wr && !streq(mode, "randread4k")) {
+        l_init(&l, "GUEST-ERROR what=diskbench-bad-mode");
+        l_kv(&l, "cpu", cpu);
+        l_ks(&l, "mode", mode);
+        l_emit(&l, cpu);
+        halt_forever();
+    }
+    int slot = virtio_find(VIRTIO_ID_BLK, cfg.disk_index, cfg.disk_slot, &index);
+    if (slot < 0)
+        no_device(cpu, "blk", cfg.disk_index, cfg.disk_slot);
+    if (virtio_init(&disk_dev, (u32)slot, VIRTIO_BLK_F_RO | VIRTIO_BLK_F_SIZE_MAX |
+                    VIRTIO_BLK_F_SEG_MAX, 1, cpu))
+        halt_forever();
+    struct vq *q = &disk_dev.vq[0];
+    u64 capacity;
+    u32 size_max = 0, seg_max = 0;
+    virtio_config_read(&disk_dev, 0, &capacity, 8, 4);
+    if (disk_dev.features & VIRTIO_BLK_F_SIZE_MAX)
+        virtio_config_read(&disk_dev, 8, &size_max, 4, 4);
+    if (disk_dev.features & VIRTIO_BLK_F_SEG_MAX)
+        virtio_config_read(&disk_dev, 12, &seg_max, 4, 4);
+    if (wr && (disk_dev.features & VIRTIO_BLK_F_RO))
+        bench_fail(cpu, "diskbench-read-only", "index", index);
+
+    /* Request size and its split into data descriptors: each at most
+     * size_max (if offered, rounded down to 4 KiB; else 1 MiB), at most
+     * seg_max of them (if offered) and header + data + status within the
+     * queue. What does not fit shrinks the request (req_bytes shows it). */
+    u64 cap_bytes = capacity * 512;
+    u64 req = seq ? BENCH_SEQ_REQ : BENCH_RND_REQ;
+    u64 seg = BENCH_SEQ_REQ;
+    if (size_max) {
+        seg = size_max & ~4095ul;
+        if (!seg)
+            seg = 4096;     /* size_max < 4 KiB: not supported, try anyway */
+        if (seg > BENCH_SEQ_REQ)
+            seg = BENCH_SEQ_REQ;
+    }
+    if (q->num < 3)
+        bench_fail(cpu, "diskbench-queue-too-small", "queue_size", q->num);
+    u64 max_segs = q->num - 2u;
+    if (seg_max && seg_max < max_segs)
+        max_segs = seg_max;
+    if (req > max_segs * seg)
+        req = max_segs * seg;
+    if (req > (cap_bytes & ~4095ul))
+        req = cap_bytes & ~4095ul;
+    if (req == 0)
+        bench_fail(cpu, "disk-no-blocks", "capacity_sectors", capacity);
+    u32 segs = (u32)((req + seg - 1) / seg);
+
+    /* Queue depth: what the queue allows, then what the buffer RAM allows
+     * (the largest usable range above the image). */
+    u64 qd_max = q->num / (segs + 2u);
+    if (qd_max > BENCH_SLOTS)
+        qd_max = BENCH_SLOTS;
+    u64 pool = 0, pool_bytes = 0;
+    for (u32 i = 0; i < cfg.nranges; i++)
+        if (cfg.range_pages[i] * 4096 > pool_bytes) {
+            pool = cfg.range_start[i];
+            pool_bytes = cfg.range_pages[i] * 4096;
+        }
+    if (pool_bytes / req < qd_max)
+        qd_max = pool_bytes / req;
+    if (qd_max == 0)
+        bench_fail(cpu, "diskbench-no-buffer-memory", "available_bytes", pool_bytes);
+    u64 qd = cfg.bench_qd ? cfg.bench_qd : 1;
+    int clamped = 0;
+    if (qd > qd_max)
+        qd = qd_max, clamped = 1;
+    u8 *buf = (u8 *)phys(pool);
+    if (wr)
+        for (u64 i = 0; i < qd * req; i += 8)
+            put64(buf + i, BENCH_PATTERN);
+
+    l_init(&l, "DISKBENCH-CONFIG");
+    l_kv(&l, "index", index);
+    l_kv(&l, "slot", (u64)slot);
+    l_ks(&l, "mode", mode);
+    l_kv(&l, "capacity_sectors", capacity);
+    l_kv(&l, "req_bytes", req);
+    l_kv(&l, "segs", segs);
+    l_kv(&l, "size_max", size_max);
+    l_kv(&l, "seg_max", seg_max);
+    l_kv(&l, "qd", qd);
+    l_kv(&l, "qd_max", qd_max);
+    l_kv(&l, "clamped", (u64)clamped);
+    l_kv(&l, "bench_ms", cfg.bench_ms);
+    l_kv(&l, "warmup_ms", BENCH_WARMUP_MS);
+    l_emit(&l, cpu);
+
+    u64 nblocks = cap_bytes / BENCH_RND_REQ;    /* random: 4 KiB slots */
+    u64 rng = 0x2545F4914F6CDD1Dul;             /* xorshift64, fixed seed */
+    u64 seq_off = 0;
+    u64 ops = 0, bytes = 0, errors = 0, in_flight = 0;
+    u8 busy[BENCH_SLOTS] = { 0 };
+    u64 t_start = rdtsc() + ms_ticks(BENCH_WARMUP_MS);
+    u64 t_end = t_start + ms_ticks(cfg.bench_ms), now = rdtsc();
+    u64 last_progress = active_tsc();
+    int timeout_reported = 0;
+    const char *op = wr ? "blk-write" : "blk-read";
+    while (now < t_end || in_flight) {
+        /* Refill (not after the end: then only drain). */
+        int added = 0;
+        for (u32 k = 0; k < qd && now < t_end; k++) {
+            if (busy[k])
+                continue;
+            u64 off;
+            if (seq) {
+                if (seq_off + req > cap_bytes)
+                    seq_off = 0;
+                off = seq_off;
+                seq_off += req;
+            } else {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                off = (rng % nblocks) * BENCH_RND_REQ;
+            }
+            struct blk_req *r = &bench_req[k];
+            struct vbuf b[VQ_MAX];
+            u32 n = 0;
+            r->type = wr ? BLK_T_OUT : BLK_T_IN;
+            r->reserved = 0;
+            r->sector = off / 512;
+            r->status = 0xFF;
+            b[n++] = (struct vbuf){ (u64)r, 16, 0 };
+            for (u64 o = 0; o < req; o += seg)
+                b[n++] = (struct vbuf){ (u64)(buf + k * req + o),
+                                        (u32)(req - o < seg ? req - o : seg), !wr };
+            b[n++] = (struct vbuf){ (u64)&r->status, 1, 1 };
+            if (vq_add(q, b, n, k) < 0) {
+                guest_error(cpu, "virtio-queue-full");
+                halt_forever();
+            }
+            busy[k] = 1;
+            in_flight++;
+            added = 1;
+        }
+        if (added)
+            vq_kick(q);
+
+        u32 head, len;
+        u64 cookie;
+        int got = 0;
+        while (vq_get_used(q, &head, &len, &cookie)) {
+            got = 1;
+            if (cookie >= BENCH_SLOTS || !busy[cookie])
+                continue;
+            vbarrier();
+            u32 k = (u32)cookie, want = wr ? 1 : (u32)req + 1;
+            busy[k] = 0;
+            in_flight--;
+            now = rdtsc();
+            if (now < t_start || now >= t_end)
+                continue;       /* warm-up or drain: not counted */
+            if (bench_req[k].status != BLK_S_OK) {
+                if (!errors)
+                    disk_io_error(cpu, index, wr ? "write" : "read",
+                                  bench_req[k].sector / 8, bench_req[k].status);
+                errors++;
+            } else if (len != want) {
+                used_len_error(q, op, want, len);
+                errors++;
+            } else {
+                ops++;
+                bytes += req;
+            }
+        }
+        u64 at = active_tsc();
+        if (got || !in_flight)
+            last_progress = at;
+        else if (!timeout_reported && at - last_progress >= virtio_timeout_ticks()) {
+            virtio_timeout_error(q, op, at - last_progress);
+            timeout_reported = 1;
+        }
+        now = rdtsc();
+    }
+
+    u64 ticks = t_end - t_start;    /* completions counted in [t_start, t_end) */
+    u64 ms = ticks / cfg.tsc_khz;
+    l_init(&l, "DISKBENCH");
+    l_ks(&l, "mode", mode);
+    l_kv(&l, "qd", qd);
+    l_kv(&l, "ops", ops);
+    l_kv(&l, "bytes", bytes);
+    l_kv(&l, "ms", ms);
+    l_kv(&l, "iops", ticks ? ops * 1000 * cfg.tsc_khz / ticks : 0);
+    l_kv(&l, "mb_s_x100", ticks ? bytes * cfg.tsc_khz / (ticks * 10) : 0);
+    l_kv(&l, "errors", errors);
+    l_emit(&l, cpu);
+    halt_forever();
+}
+
 /* ====================================================================== net */
 
 #define NET_HDR         12              /* struct virtio_net_hdr_v1 */

@@ -1,5 +1,5 @@
 /* Ring-3 workloads: heartbeat, memory, registers, timer, action (the virtio
- * ones, disk/net/rng, are in virtio_workloads.c). */
+ * ones, disk/diskbench/net/rng, are in virtio_workloads.c). */
 #include "guest.h"
 #include "virtio.h"
 
@@ -550,11 +550,13 @@ void run_workload(u32 cpu)
         timer(cpu);
     if (streq(w, "action"))
         action(cpu);
-    if (streq(w, "disk") || streq(w, "net") || streq(w, "rng")) {
+    if (streq(w, "disk") || streq(w, "net") || streq(w, "rng") || streq(w, "diskbench")) {
         if (cpu != cfg.bsp)
             halt_forever();             /* one driver per device: the BSP */
         if (streq(w, "disk"))
             disk_workload(cpu);
+        if (streq(w, "diskbench"))
+            diskbench_workload(cpu);
         if (streq(w, "net"))
             net_workload(cpu);
         rng_workload(cpu);

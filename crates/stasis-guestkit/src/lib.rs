@@ -15,7 +15,7 @@
 //! `int 0x80`. APs are started (INIT-SIPI-SIPI, trampoline at `0x8000`) only
 //! with `smp=1`; the CPU count comes from the ACPI MADT, else the MP table.
 //!
-//! The `disk`, `net` and `rng` workloads drive virtio-mmio devices (virtio
+//! The `disk`, `diskbench`, `net` and `rng` workloads drive virtio-mmio devices (virtio
 //! 1.x, register layout version 2) found in the windows `0xD0000000 +
 //! n * 0x1000`, `n < 16`, from ring 3 by polling split virtqueues: no
 //! interrupts, no CPL0 work. [`disk`] and [`net`] describe the block stamps
@@ -29,7 +29,7 @@
 //!
 //! | key | default | meaning |
 //! |---|---|---|
-//! | `workload` | `heartbeat` | `heartbeat`, `memory`, `registers`, `timer`, `action`, `disk`, `net`, `rng` (else `GUEST-ERROR what=unknown-workload` and halt) |
+//! | `workload` | `heartbeat` | `heartbeat`, `memory`, `registers`, `timer`, `action`, `disk`, `diskbench`, `net`, `rng` (else `GUEST-ERROR what=unknown-workload` and halt) |
 //! | `smp` | `0` | `1`: start all APs from the MADT/MP table, every CPU runs the workload |
 //! | `tsc_khz` | – | TSC kHz if CPUID `0x40000010` does not give it (else 2000000, `tsc_src=default`) |
 //! | `report_ms` | `1000` | period of `MEM-PROGRESS`, `REGS`, `TIMER` lines |
@@ -43,11 +43,14 @@
 //! | `after_ms` | `200` | delay before the action |
 //! | `do` | – | `reset`, `shutdown`, `acpi-reset`, `triple-fault`, `mmio-exec`, `halt`, `ud2` (ring-3 #UD → `GUEST-EXCEPTION`) |
 //! | `mmio_addr` | `0xD0000000` | target of `do=mmio-exec` |
-//! | `disk_index` / `disk_slot` | `0` / – | `disk`: the N-th virtio-blk device in slot order, or the one in MMIO slot N |
+//! | `disk_index` / `disk_slot` | `0` / – | `disk`, `diskbench`: the N-th virtio-blk device in slot order, or the one in MMIO slot N |
 //! | `disk_start` | `0` | `disk`: first block of the region, in 4 KiB blocks |
 //! | `disk_blocks` | `256` | `disk`: region size in 4 KiB blocks (clamped to the capacity) |
 //! | `disk_verify_only` | `0` | `disk`: `1` = only check the stamps already on the disk (one `DISK` line), then halt |
 //! | `disk_pass_ms` | `0` | `disk`: minimum duration of a pass |
+//! | `bench_mode` | `randread4k` | `diskbench`: `randread4k`, `randwrite4k` (4 KiB at uniformly random 4 KiB-aligned offsets, fixed xorshift seed), `seqread1m`, `seqwrite1m` (1 MiB requests from offset 0, wrapping); writes overwrite the disk with a fixed pattern |
+//! | `bench_ms` | `2000` | `diskbench`: measured time, after 200 ms of warm-up |
+//! | `bench_qd` | `8` | `diskbench`: requests kept in flight (clamped to `qd_max`: queue size / descriptors per request, and buffer RAM) |
 //! | `net_index` / `net_slot` | `0` / – | `net`: which virtio-net device |
 //! | `net_ms` | `100` | `net`: one frame every N ms |
 //! | `rng_index` / `rng_slot` | `0` / – | `rng`: which virtio-rng device |
@@ -84,7 +87,9 @@
 //!   `virtio-late ... waited_ms=` (it completed after all), `virtio-bad-used
 //!   reason=<id-out-of-range|id-not-in-flight|used-idx-ahead>`,
 //!   `virtio-used-len op= want= got=`, `virtio-net-num-buffers value=`,
-//!   `disk-io-error op= block= status=`, `disk-no-blocks`.
+//!   `disk-io-error op= block= status=`, `disk-no-blocks`; diskbench:
+//!   `diskbench-bad-mode mode=`, `diskbench-read-only`,
+//!   `diskbench-queue-too-small`, `diskbench-no-buffer-memory`.
 //! * `GUEST-EXCEPTION cpu=<id> vector=<n> error=<hex> rip=<hex> cs=<hex>` —
 //!   any CPU exception (except the emulated ring-3 port I/O #GP and a
 //!   ring-3 `int 0x80` that arrives as #UD/#GP); the CPU halts.
@@ -121,6 +126,14 @@
 //!   `DISK index= pass=<P> written=0 verified= bad= total_bad= older= mode=verify`
 //!   (P from the first block's stamp; blocks may hold P or P-1, `older` counts
 //!   P-1), then halt.
+//! * diskbench: `DISKBENCH-CONFIG index= slot= mode= capacity_sectors= req_bytes=
+//!   segs= size_max= seg_max= qd= qd_max= clamped=<0|1> bench_ms= warmup_ms=200`
+//!   (`req_bytes` is below 1 MiB / 4 KiB only if the device's `seg_max` ×
+//!   `size_max` or the capacity force it), then after warm-up + `bench_ms` one
+//!   `DISKBENCH mode=<mode> qd=<n> ops=<n> bytes=<n> ms=<n> iops=<n> mb_s_x100=<n> errors=<n>`
+//!   (`ops` = requests completed OK in the window, `bytes` = `ops × req_bytes`,
+//!   `mb_s_x100` = 10^6-byte MB/s × 100, `errors` = bad status or used
+//!   length) and halt.
 //! * net: `NET-CONFIG index= slot= mac= mac_src=<config|generated> rx_bufs= tx_bufs= net_ms=`,
 //!   then every `report_ms` `NET mac=<xx:..> sent= received= replies= bad=
 //!   last_reply_seq= tx_done= tx_full=`; `NET-BAD reason=<checksum|mac|seq> seq= sent= len=`
@@ -625,6 +638,20 @@ mod tests {
             .unwrap();
         assert_eq!(r.num("last_hex"), Some(0xfa2f_a59a_9df0_23fd));
         assert_eq!(r.num("distinct"), Some(256));
+    }
+
+    #[test]
+    fn parse_diskbench_line() {
+        let l = parse_line(
+            "DISKBENCH mode=seqwrite1m qd=8 ops=9248 bytes=9697230848 ms=2000 iops=4624 \
+             mb_s_x100=484861 errors=0\r\n",
+        )
+        .unwrap();
+        assert_eq!(l.tag, "DISKBENCH");
+        assert_eq!(l.get("mode"), Some("seqwrite1m"));
+        assert_eq!(l.num("bytes"), Some(9_697_230_848));
+        assert_eq!(l.num("mb_s_x100"), Some(484_861));
+        assert_eq!(l.num("errors"), Some(0));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const STASIS: &str = env!("CARGO_BIN_EXE_stasis");
@@ -27,6 +27,15 @@ impl Drop for Dir {
 }
 
 /// Waits until the serial log has `n` complete `MEM ` lines; returns when.
+/// A child VMM that is killed when dropped, also when the benchmark panics.
+struct Vmm(std::process::Child);
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn wait_mem_lines(log: &Path, n: usize, timeout: Duration) -> Instant {
     let end = Instant::now() + timeout;
     loop {
@@ -51,11 +60,6 @@ fn stasis(runtime: &Path) -> Command {
     let mut c = Command::new(STASIS);
     c.env("STASIS_RUNTIME_DIR", runtime);
     c
-}
-
-fn kill(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn du_bytes(dir: &Path) -> u64 {
@@ -84,7 +88,7 @@ fn restore(snap: &Path, runtime: &Path, mode: &str, work: &Path) -> (f64, f64) {
     let log = work.join(format!("serial-{mode}.log"));
     let _ = std::fs::remove_file(&log);
     let t0 = Instant::now();
-    let mut child = stasis(runtime)
+    let mut child = Vmm(stasis(runtime)
         .args([
             "restore",
             snap.to_str().unwrap(),
@@ -98,8 +102,8 @@ fn restore(snap: &Path, runtime: &Path, mode: &str, work: &Path) -> (f64, f64) {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn stasis restore");
-    let stderr = child.stderr.take().unwrap();
+        .expect("spawn stasis restore"));
+    let stderr = child.0.stderr.take().unwrap();
     let mut ready = None;
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap();
@@ -113,7 +117,7 @@ fn restore(snap: &Path, runtime: &Path, mode: &str, work: &Path) -> (f64, f64) {
     // second ends a full pass: the guest has verified and rewritten every
     // page since the restore.
     let touched = wait_mem_lines(&log, 2, Duration::from_secs(600)) - t0;
-    kill(child);
+    drop(child);
     (ready.as_secs_f64() * 1e3, touched.as_secs_f64() * 1e3)
 }
 
@@ -121,7 +125,7 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
     let runtime = work.join("run");
     let log = work.join("serial.log");
     let _ = std::fs::remove_file(&log);
-    let vm = stasis(&runtime)
+    let vm = Vmm(stasis(&runtime)
         .args(["run", "--name", "bench", "--memory", &format!("{mib}M")])
         .arg("--kernel")
         .arg(kernel)
@@ -135,7 +139,7 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn stasis run");
+        .expect("spawn stasis run"));
     // Pass 1 done: every page of the working set has been written.
     wait_mem_lines(&log, 1, Duration::from_secs(900));
     let snap = work.join("snap");
@@ -148,7 +152,7 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    kill(vm);
+    drop(vm);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut run = Run {
         pause_ms: r["pause_ms"].as_f64().unwrap(),

@@ -23,7 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Start a VM and run it until it ends.
     Run(RunArgs),
-    /// Boot the built-in heartbeat guest, pause and resume it, and stop it.
+    /// Boot the built-in heartbeat guest, pause and resume it, suspend it to a
+    /// snapshot and restore it.
     Demo(DemoArgs),
     /// List the VMs running on this host.
     List,
