@@ -223,6 +223,9 @@ pub struct SnapshotWriter {
     state_len: u64,
     sections: Vec<SectionEntry>,
     memory: Option<(File, MemoryLayout)>,
+    /// The memory image created ahead of `write_memory` by
+    /// `prepare_memory`, with its length.
+    prepared: Option<(File, u64)>,
     threads: usize,
     /// Set when a write failed half-way: the files are inconsistent, so
     /// `commit` refuses.
@@ -278,6 +281,7 @@ impl SnapshotWriter {
             state_len: 0,
             sections: Vec::new(),
             memory: None,
+            prepared: None,
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
@@ -383,6 +387,51 @@ impl SnapshotWriter {
         result
     }
 
+    /// Creates the memory image for `regions` ahead of
+    /// [`write_memory`](Self::write_memory) and reads it through once, so
+    /// that the page cache holds a clean page for every page of it. Call
+    /// while the guest still runs: `write_memory` (while it is paused) then
+    /// only copies into cached pages instead of allocating them, which on
+    /// hosts where fresh memory is slow to fault in (nested VMs) is most
+    /// of a large snapshot's cost. The regions passed to `write_memory`
+    /// must have the same layout. Optional.
+    pub fn prepare_memory(&mut self, regions: &[MemoryRegionSource<'_>]) -> Result<()> {
+        if self.memory.is_some() || self.prepared.is_some() {
+            return Err(Error::Usage(
+                "prepare_memory after the memory image exists".to_string(),
+            ));
+        }
+        let layout = plan_layout(regions)?;
+        let file = self.create_memory_file(layout.file_size)?;
+        let path = self.tmp_dir.join(MEMORY_FILE);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < layout.file_size {
+            let n = file
+                .read_at(&mut buf, at)
+                .map_err(io_ctx(format!("reading {}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            at += n as u64;
+        }
+        self.prepared = Some((file, layout.file_size));
+        Ok(())
+    }
+
+    fn create_memory_file(&self, size: u64) -> Result<File> {
+        let path = self.tmp_dir.join(MEMORY_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_ctx(format!("creating {}", path.display())))?;
+        file.set_len(size)
+            .map_err(io_ctx(format!("sizing {}", path.display())))?;
+        Ok(file)
+    }
+
     /// The I/O part of `write_memory`, after the regions were checked.
     fn copy_memory(
         &mut self,
@@ -391,14 +440,16 @@ impl SnapshotWriter {
         start: Instant,
     ) -> Result<MemoryWriteStats> {
         let path = self.tmp_dir.join(MEMORY_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_ctx(format!("creating {}", path.display())))?;
-        file.set_len(layout.file_size)
-            .map_err(io_ctx(format!("sizing {}", path.display())))?;
+        let file = match self.prepared.take() {
+            Some((file, size)) if size == layout.file_size => file,
+            Some((_, size)) => {
+                return Err(Error::Usage(format!(
+                    "write_memory regions need a {}-byte image but prepare_memory made {size}",
+                    layout.file_size
+                )))
+            }
+            None => self.create_memory_file(layout.file_size)?,
+        };
 
         let tasks = plan_chunks(&layout);
         let batches = plan_batches(&tasks);

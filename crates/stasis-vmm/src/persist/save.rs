@@ -117,8 +117,10 @@ pub fn snapshot(
         }
         Err(e) => tracing::warn!("cannot clean up after interrupted snapshots: {e}"),
     }
-    // Creating the writer first checks the target before the guest pauses.
+    // Creating the writer first checks the target before the guest pauses;
+    // the memory image is created and cached while the guest still runs.
     let mut writer = SnapshotWriter::create(dir)?;
+    with_regions(control, |regions| writer.prepare_memory(regions))?;
     let was_paused = control.state() == RunState::Paused;
     control.pause()?;
     let paused_at = Instant::now();
@@ -204,6 +206,13 @@ fn write_contents(
     for v in &state.virtio {
         v.write_to(writer)?;
     }
+    let stats = with_regions(control, |regions| writer.write_memory(regions))?;
+    Ok((state, stats))
+}
+
+/// Runs `f` with guest memory described as the format crate's regions
+/// (`ram0`, `ram1`, ...).
+fn with_regions<R>(control: &VmControl, f: impl FnOnce(&[MemoryRegionSource]) -> R) -> R {
     let mem = control.memory();
     let names: Vec<String> = (0..mem.num_regions()).map(|i| format!("ram{i}")).collect();
     let regions: Vec<MemoryRegionSource> = mem
@@ -211,13 +220,13 @@ fn write_contents(
         .zip(&names)
         .map(|(r, name)| {
             // SAFETY: the region stays mapped while `control` (and so the
-            // VM) lives, and no vCPU runs while the VM is paused; device
-            // threads (virtio-net receive) are paused with the vCPUs.
+            // VM) lives. Its bytes are only read by `write_memory`, which
+            // runs while the VM is paused: no vCPU runs, and device threads
+            // (virtio-net receive) are paused with the vCPUs.
             unsafe {
                 MemoryRegionSource::from_raw(name, r.start_addr().0, r.as_ptr(), r.len() as usize)
             }
         })
         .collect();
-    let stats = writer.write_memory(&regions)?;
-    Ok((state, stats))
+    f(&regions)
 }
