@@ -35,6 +35,18 @@ fn stamped_blocks(img: &Path, blocks: u64) -> (u64, u64) {
     (ok, zero)
 }
 
+/// A VM with one disk `id` on `img`, running `cmdline`.
+fn disk_vm(tag: &str, id: &str, img: &Path, cmdline: &str) -> VmProcess {
+    VmProcess::start(
+        tag,
+        VmOpts {
+            cmdline,
+            extra: vec!["--disk".into(), format!("id={id},path={}", img.display())],
+            ..Default::default()
+        },
+    )
+}
+
 fn disk_args(d0: &Path, d1: &Path) -> Vec<String> {
     vec![
         "--disk".into(),
@@ -115,14 +127,10 @@ fn two_nics_on_taps_in_a_netns_are_independent() {
         });
         let last = vm.tagged("NET").pop().unwrap();
         assert_eq!(num(&last, "bad"), 0, "{last}");
-        assert!(
-            ns.requests_seen(used) >= 10 || {
-                std::thread::sleep(Duration::from_millis(1200));
-                ns.requests_seen(used) >= 10
-            }
-        );
         vm.signal(libc::SIGTERM);
         vm.wait_exit(T);
+        std::thread::sleep(Duration::from_millis(1300));
+        assert!(ns.requests_seen(used) >= 10, "{used} saw no frames");
         assert_eq!(
             ns.requests_seen(idle),
             idle_before,
@@ -135,13 +143,11 @@ fn two_nics_on_taps_in_a_netns_are_independent() {
 fn disk_io_survives_a_snapshot_taken_mid_flight() {
     let s = Scratch::new("vio-diskio");
     let d0 = image(&s, "d0.img", 8);
-    let mut vm = VmProcess::start(
+    let mut vm = disk_vm(
         "vio-diskio",
-        VmOpts {
-            cmdline: "console=ttyS0 workload=disk disk_blocks=512",
-            extra: vec!["--disk".into(), format!("id=d0,path={}", d0.display())],
-            ..Default::default()
-        },
+        "d0",
+        &d0,
+        "console=ttyS0 workload=disk disk_blocks=512",
     );
     vm.wait_tagged("DISK", 3, T);
     vm.wait_socket();
@@ -164,13 +170,11 @@ fn disk_io_survives_a_snapshot_taken_mid_flight() {
     r.signal(libc::SIGTERM);
     r.wait_exit(T);
     // And a fresh guest that only reads finds every block stamped.
-    let mut check = VmProcess::start(
+    let mut check = disk_vm(
         "vio-diskio-check",
-        VmOpts {
-            cmdline: "console=ttyS0 workload=disk disk_blocks=512 disk_verify_only=1",
-            extra: vec!["--disk".into(), format!("id=d0,path={}", d0.display())],
-            ..Default::default()
-        },
+        "d0",
+        &d0,
+        "console=ttyS0 workload=disk disk_blocks=512 disk_verify_only=1",
     );
     let v = check.wait_tagged("DISK", 1, T);
     assert_eq!(num(&v[0], "bad"), 0, "{}", v[0]);
@@ -219,13 +223,11 @@ fn net_exchanges_frames_before_and_after_restore() {
 fn restore_with_a_disk_path_override_writes_to_the_new_file() {
     let s = Scratch::new("vio-override");
     let d0 = image(&s, "d0.img", 8);
-    let mut vm = VmProcess::start(
+    let mut vm = disk_vm(
         "vio-override",
-        VmOpts {
-            cmdline: "console=ttyS0 workload=disk disk_blocks=128",
-            extra: vec!["--disk".into(), format!("id=root,path={}", d0.display())],
-            ..Default::default()
-        },
+        "root",
+        &d0,
+        "console=ttyS0 workload=disk disk_blocks=128",
     );
     vm.wait_tagged("DISK", 2, T);
     vm.wait_socket();
@@ -262,13 +264,11 @@ fn restore_with_a_disk_path_override_writes_to_the_new_file() {
 fn restore_refuses_a_missing_or_resized_disk_and_starts_nothing() {
     let s = Scratch::new("vio-refuse");
     let d0 = image(&s, "d0.img", 8);
-    let mut vm = VmProcess::start(
+    let mut vm = disk_vm(
         "vio-refuse",
-        VmOpts {
-            cmdline: "console=ttyS0 workload=disk disk_blocks=16",
-            extra: vec!["--disk".into(), format!("id=root,path={}", d0.display())],
-            ..Default::default()
-        },
+        "root",
+        &d0,
+        "console=ttyS0 workload=disk disk_blocks=16",
     );
     vm.wait_tagged("DISK", 1, T);
     vm.wait_socket();
