@@ -124,6 +124,12 @@ pub enum VmError {
     /// The saved state does not match the configuration.
     #[error("saved state does not match the VM: {0}")]
     Mismatch(String),
+    /// Another operation (a snapshot) is in progress.
+    #[error("cannot {action} now: a snapshot of the VM is in progress")]
+    Busy {
+        /// What was asked.
+        action: &'static str,
+    },
     /// A control request came in a state that does not allow it.
     #[error("cannot {action} a VM that is {state}")]
     BadState {
@@ -140,6 +146,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 /// The VM's run state, as the API reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum RunState {
     /// Created, vCPUs not started yet.
     Created,
@@ -240,9 +247,17 @@ impl VmShared {
 /// How long pause waits for every vCPU to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Proof of holding [`VmControl::exclusive`].
+pub struct OperationGuard<'a> {
+    _held: std::sync::MutexGuard<'a, ()>,
+}
+
 /// A cloneable handle for steering a started VM from other threads.
 #[derive(Clone)]
 pub struct VmControl {
+    /// Held by snapshots (and briefly by pause/resume): see
+    /// [`VmControl::exclusive`].
+    operation: Arc<Mutex<()>>,
     threads: Arc<Mutex<Option<VcpuThreads>>>,
     state: Arc<AtomicU8>,
     exit: ExitSink,
@@ -261,48 +276,95 @@ impl VmControl {
         &self.description
     }
 
-    /// Parks every vCPU outside the guest. Idempotent on a paused VM.
-    pub fn pause(&self) -> Result<(), VmError> {
-        let guard = self.threads.lock().expect("threads lock");
-        match self.state() {
-            RunState::Running => {}
-            RunState::Paused => return Ok(()),
-            s => {
-                return Err(VmError::BadState {
-                    action: "pause",
-                    state: s,
-                })
-            }
+    /// Starts an operation that must not interleave with pause, resume or
+    /// another such operation (a snapshot): while the returned guard lives,
+    /// [`VmControl::pause`] and [`VmControl::resume`] from other threads
+    /// fail with [`VmError::Busy`]; the holder uses
+    /// [`VmControl::pause_held`] and [`VmControl::resume_held`].
+    pub fn exclusive(&self, action: &'static str) -> Result<OperationGuard<'_>, VmError> {
+        match self.operation.try_lock() {
+            Ok(g) => Ok(OperationGuard { _held: g }),
+            Err(std::sync::TryLockError::WouldBlock) => Err(VmError::Busy { action }),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(OperationGuard {
+                _held: p.into_inner(),
+            }),
         }
-        let threads = guard.as_ref().expect("running VM has threads");
-        if let Err(e) = threads.pause(PAUSE_TIMEOUT) {
-            threads.resume();
-            return Err(e.into());
-        }
-        // With the vCPUs parked no request is in progress; pausing the
-        // devices stops their worker threads touching guest memory.
-        self.shared.pause_devices();
-        self.state.store(2, Ordering::SeqCst);
-        Ok(())
     }
 
-    /// Lets parked vCPUs continue. Idempotent on a running VM.
+    /// Parks every vCPU outside the guest. Idempotent on a paused VM.
+    /// Fails with [`VmError::Busy`] while a snapshot is being taken.
+    pub fn pause(&self) -> Result<(), VmError> {
+        let g = self.exclusive("pause")?;
+        self.pause_held(&g)
+    }
+
+    /// Lets parked vCPUs continue. Idempotent on a running VM. Fails with
+    /// [`VmError::Busy`] while a snapshot is being taken.
     pub fn resume(&self) -> Result<(), VmError> {
+        let g = self.exclusive("resume")?;
+        self.resume_held(&g)
+    }
+
+    /// [`VmControl::pause`] for the holder of [`VmControl::exclusive`].
+    pub fn pause_held(&self, _op: &OperationGuard<'_>) -> Result<(), VmError> {
         let guard = self.threads.lock().expect("threads lock");
-        match self.state() {
-            RunState::Paused => {}
-            RunState::Running => return Ok(()),
-            s => {
-                return Err(VmError::BadState {
-                    action: "resume",
-                    state: s,
-                })
+        match (self.state(), guard.as_ref()) {
+            (RunState::Paused, Some(_)) => Ok(()),
+            (RunState::Running, Some(threads)) => {
+                if let Err(e) = threads.pause(PAUSE_TIMEOUT) {
+                    threads.resume();
+                    return Err(e.into());
+                }
+                // With the vCPUs parked no request is in progress; pausing
+                // the devices stops their worker threads touching guest
+                // memory.
+                self.shared.pause_devices();
+                // kvmclock: tell the guest it was stopped by the host, so it
+                // does not report soft lockups when it runs again. Guests
+                // without kvmclock answer EINVAL, which is fine.
+                let _ = threads.run_on_each(|_, vcpu| vcpu.kvmclock_ctrl());
+                self.transition(RunState::Running, RunState::Paused);
+                Ok(())
             }
+            (s, _) => Err(VmError::BadState {
+                action: "pause",
+                state: if s == RunState::Paused {
+                    RunState::Stopping
+                } else {
+                    s
+                },
+            }),
         }
-        self.shared.resume_devices();
-        guard.as_ref().expect("paused VM has threads").resume();
-        self.state.store(1, Ordering::SeqCst);
-        Ok(())
+    }
+
+    /// [`VmControl::resume`] for the holder of [`VmControl::exclusive`].
+    pub fn resume_held(&self, _op: &OperationGuard<'_>) -> Result<(), VmError> {
+        let guard = self.threads.lock().expect("threads lock");
+        match (self.state(), guard.as_ref()) {
+            (RunState::Running, Some(_)) => Ok(()),
+            (RunState::Paused, Some(threads)) => {
+                self.shared.resume_devices();
+                threads.resume();
+                self.transition(RunState::Paused, RunState::Running);
+                Ok(())
+            }
+            (s, _) => Err(VmError::BadState {
+                action: "resume",
+                state: if s == RunState::Running {
+                    RunState::Stopping
+                } else {
+                    s
+                },
+            }),
+        }
+    }
+
+    /// Moves the state from `from` to `to` unless something (the VM
+    /// ending) changed it meanwhile.
+    fn transition(&self, from: RunState, to: RunState) {
+        let _ =
+            self.state
+                .compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Asks the VM to stop; [`Vm::wait`] returns with
@@ -311,8 +373,10 @@ impl VmControl {
         self.exit.report(ExitReason::StopRequested);
     }
 
-    /// Ends the VM for `reason`.
+    /// Ends the VM for `reason`. The state becomes `stopping` at once, so
+    /// nothing can resume the vCPUs before they are stopped.
     pub fn end(&self, reason: ExitReason) {
+        self.state.store(RunState::Stopping as u8, Ordering::SeqCst);
         self.exit.report(reason);
     }
 
@@ -330,13 +394,15 @@ impl VmControl {
     /// state. The VM must be paused.
     pub fn capture(&self) -> Result<CapturedState, VmError> {
         let guard = self.threads.lock().expect("threads lock");
-        if self.state() != RunState::Paused {
-            return Err(VmError::BadState {
-                action: "capture the state of",
-                state: self.state(),
-            });
-        }
-        let threads = guard.as_ref().expect("paused VM has threads");
+        let threads = match (self.state(), guard.as_ref()) {
+            (RunState::Paused, Some(t)) => t,
+            (s, _) => {
+                return Err(VmError::BadState {
+                    action: "capture the state of",
+                    state: s,
+                })
+            }
+        };
         let msrs = Arc::new(self.shared.msr_indices.clone());
         let xsave_size = self.shared.xsave_size;
         let vcpus = threads
@@ -362,6 +428,14 @@ impl VmControl {
             vmgenid: self.shared.vmgenid.save(),
             virtio,
         })
+    }
+
+    /// Makes every writable disk image durable (`fdatasync`).
+    pub fn sync_disks(&self) -> std::io::Result<()> {
+        for d in &self.shared.virtio {
+            d.transport.lock().expect("virtio lock").sync_backend()?;
+        }
+        Ok(())
     }
 
     /// A sink through which others (the signal thread) can end the VM.
@@ -579,6 +653,7 @@ impl Vm {
             virtio,
         });
         let control = VmControl {
+            operation: Arc::new(Mutex::new(())),
             threads: Arc::new(Mutex::new(None)),
             state: Arc::new(AtomicU8::new(0)),
             exit: exit.clone(),
@@ -772,7 +847,9 @@ impl Vm {
         let vcpus = std::mem::take(&mut self.vcpus);
         let threads = VcpuThreads::start(vcpus, self.context.clone())?;
         *self.control.threads.lock().expect("threads lock") = Some(threads);
-        self.control.state.store(1, Ordering::SeqCst);
+        self.control
+            .state
+            .store(RunState::Running as u8, Ordering::SeqCst);
         Ok(())
     }
 
@@ -780,8 +857,16 @@ impl Vm {
     /// reason.
     pub fn wait(self) -> ExitReason {
         let reason = self.exit_rx.recv().unwrap_or(ExitReason::StopRequested);
-        self.control.state.store(3, Ordering::SeqCst);
-        if let Some(threads) = self.control.threads.lock().expect("threads lock").take() {
+        // Under the threads lock, so that a pause or resume in progress
+        // finishes first and none starts on threads that are gone.
+        let threads = {
+            let mut guard = self.control.threads.lock().expect("threads lock");
+            self.control
+                .state
+                .store(RunState::Stopping as u8, Ordering::SeqCst);
+            guard.take()
+        };
+        if let Some(threads) = threads {
             threads.stop();
         }
         for d in &self.control.shared.virtio {

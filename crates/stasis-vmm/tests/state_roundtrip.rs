@@ -105,6 +105,14 @@ fn vcpu_state_round_trips() {
     va.set_debug_regs(&dr).unwrap();
     let msrs_list = readable_msrs(&kvm, &va).unwrap();
     assert!(msrs_list.contains(&0x10), "TSC must be saved");
+    assert!(msrs_list.contains(&0x2ff), "MTRRdefType must be saved");
+    let m = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: 0x2ff,
+        data: (1 << 11) | 6,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(va.set_msrs(&m).unwrap(), 1);
     let saved = save_vcpu(&va, 0, &msrs_list, xsave_size).unwrap();
 
     let b = new_vm(&kvm);
@@ -118,6 +126,8 @@ fn vcpu_state_round_trips() {
     assert_eq!(again.debug_regs, saved.debug_regs);
     assert_eq!(again.mp_state, saved.mp_state);
     assert_eq!(again.cpuid, saved.cpuid);
+    let mtrr_def = again.msrs.iter().find(|m| m.index == 0x2ff).unwrap();
+    assert_eq!(mtrr_def.value, (1 << 11) | 6, "MTRRs not restored");
     // MSRs: identical, except the TSC, which kept counting.
     for (x, y) in saved.msrs.iter().zip(&again.msrs) {
         assert_eq!(x.index, y.index);

@@ -51,7 +51,7 @@ impl VmApi {
 /// 409 when the request does not fit the VM's state, 500 otherwise.
 fn error_response(e: &VmError) -> ApiResponse {
     let status = match e {
-        VmError::BadState { .. } => 409,
+        VmError::BadState { .. } | VmError::Busy { .. } => 409,
         _ => 500,
     };
     ApiResponse::error(status, e.to_string())

@@ -151,3 +151,46 @@ fn killing_the_vmm_mid_snapshot_leaves_the_previous_snapshot_intact() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn resume_is_refused_while_a_snapshot_runs() {
+    let mut vm = VmProcess::start(
+        "cs-busy",
+        VmOpts {
+            memory: "512M",
+            cmdline: "console=ttyS0 workload=memory mem_mib=448",
+            ..Default::default()
+        },
+    );
+    vm.wait_tagged("MEM", 1, Duration::from_secs(300));
+    vm.wait_socket();
+    let snaps = Scratch::new("cs-busy-snap");
+    let dir = snaps.join("snap");
+    let mut pending = std::process::Command::new(stasis_bin())
+        .env("STASIS_RUNTIME_DIR", &vm.runtime_dir)
+        .args(["snapshot", &vm.name, dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // While the snapshot holds the VM, resume (which would let the guest
+    // run during the memory copy) is refused with a clear message.
+    let mut refused = None;
+    while pending.try_wait().unwrap().is_none() {
+        let out = vm.cli(&["resume", &vm.name]);
+        if !out.status.success() {
+            refused = Some(err_text(&out));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(pending.wait().unwrap().success(), "snapshot failed");
+    let msg = refused.expect("no resume was attempted while the snapshot ran");
+    assert!(msg.contains("a snapshot of the VM is in progress"), "{msg}");
+    let out = stasis(&["verify", dir.to_str().unwrap()], &vm.runtime_dir);
+    assert!(out.status.success(), "{}", err_text(&out));
+    // Afterwards the VM runs and pause works again.
+    let n = vm.tagged("MEM").len();
+    vm.wait_tagged("MEM", n + 1, Duration::from_secs(120));
+    assert!(vm.cli(&["pause", &vm.name]).status.success());
+}

@@ -3,8 +3,11 @@
 //! The requester sets a flag and sends [`kick_signal`] to the vCPU thread.
 //! The signal handler sets `immediate_exit` in that thread's `kvm_run`, so
 //! `KVM_RUN` returns `EINTR` whether the signal lands while the guest runs
-//! or just before the thread enters `KVM_RUN`. KVM completes any pending
-//! port or MMIO read before returning, so no guest progress is lost.
+//! or just before the thread enters `KVM_RUN`. A port or MMIO instruction
+//! that exited to userspace is only finished by the next `KVM_RUN`, so a
+//! vCPU thread that must park right after such an exit first re-enters
+//! `KVM_RUN` with `immediate_exit` set: KVM completes the instruction and
+//! returns `EINTR` (see `vcpu.rs`). No instruction is lost or repeated.
 
 use std::cell::Cell;
 use std::ptr::null_mut;

@@ -61,6 +61,14 @@ pub enum VcpuStateError {
         /// The first one refused.
         index: u32,
     },
+    /// An MSR that was readable when the VM started could not be read.
+    #[error("vCPU {vcpu}: KVM_GET_MSRS could not read MSR {index:#x}")]
+    MsrRead {
+        /// The vCPU.
+        vcpu: u32,
+        /// The MSR.
+        index: u32,
+    },
     /// Too many CPUID entries or MSRs for KVM's arrays.
     #[error("vCPU {vcpu}: saved {what} has too many entries")]
     TooMany {
@@ -433,6 +441,13 @@ pub fn save_vcpu(
         what: "MSR list",
     })?;
     let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+    if n < msr_indices.len() {
+        // Probed readable at start; refusing beats a snapshot without it.
+        return Err(VcpuStateError::MsrRead {
+            vcpu: index,
+            index: msr_indices[n],
+        });
+    }
     let msrs = msrs.as_slice()[..n]
         .iter()
         .map(|e| MsrValue {
@@ -621,12 +636,44 @@ pub fn restore_vcpu(
     Ok(())
 }
 
-/// The MSRs of `KVM_GET_MSR_INDEX_LIST` that `vcpu` can actually read on
+const MSR_MTRR_CAP: u32 = 0xfe;
+
+/// Number of variable-range MTRR pairs (`MTRRcap[7:0]`), 0 if unreadable.
+fn mtrr_variable_count(vcpu: &VcpuFd) -> u32 {
+    let mut m = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_MTRR_CAP,
+        ..Default::default()
+    }])
+    .expect("one MSR");
+    match vcpu.get_msrs(&mut m) {
+        Ok(1) => (m.as_slice()[0].data & 0xff) as u32,
+        _ => 0,
+    }
+}
+
+/// The MTRR MSRs: default type, fixed ranges, `variable` base/mask pairs.
+fn mtrr_msrs(variable: u32) -> Vec<u32> {
+    let mut v = vec![0x2ff, 0x250, 0x258, 0x259];
+    v.extend(0x268..=0x26f);
+    v.extend((0..variable.min(32) * 2).map(|i| 0x200 + i));
+    v
+}
+
+/// The MSRs of `KVM_GET_MSR_INDEX_LIST` (plus the MTRRs) that `vcpu` can actually read on
 /// this host (some listed ones fail on some hosts and would stop
 /// `KVM_GET_MSRS` at the first failure).
 pub fn readable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, kvm_ioctls::Error> {
     let list = kvm.get_msr_index_list()?;
     let mut candidates: Vec<u32> = list.as_slice().to_vec();
+    // KVM's list leaves out the MTRRs, which the guest (and stasis at
+    // boot) configures: add the default type, the fixed ranges and as many
+    // variable pairs as MTRRcap says.
+    let variable = mtrr_variable_count(vcpu);
+    for m in mtrr_msrs(variable) {
+        if !candidates.contains(&m) {
+            candidates.push(m);
+        }
+    }
     let mut readable = Vec::with_capacity(candidates.len());
     while !candidates.is_empty() {
         let entries: Vec<kvm_msr_entry> = candidates

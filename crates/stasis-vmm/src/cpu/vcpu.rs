@@ -53,6 +53,8 @@ impl std::fmt::Debug for ControlState {
 pub struct RunControl {
     state: Mutex<ControlState>,
     changed: Condvar,
+    /// Mirrors `state.request == Run` for the vCPU fast path.
+    requested_run: std::sync::atomic::AtomicBool,
 }
 
 impl Default for RunControl {
@@ -65,6 +67,7 @@ impl Default for RunControl {
                 mailboxes: Vec::new(),
             }),
             changed: Condvar::new(),
+            requested_run: std::sync::atomic::AtomicBool::new(true),
         }
     }
 }
@@ -72,7 +75,14 @@ impl Default for RunControl {
 impl RunControl {
     fn set(&self, r: Request) {
         self.state.lock().expect("control lock").request = r;
+        self.requested_run
+            .store(r == Request::Run, std::sync::atomic::Ordering::SeqCst);
         self.changed.notify_all();
+    }
+
+    /// Whether the VMM wants the vCPUs out of the guest (cheap: no lock).
+    fn stop_or_pause_requested(&self) -> bool {
+        !self.requested_run.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until `pred` holds or `timeout` passes; returns whether it holds.
@@ -269,59 +279,91 @@ impl VcpuThreads {
     }
 }
 
+/// Marks a vCPU thread as gone when it leaves its loop, also by panic:
+/// commands still queued for it are dropped with their senders, so a
+/// waiting `run_on_each` sees it as gone instead of hanging.
+struct ExitedGuard<'a>(&'a RunControl, usize);
+
+impl Drop for ExitedGuard<'_> {
+    fn drop(&mut self) {
+        kick::set_current_kvm_run(std::ptr::null_mut());
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = st.mailboxes.get_mut(self.1) {
+            m.clear();
+        }
+        drop(st);
+        self.0.mark_exited();
+    }
+}
+
 fn run_loop(mut vcpu: VcpuFd, index: u32, ctx: VcpuContext) {
     kick::set_current_kvm_run(vcpu.get_kvm_run());
+    let _exited = ExitedGuard(&ctx.control, index as usize);
+    let mut pending = Handled::Done;
     loop {
-        // Clear a kick before looking at the request, so a kick that
-        // arrives after the check still interrupts the next KVM_RUN.
-        vcpu.set_kvm_immediate_exit(0);
-        if !ctx.control.wait_runnable(index as usize, &mut vcpu) {
-            break;
+        if pending == Handled::PendingIo && ctx.control.stop_or_pause_requested() {
+            // Finish the port/MMIO instruction before parking, so that the
+            // state a snapshot reads is consistent (KVM completes it at the
+            // start of KVM_RUN, then returns EINTR because of
+            // immediate_exit; string I/O may need more than one round).
+            vcpu.set_kvm_immediate_exit(1);
+        } else {
+            // Clear a kick before looking at the request, so a kick that
+            // arrives after the check still interrupts the next KVM_RUN.
+            vcpu.set_kvm_immediate_exit(0);
+            if !ctx.control.wait_runnable(index as usize, &mut vcpu) {
+                break;
+            }
         }
         match handle_one_run(&mut vcpu, index, &ctx) {
-            Ok(()) => {}
+            Ok(h) => pending = h,
             Err(reason) => {
                 ctx.exit.report(reason);
                 break;
             }
         }
     }
-    kick::set_current_kvm_run(std::ptr::null_mut());
-    // Commands still queued are dropped with their senders, so a waiting
-    // `run_on_each` sees this vCPU as gone instead of hanging.
-    ctx.control.state.lock().expect("control lock").mailboxes[index as usize].clear();
-    ctx.control.mark_exited();
+}
+
+/// What a handled exit leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    /// A port or MMIO access: KVM completes the instruction (writes the
+    /// read value, advances RIP) only on the next `KVM_RUN`.
+    PendingIo,
+    /// Nothing pending (including `EINTR` from a kick).
+    Done,
 }
 
 /// Runs the vCPU until its next exit and handles it. `Err` carries a
 /// reason that ends the VM.
-fn handle_one_run(vcpu: &mut VcpuFd, index: u32, ctx: &VcpuContext) -> Result<(), ExitReason> {
+fn handle_one_run(vcpu: &mut VcpuFd, index: u32, ctx: &VcpuContext) -> Result<Handled, ExitReason> {
     match vcpu.run() {
         Ok(VcpuExit::IoIn(port, data)) => {
             if !ctx.pio.read(u64::from(port), data) {
                 tracing::trace!("vcpu{index}: unclaimed port read {port:#x}");
             }
-            Ok(())
+            Ok(Handled::PendingIo)
         }
         Ok(VcpuExit::IoOut(port, data)) => {
             if !ctx.pio.write(u64::from(port), data) && port != 0x80 {
                 tracing::trace!("vcpu{index}: unclaimed port write {port:#x}");
             }
-            Ok(())
+            Ok(Handled::PendingIo)
         }
         Ok(VcpuExit::MmioRead(addr, data)) => {
             if !ctx.mmio.read(addr, data) {
                 tracing::debug!("vcpu{index}: unclaimed MMIO read {addr:#x}");
             }
-            Ok(())
+            Ok(Handled::PendingIo)
         }
         Ok(VcpuExit::MmioWrite(addr, data)) => {
             if !ctx.mmio.write(addr, data) {
                 tracing::debug!("vcpu{index}: unclaimed MMIO write {addr:#x}");
             }
-            Ok(())
+            Ok(Handled::PendingIo)
         }
-        Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => Ok(()),
+        Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => Ok(Handled::Done),
         Ok(VcpuExit::Shutdown) => Err(ExitReason::TripleFault {
             vcpu: index,
             detail: regs::describe(vcpu),
@@ -360,7 +402,7 @@ fn handle_one_run(vcpu: &mut VcpuFd, index: u32, ctx: &VcpuContext) -> Result<()
             vcpu: index,
             detail: format!("unexpected exit {other:?}"),
         }),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Handled::Done),
         Err(e) => Err(ExitReason::VcpuError {
             vcpu: index,
             detail: format!("KVM_RUN failed: {e}"),

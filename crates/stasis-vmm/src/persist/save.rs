@@ -57,6 +57,9 @@ pub enum SnapshotError {
     /// Writing the snapshot failed; nothing at the target path changed.
     #[error(transparent)]
     Format(#[from] stasis_snapshot::Error),
+    /// A disk image could not be made durable.
+    #[error("cannot flush a disk image: {0}")]
+    DiskSync(String),
     /// The configuration could not be recorded.
     #[error("cannot record the VM configuration: {0}")]
     Config(String),
@@ -117,16 +120,22 @@ pub fn snapshot(
         }
         Err(e) => tracing::warn!("cannot clean up after interrupted snapshots: {e}"),
     }
+    // No pause, resume or other snapshot may interleave with this one: the
+    // guest must not run between reading its state and copying its memory.
+    let op = control.exclusive("snapshot")?;
     // Creating the writer first checks the target before the guest pauses;
     // the memory image is created and cached while the guest still runs.
     let mut writer = SnapshotWriter::create(dir)?;
     with_regions(control, |regions| writer.prepare_memory(regions))?;
+    let description = control.description();
+    let vm_config = serde_json::to_value(&description.config)
+        .map_err(|e| SnapshotError::Config(e.to_string()))?;
     let was_paused = control.state() == RunState::Paused;
-    control.pause()?;
+    control.pause_held(&op)?;
     let paused_at = Instant::now();
     let resume = |control: &VmControl| {
         if !was_paused {
-            let _ = control.resume();
+            let _ = control.resume_held(&op);
         }
     };
     let result = write_contents(control, &mut writer);
@@ -142,7 +151,14 @@ pub fn snapshot(
         resume(control);
     }
     let pause = paused_at.elapsed();
-    let description = control.description();
+    // Disk writes the guest completed before the snapshot become durable
+    // before the snapshot is (a restored guest must never miss them).
+    if let Err(e) = control.sync_disks() {
+        if opts.stop {
+            resume(control);
+        }
+        return Err(SnapshotError::DiskSync(e.to_string()));
+    }
     let input = ManifestInput {
         created_unix_ms: Some(
             SystemTime::now()
@@ -150,8 +166,7 @@ pub fn snapshot(
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         ),
-        vm_config: serde_json::to_value(&description.config)
-            .map_err(|e| SnapshotError::Config(e.to_string()))?,
+        vm_config,
         cpu: cpu_info(&description.cpu_vendor, &state),
         parent: None,
         notes: Default::default(),
@@ -166,10 +181,13 @@ pub fn snapshot(
         }
     };
     if opts.stop {
+        // Still paused and still holding the operation: the VM goes from
+        // paused straight to stopping.
         control.end(crate::ExitReason::Suspended {
             path: commit.dir.display().to_string(),
         });
     }
+    drop(op);
     Ok(SnapshotReport {
         path: commit.dir,
         pause_ms: ms(if opts.stop {

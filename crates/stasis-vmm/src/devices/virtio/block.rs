@@ -438,6 +438,14 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn sync_backend(&self) -> std::io::Result<()> {
+        if self.readonly {
+            Ok(())
+        } else {
+            self.file.sync_data()
+        }
+    }
+
     fn save_backend(&self) -> BackendState {
         BackendState::Block {
             path: self.path.clone(),

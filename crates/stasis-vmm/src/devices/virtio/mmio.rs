@@ -224,6 +224,11 @@ impl MmioTransport {
         }
     }
 
+    /// See [`super::VirtioDevice::sync_backend`].
+    pub fn sync_backend(&self) -> std::io::Result<()> {
+        self.device.sync_backend()
+    }
+
     /// The device and transport state as one snapshot section.
     pub fn save_device(&self) -> super::VirtioDeviceState {
         super::VirtioDeviceState::new(self.device.id(), self.save(), self.device.save_backend())

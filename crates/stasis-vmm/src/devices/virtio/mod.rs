@@ -197,9 +197,17 @@ impl DeviceContext<'_> {
     /// asked for no interrupts (`VRING_AVAIL_F_NO_INTERRUPT`).
     pub fn signal_used(&mut self, index: usize) {
         let q = &self.queues[index];
+        // The used index was just written; the driver clears
+        // NO_INTERRUPT, fences, then reads the used index. Without this
+        // fence our read of the flag could pass our write of the index, and
+        // both sides would miss each other's update: a lost interrupt.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let flags: u16 = self
             .mem
-            .read_obj(GuestAddress(q.avail_ring()))
+            .load::<u16>(
+                GuestAddress(q.avail_ring()),
+                std::sync::atomic::Ordering::Acquire,
+            )
             .map(u16::from_le)
             .unwrap_or(0);
         if flags & VRING_AVAIL_F_NO_INTERRUPT == 0 {
@@ -258,6 +266,12 @@ pub trait VirtioDevice: Send {
     }
     /// The device-specific part of the saved state.
     fn save_backend(&self) -> state::BackendState;
+    /// Makes what the guest already wrote to the backend durable (a disk
+    /// image's `fdatasync`), so that a snapshot's memory never claims disk
+    /// writes that a host crash could lose. Nothing by default.
+    fn sync_backend(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a device's worker thread polls: a backend fd while `want` is set,
