@@ -124,7 +124,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
             socket: socket.display().to_string(),
         }))
         .map_err(|e| e.to_string())?;
-    signals::forward_termination_signals(control.exit_sink());
+    let signals = signals::forward_termination_signals(control.exit_sink());
     vm.start().map_err(|e| e.to_string())?;
     println!(
         "stasis demo: booted the built-in heartbeat guest as VM '{}' ({} vCPU, {} MiB, {} boot)",
@@ -184,7 +184,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     let (memory, _) = restore::load_memory(&plan, RestoreMode::Lazy).map_err(|e| e.to_string())?;
     let mut vm = Vm::restore(&plan.config, memory, &plan.state).map_err(|e| e.to_string())?;
     let control = vm.control();
-    signals::forward_termination_signals(control.exit_sink());
+    signals.set(control.exit_sink());
     vm.start().map_err(|e| e.to_string())?;
     println!(
         "stasis demo: restored VM '{}' from the snapshot in {:.1} ms",

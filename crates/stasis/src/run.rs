@@ -132,7 +132,7 @@ pub fn serve(mut vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Resul
         socket: socket.display().to_string(),
     });
     let handle = server.serve(api).map_err(|e| e.to_string())?;
-    signals::forward_termination_signals(control.exit_sink());
+    let _signals = signals::forward_termination_signals(control.exit_sink());
     let d = control.description();
     let how = if d.boot_protocol == "restored" {
         "restored from a snapshot".to_string()

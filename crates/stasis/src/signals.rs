@@ -24,8 +24,25 @@ pub fn block_termination_signals() {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
-/// Starts the thread that turns a termination signal into an exit reason.
-pub fn forward_termination_signals(sink: ExitSink) {
+/// Where termination signals go: the VM currently running. One thread
+/// per process collects the signals; a process that runs VMs one after
+/// another (the demo) points it at each in turn.
+#[derive(Clone, Default)]
+pub struct SignalTarget(std::sync::Arc<std::sync::Mutex<Option<ExitSink>>>);
+
+impl SignalTarget {
+    /// Sends the next signals to `sink`.
+    pub fn set(&self, sink: ExitSink) {
+        *self.0.lock().expect("signal target lock") = Some(sink);
+    }
+}
+
+/// Starts the thread that turns a termination signal into an exit reason
+/// for `sink`; returns the handle to redirect it.
+pub fn forward_termination_signals(sink: ExitSink) -> SignalTarget {
+    let target = SignalTarget::default();
+    target.set(sink);
+    let shared = target.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -34,8 +51,11 @@ pub fn forward_termination_signals(sink: ExitSink) {
             // SAFETY: valid set and out-pointer; the signals are blocked in
             // all threads, so sigwait is the only consumer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                sink.report(ExitReason::Signal(sig));
+                if let Some(sink) = shared.0.lock().expect("signal target lock").as_ref() {
+                    sink.report(ExitReason::Signal(sig));
+                }
             }
         })
         .expect("spawn the signal thread");
+    target
 }
