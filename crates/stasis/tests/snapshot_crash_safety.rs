@@ -43,6 +43,33 @@ fn still_running(vm: &mut VmProcess) {
     assert_eq!(info["state"], "running");
 }
 
+/// A VM whose memory workload has written 448 MiB, so that a snapshot of
+/// it takes a while.
+fn busy_vm(tag: &str) -> VmProcess {
+    let mut vm = VmProcess::start(
+        tag,
+        VmOpts {
+            memory: "512M",
+            cmdline: "console=ttyS0 workload=memory mem_mib=448",
+            ..Default::default()
+        },
+    );
+    vm.wait_tagged("MEM", 1, Duration::from_secs(300));
+    vm.wait_socket();
+    vm
+}
+
+/// `stasis snapshot` of `vm` into `dir`, running in the background.
+fn snapshot_in_background(vm: &VmProcess, dir: &Path) -> std::process::Child {
+    std::process::Command::new(stasis_bin())
+        .env("STASIS_RUNTIME_DIR", &vm.runtime_dir)
+        .args(["snapshot", &vm.name, dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn missing_parent_directory_fails_and_the_vm_runs_on() {
     let mut vm = hb_vm("cs-parent");
@@ -100,29 +127,13 @@ fn a_new_snapshot_replaces_an_old_one_atomically() {
 
 #[test]
 fn killing_the_vmm_mid_snapshot_leaves_the_previous_snapshot_intact() {
-    // Enough written memory that the second snapshot takes a while.
-    let mut vm = VmProcess::start(
-        "cs-kill",
-        VmOpts {
-            memory: "512M",
-            cmdline: "console=ttyS0 workload=memory mem_mib=448",
-            ..Default::default()
-        },
-    );
-    vm.wait_tagged("MEM", 1, Duration::from_secs(300));
-    vm.wait_socket();
+    let mut vm = busy_vm("cs-kill");
     let snaps = Scratch::new("cs-kill-snap");
     let dir = snaps.join("snap");
     vm.snapshot(&dir, false);
     let before = fingerprint(&dir);
 
-    let mut pending = std::process::Command::new(stasis_bin())
-        .env("STASIS_RUNTIME_DIR", &vm.runtime_dir)
-        .args(["snapshot", &vm.name, dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut pending = snapshot_in_background(&vm, &dir);
     std::thread::sleep(Duration::from_millis(40));
     vm.signal(libc::SIGKILL);
     vm.wait_exit(Duration::from_secs(10));
@@ -154,25 +165,10 @@ fn killing_the_vmm_mid_snapshot_leaves_the_previous_snapshot_intact() {
 
 #[test]
 fn resume_is_refused_while_a_snapshot_runs() {
-    let mut vm = VmProcess::start(
-        "cs-busy",
-        VmOpts {
-            memory: "512M",
-            cmdline: "console=ttyS0 workload=memory mem_mib=448",
-            ..Default::default()
-        },
-    );
-    vm.wait_tagged("MEM", 1, Duration::from_secs(300));
-    vm.wait_socket();
+    let mut vm = busy_vm("cs-busy");
     let snaps = Scratch::new("cs-busy-snap");
     let dir = snaps.join("snap");
-    let mut pending = std::process::Command::new(stasis_bin())
-        .env("STASIS_RUNTIME_DIR", &vm.runtime_dir)
-        .args(["snapshot", &vm.name, dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut pending = snapshot_in_background(&vm, &dir);
     // While the snapshot holds the VM, resume (which would let the guest
     // run during the memory copy) is refused with a clear message.
     let mut refused = None;
