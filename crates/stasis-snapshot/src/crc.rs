@@ -12,8 +12,9 @@ use std::sync::OnceLock;
 
 /// The granule of [`append_zeros`]' fast path: one 4 KiB page.
 const ZERO_UNIT: u64 = 4096;
-/// Number of power-of-two steps precomputed: 4 KiB · 2⁴⁰ is far beyond any file.
-const STEPS: usize = 41;
+/// Number of power-of-two steps precomputed: enough for any `u64` length
+/// (`len / 4 KiB < 2⁵²`), so [`append_zeros`] is total.
+const STEPS: usize = 53;
 
 /// A linear map on CRC values, as four byte-sliced lookup tables.
 struct Shift {
@@ -128,6 +129,16 @@ pub fn is_zero(page: &[u8]) -> bool {
         }
     }
     blocks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod huge_len_tests {
+    #[test]
+    fn append_zeros_accepts_any_length() {
+        // Must not panic; lengths this large never occur in a real file.
+        let _ = super::append_zeros(0, u64::MAX);
+        let _ = super::append_zeros(0x1234_5678, 1 << 60);
+    }
 }
 
 #[cfg(test)]

@@ -586,7 +586,9 @@ impl SnapshotReader {
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
         let path = self.memory_file_path();
         let work = |on_chunk: &mut dyn FnMut()| {
-            let mut buf = vec![0u8; mem.chunk_size as usize];
+            // A hostile manifest may claim huge chunks: never allocate more
+            // than the file holds.
+            let mut buf = vec![0u8; mem.chunk_size.min(mem.file_size.max(1)) as usize];
             loop {
                 if abort.load(Ordering::Relaxed) {
                     return;

@@ -82,6 +82,7 @@ pub struct Block {
     readonly: bool,
     config: Vec<u8>,
     buf: Vec<u8>,
+    warnings: super::GuestWarnings,
 }
 
 impl Block {
@@ -157,6 +158,7 @@ impl Block {
             readonly,
             config: config_space(size / SECTOR_SIZE),
             buf: Vec::new(),
+            warnings: Default::default(),
         }
     }
 
@@ -181,20 +183,32 @@ impl Block {
         let mut reader = match chain.clone().reader(mem) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!("virtio-blk '{}': bad request chain: {e}", self.id);
+                self.warnings.warn(
+                    "virtio-blk",
+                    &self.id,
+                    format_args!("bad request chain: {e}"),
+                );
                 return 0;
             }
         };
         let mut data_out = match chain.writer(mem) {
             Ok(w) => w,
             Err(e) => {
-                tracing::warn!("virtio-blk '{}': bad request chain: {e}", self.id);
+                self.warnings.warn(
+                    "virtio-blk",
+                    &self.id,
+                    format_args!("bad request chain: {e}"),
+                );
                 return 0;
             }
         };
         let writable = data_out.available_bytes();
         if writable == 0 {
-            tracing::warn!("virtio-blk '{}': request without a status byte", self.id);
+            self.warnings.warn(
+                "virtio-blk",
+                &self.id,
+                format_args!("request without a status byte"),
+            );
             return 0;
         }
         let mut status_out = match data_out.split_at(writable - 1) {
@@ -203,7 +217,11 @@ impl Block {
         };
         let mut header = [0u8; 16];
         let status = if reader.read_exact(&mut header).is_err() {
-            tracing::warn!("virtio-blk '{}': request header too short", self.id);
+            self.warnings.warn(
+                "virtio-blk",
+                &self.id,
+                format_args!("request header too short"),
+            );
             VIRTIO_BLK_S_IOERR
         } else {
             let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));

@@ -86,6 +86,8 @@ pub struct MmioTransport {
     /// A restored interrupt to raise again on the first resume (after the
     /// irqchip state is back, which would otherwise swallow it).
     reraise: bool,
+    /// Rate limit for guest-caused warnings.
+    warnings: super::GuestWarnings,
 }
 
 impl MmioTransport {
@@ -112,6 +114,7 @@ impl MmioTransport {
             config_generation: 0,
             paused: true,
             reraise: false,
+            warnings: Default::default(),
         }
     }
 
@@ -519,7 +522,8 @@ impl MmioTransport {
     }
 
     fn warn(&self, what: &str) {
-        tracing::warn!("{} '{}': {what}", self.device.kind(), self.device.id());
+        self.warnings
+            .warn(self.device.kind(), self.device.id(), format_args!("{what}"));
     }
 }
 

@@ -216,6 +216,31 @@ impl DeviceContext<'_> {
     }
 }
 
+/// Limits warnings that a guest can cause at will (bad register accesses,
+/// malformed requests), so that a misbehaving guest cannot fill the host's
+/// logs: the first [`GuestWarnings::LIMIT`] are warnings, the rest debug.
+#[derive(Debug, Default)]
+pub struct GuestWarnings(std::sync::atomic::AtomicU32);
+
+impl GuestWarnings {
+    /// Warnings logged at warning level per device.
+    pub const LIMIT: u32 = 20;
+
+    /// Logs `what` for device `kind` `id`.
+    pub fn warn(&self, kind: &str, id: &str, what: std::fmt::Arguments) {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n < Self::LIMIT {
+            tracing::warn!("{kind} '{id}': {what}");
+        } else if n == Self::LIMIT {
+            tracing::warn!(
+                "{kind} '{id}': {what} (further guest-caused warnings of this device at debug level)"
+            );
+        } else {
+            tracing::debug!("{kind} '{id}': {what}");
+        }
+    }
+}
+
 /// A virtio device model behind an [`MmioTransport`]. Every method runs
 /// with the transport's mutex held.
 pub trait VirtioDevice: Send {
