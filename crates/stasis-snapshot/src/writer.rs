@@ -613,7 +613,13 @@ impl SnapshotWriter {
                     )))?;
                 tracing::debug!(exchanged, "replacing the existing snapshot");
                 if exchanged {
-                    // The new snapshot is at final_dir; tmp now holds the old one.
+                    // The new snapshot is at final_dir; tmp now holds what was
+                    // there. If something else took the target's place since
+                    // it was checked, swap back rather than delete it.
+                    if !matches!(check_target(&tmp), Ok(Target::Snapshot | Target::EmptyDir)) {
+                        let _ = fsutil::rename_exchange(&tmp, &final_dir);
+                        return Err(Error::RefuseOverwrite { dir: final_dir });
+                    }
                     self.done = true;
                     fsutil::fsync_dir(&self.parent)?;
                     remove_old(&tmp);
@@ -622,6 +628,11 @@ impl SnapshotWriter {
                     let n = NEXT_TMP.fetch_add(1, Ordering::Relaxed);
                     let old = sibling(&self.parent, &self.name, "old", n);
                     fs::rename(&final_dir, &old).map_err(io_ctx(rename_ctx(&final_dir, &old)))?;
+                    if !matches!(check_target(&old), Ok(Target::Snapshot | Target::EmptyDir)) {
+                        // Not what was checked: put it back, refuse.
+                        let _ = fs::rename(&old, &final_dir);
+                        return Err(Error::RefuseOverwrite { dir: final_dir });
+                    }
                     if let Err(e) = fs::rename(&tmp, &final_dir) {
                         // Put the old one back; the new one is deleted on drop.
                         let _ = fs::rename(&old, &final_dir);
