@@ -37,6 +37,6 @@ pub use runtime::{
 };
 pub use server::{ApiHandler, ApiServer, ApiServerHandle, ServerError};
 pub use types::{
-    ActionResponse, EmptyRequest, ErrorBody, PingResponse, SnapshotRequest, SnapshotResponse,
-    VmInfo, VmState,
+    ActionResponse, DeviceInfo, EmptyRequest, ErrorBody, PingResponse, SnapshotRequest,
+    SnapshotResponse, VmInfo, VmState,
 };

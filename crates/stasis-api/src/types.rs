@@ -66,6 +66,22 @@ pub struct VmInfo {
     pub uptime_ms: u64,
     /// The stasis version the VM runs.
     pub stasis_version: String,
+    /// The VM's devices (virtio disks, network devices, entropy sources,
+    /// consoles), in slot order. Absent from older servers.
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// One device of a VM, as `GET /v1/vm` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `disk`, `net`, `rng` or `console`.
+    pub kind: String,
+    /// The id the user gave it.
+    pub id: String,
+    /// What backs it on the host (image path, tap name, output), if
+    /// anything.
+    pub backend: String,
 }
 
 /// The body of every error response: `{"error": "..."}`.
@@ -117,6 +133,7 @@ mod tests {
             started_at_unix_ms: 1_700_000_000_000,
             uptime_ms: 1234,
             stasis_version: "0.1.0".into(),
+            devices: Vec::new(),
         }
     }
 
@@ -130,7 +147,7 @@ mod tests {
                 "memory_mib": 512, "kernel": "/boot/vmlinux", "boot_protocol": "pvh",
                 "api_socket": "/run/stasis/vm1.sock",
                 "started_at_unix_ms": 1_700_000_000_000u64, "uptime_ms": 1234,
-                "stasis_version": "0.1.0"
+                "stasis_version": "0.1.0", "devices": []
             })
         );
         let back: VmInfo = serde_json::from_value(v).unwrap();
@@ -140,9 +157,17 @@ mod tests {
     #[test]
     fn vm_info_tolerates_new_fields() {
         let mut v = serde_json::to_value(sample()).unwrap();
-        v["devices"] = json!(["virtio-net"]);
+        v["migration"] = json!({"state": "none"});
         let back: VmInfo = serde_json::from_value(v).unwrap();
         assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn vm_info_from_an_older_server_without_devices() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v.as_object_mut().unwrap().remove("devices");
+        let back: VmInfo = serde_json::from_value(v).unwrap();
+        assert!(back.devices.is_empty());
     }
 
     #[test]

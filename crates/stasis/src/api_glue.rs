@@ -5,7 +5,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
 
-use stasis_api::{ApiHandler, ApiRequest, ApiResponse, SnapshotRequest, VmInfo, VmState};
+use stasis_api::{
+    ApiHandler, ApiRequest, ApiResponse, DeviceInfo, SnapshotRequest, VmInfo, VmState,
+};
 use stasis_vmm::persist::save::{self, SnapshotError, SnapshotOptions};
 use stasis_vmm::{RunState, VmControl, VmError};
 
@@ -23,6 +25,32 @@ fn api_state(s: RunState) -> VmState {
         RunState::Stopping => VmState::Stopping,
         RunState::Created | RunState::Running => VmState::Running,
     }
+}
+
+/// The devices of `config` in slot order (disks, nets, rngs, consoles).
+fn devices(config: &stasis_config::VmConfig) -> Vec<DeviceInfo> {
+    let dev = |kind: &str, id: &str, backend: String| DeviceInfo {
+        kind: kind.to_string(),
+        id: id.to_string(),
+        backend,
+    };
+    let disks = config.disk.iter().map(|d| {
+        let ro = if d.readonly { " (read-only)" } else { "" };
+        dev("disk", &d.id, format!("{}{ro}", d.path.display()))
+    });
+    let nets = config
+        .net
+        .iter()
+        .map(|n| dev("net", &n.id, format!("tap {}", n.tap)));
+    let rngs = config
+        .rng
+        .iter()
+        .map(|r| dev("rng", &r.id, "getrandom".into()));
+    let consoles = config
+        .console
+        .iter()
+        .map(|c| dev("console", &c.id, c.output.to_string()));
+    disks.chain(nets).chain(rngs).chain(consoles).collect()
 }
 
 impl VmApi {
@@ -44,6 +72,7 @@ impl VmApi {
             started_at_unix_ms: d.created_unix_ms,
             uptime_ms: now.saturating_sub(d.created_unix_ms),
             stasis_version: env!("CARGO_PKG_VERSION").to_string(),
+            devices: devices(&d.config),
         }
     }
 }

@@ -71,6 +71,9 @@ fn print_info(i: &VmInfo) {
     println!("api socket:  {}", i.api_socket);
     println!("uptime:      {}", human_duration(i.uptime_ms));
     println!("stasis:      {}", i.stasis_version);
+    for d in &i.devices {
+        println!("device:      {} {} ({})", d.kind, d.id, d.backend);
+    }
 }
 
 /// `stasis status NAME`.

@@ -35,7 +35,22 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
         console_outputs: args.console_paths.clone(),
     };
     let started = std::time::Instant::now();
-    let plan = restore::prepare(&args.dir, &overrides).map_err(|e| e.to_string())?;
+    // Verifying a large memory image takes a while: show progress on a
+    // terminal.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_pct = u64::MAX;
+    let mut progress = |done: u64, total: u64| {
+        let pct = done * 100 / total.max(1);
+        if tty && pct != last_pct {
+            last_pct = pct;
+            eprint!("\rstasis: verifying the memory image: {pct:3}%");
+            if pct == 100 {
+                eprintln!();
+            }
+        }
+    };
+    let plan = restore::prepare_with_progress(&args.dir, &overrides, &mut progress)
+        .map_err(|e| e.to_string())?;
     for w in &plan.warnings {
         eprintln!("stasis: warning: {w}");
     }

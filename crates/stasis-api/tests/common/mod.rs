@@ -79,6 +79,7 @@ impl TestVm {
             started_at_unix_ms: 1_700_000_000_000,
             uptime_ms: 5,
             stasis_version: "0.1.0".into(),
+            devices: Vec::new(),
         }
     }
 }

@@ -183,13 +183,23 @@ pub fn prepare(
     dir: &std::path::Path,
     overrides: &RestoreOverrides,
 ) -> Result<RestorePlan, RestoreError> {
+    prepare_with_progress(dir, overrides, &mut |_, _| {})
+}
+
+/// [`prepare`], reporting the memory verification's progress as
+/// `(bytes done, bytes in all)`.
+pub fn prepare_with_progress(
+    dir: &std::path::Path,
+    overrides: &RestoreOverrides,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RestorePlan, RestoreError> {
     let reader = SnapshotReader::open(dir)?;
     let warnings = reader.check_known(&known_section)?;
     if !overrides.skip_memory_verify {
         // Every section checksum is checked as it is read below; this
         // covers the memory image (and warms the page cache that a lazy
         // restore maps).
-        reader.verify(|_, _| {})?.into_result()?;
+        reader.verify(progress)?.into_result()?;
     }
     let body = reader.body();
     let mut config: VmConfig = serde_json::from_value(body.vm_config.clone())
