@@ -201,6 +201,36 @@ static void disk_io_error(u32 cpu, u64 index, const char *op, u64 block, u32 sta
 /* Read-only check of what is on the disk: block `start` tells the pass P;
  * every block must hold P's stamp, or P-1's (a pass that was interrupted,
  * e.g. by a snapshot, rewrites the region in order). Then halt. */
+/* Reads blocks first..first+k-1 and checks that each holds the stamp of
+ * `pass` (or, with accept_older, of pass-1: a pass cut short leaves both,
+ * counted in *older). Reports the first bad block of the pass (while *bad is
+ * still 0) and counts bad ones in *bad. Returns the number of blocks read. */
+static u64 read_and_check(u32 cpu, u64 index, u64 first, u32 k, u64 pass, int accept_older,
+                          u64 *bad, u64 *older)
+{
+    disk_batch(BLK_T_IN, first, k);
+    for (u32 j = 0; j < k; j++) {
+        u64 blk = first + j;
+        const char *why;
+        if (disk_req[j].status != BLK_S_OK) {
+            disk_io_error(cpu, index, "read", blk, disk_req[j].status);
+            why = "io";
+        } else {
+            why = check_block(disk_buf[j], blk, pass);
+            if (why && accept_older && pass > 1 && !check_block(disk_buf[j], blk, pass - 1)) {
+                (*older)++;
+                why = 0;
+            }
+        }
+        if (why) {
+            if (!*bad)
+                disk_bad(cpu, index, blk, pass, disk_buf[j][1], why);
+            (*bad)++;
+        }
+    }
+    return k;
+}
+
 static __attribute__((noreturn)) void disk_verify(u32 cpu, u64 index, u64 start, u64 n)
 {
     struct line l;
@@ -220,27 +250,7 @@ static __attribute__((noreturn)) void disk_verify(u32 cpu, u64 index, u64 start,
     }
     for (u64 b = 0; pass && b < n; b += DISK_BATCH) {
         u32 k = (u32)(n - b < DISK_BATCH ? n - b : DISK_BATCH);
-        disk_batch(BLK_T_IN, start + b, k);
-        for (u32 j = 0; j < k; j++) {
-            u64 blk = start + b + j;
-            const char *why;
-            verified++;
-            if (disk_req[j].status != BLK_S_OK) {
-                disk_io_error(cpu, index, "read", blk, disk_req[j].status);
-                why = "io";
-            } else {
-                why = check_block(disk_buf[j], blk, pass);
-                if (why && pass > 1 && !check_block(disk_buf[j], blk, pass - 1)) {
-                    older++;
-                    why = 0;
-                }
-            }
-            if (why) {
-                if (!bad)
-                    disk_bad(cpu, index, blk, pass, disk_buf[j][1], why);
-                bad++;
-            }
-        }
+        verified += read_and_check(cpu, index, start + b, k, pass, 1, &bad, &older);
     }
     l_init(&l, "DISK");
     l_kv(&l, "index", index);
@@ -333,25 +343,8 @@ void disk_workload(u32 cpu)
         u64 written = 0, verified = 0, bad = 0, t0 = rdtsc();
         for (u64 b = 0; b < n; b += DISK_BATCH) {
             u32 k = (u32)(n - b < DISK_BATCH ? n - b : DISK_BATCH);
-            if (pass > 1) {
-                disk_batch(BLK_T_IN, start + b, k);
-                for (u32 j = 0; j < k; j++) {
-                    u64 blk = start + b + j;
-                    const char *why;
-                    verified++;
-                    if (disk_req[j].status != BLK_S_OK) {
-                        disk_io_error(cpu, index, "read", blk, disk_req[j].status);
-                        why = "io";
-                    } else {
-                        why = check_block(disk_buf[j], blk, pass - 1);
-                    }
-                    if (why) {
-                        if (!bad)
-                            disk_bad(cpu, index, blk, pass - 1, disk_buf[j][1], why);
-                        bad++;
-                    }
-                }
-            }
+            if (pass > 1)
+                verified += read_and_check(cpu, index, start + b, k, pass - 1, 0, &bad, 0);
             for (u32 j = 0; j < k; j++)
                 stamp_block(disk_buf[j], start + b + j, pass);
             disk_batch(BLK_T_OUT, start + b, k);
