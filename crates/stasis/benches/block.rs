@@ -17,18 +17,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{median, runs, Vmm};
+
 const STASIS: &str = env!("CARGO_BIN_EXE_stasis");
 const IMAGE_MIB: u64 = 256;
 const BENCH_MS: u64 = 2000;
-
-/// A child VMM that is killed when dropped, also when the benchmark panics.
-struct Vmm(std::process::Child);
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn field(line: &str, key: &str) -> f64 {
     line.split_whitespace()
@@ -61,7 +55,9 @@ fn guest(mode: &str, kernel: &Path, image: &Path, work: &Path) -> (f64, f64) {
     let end = Instant::now() + Duration::from_secs(120);
     let line = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.starts_with("DISKBENCH ")) {
+        // Only complete lines: the guest may be printing this one still.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(l) = complete.lines().find(|l| l.starts_with("DISKBENCH ")) {
             break l.to_string();
         }
         assert!(!text.contains("GUEST-ERROR"), "guest error:\n{text}");
@@ -114,20 +110,12 @@ fn host(mode: &str, image: &Path) -> (f64, f64) {
     (ops as f64 / s, ops as f64 * size as f64 / 1e6 / s)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("block benchmark: run with `cargo bench -p stasis --bench block`");
         return;
     }
-    let runs: usize = std::env::var("STASIS_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let runs = runs();
     let work = std::env::temp_dir().join(format!("stasis-blkbench-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let kernel = stasis_guestkit::write_guest(&work).unwrap();

@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{median, runs, Vmm};
+
 const STASIS: &str = env!("CARGO_BIN_EXE_stasis");
 
 struct Dir(PathBuf);
@@ -27,15 +30,6 @@ impl Drop for Dir {
 }
 
 /// Waits until the serial log has `n` complete `MEM ` lines; returns when.
-/// A child VMM that is killed when dropped, also when the benchmark panics.
-struct Vmm(std::process::Child);
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wait_mem_lines(log: &Path, n: usize, timeout: Duration) -> Instant {
     let end = Instant::now() + timeout;
     loop {
@@ -167,11 +161,6 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
     run
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs us too:
     // only do the work when asked to benchmark.
@@ -184,10 +173,7 @@ fn main() {
         .split(',')
         .map(|s| s.trim().parse().expect("STASIS_BENCH_SIZES: MiB list"))
         .collect();
-    let runs: usize = std::env::var("STASIS_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let runs = runs();
     let work = Dir(std::env::temp_dir().join(format!("stasis-bench-{}", std::process::id())));
     std::fs::create_dir_all(&work.0).unwrap();
     let kernel = stasis_guestkit::write_guest(&work.0).unwrap();
