@@ -150,10 +150,8 @@ fn disk_io_survives_a_snapshot_taken_mid_flight() {
         "console=ttyS0 workload=disk disk_blocks=512",
     );
     vm.wait_tagged("DISK", 3, T);
-    vm.wait_socket();
     let snap = s.join("snap");
-    vm.snapshot(&snap, true);
-    vm.wait_exit(T);
+    vm.suspend_to(&snap);
     let last_pass = num(vm.tagged("DISK").last().unwrap(), "pass");
     let mut r = restore_process("vio-diskio-r", &snap, &vm.runtime_dir, &[]);
     // Every block written before the snapshot verifies; writes go on.
@@ -201,8 +199,7 @@ fn net_exchanges_frames_before_and_after_restore() {
     vm.wait_socket();
     let before = vm.tagged("NET").pop().unwrap();
     let snap = s.join("snap");
-    vm.snapshot(&snap, true);
-    vm.wait_exit(T);
+    vm.suspend_to(&snap);
     let mut r = restore_process_in(Some(&ns.name), "vio-netsr-r", &snap, &vm.runtime_dir, &[]);
     let want = num(&before, "replies") + 10;
     r.wait_until("replies after the restore", T, |ls| {
@@ -230,10 +227,8 @@ fn restore_with_a_disk_path_override_writes_to_the_new_file() {
         "console=ttyS0 workload=disk disk_blocks=128",
     );
     vm.wait_tagged("DISK", 2, T);
-    vm.wait_socket();
     let snap = s.join("snap");
-    vm.snapshot(&snap, true);
-    vm.wait_exit(T);
+    vm.suspend_to(&snap);
     let moved = s.join("moved.img");
     std::fs::copy(&d0, &moved).unwrap();
     let original = std::fs::read(&d0).unwrap();
@@ -271,10 +266,8 @@ fn restore_refuses_a_missing_or_resized_disk_and_starts_nothing() {
         "console=ttyS0 workload=disk disk_blocks=16",
     );
     vm.wait_tagged("DISK", 1, T);
-    vm.wait_socket();
     let snap = s.join("snap");
-    vm.snapshot(&snap, true);
-    vm.wait_exit(T);
+    vm.suspend_to(&snap);
     let runtime = s.join("run2");
     // Missing backing file.
     std::fs::rename(&d0, s.join("elsewhere.img")).unwrap();

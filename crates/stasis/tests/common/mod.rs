@@ -334,6 +334,17 @@ pub fn restore_process_in(
 }
 
 impl VmProcess {
+    /// Suspends the VM to `dir` (`snapshot --stop`) and waits for the VMM
+    /// to exit with status 0.
+    pub fn suspend_to(&mut self, dir: &Path) {
+        self.wait_socket();
+        self.snapshot(dir, true);
+        let st = self.wait_exit(Duration::from_secs(60));
+        if st.code() != Some(0) {
+            self.fail(&format!("suspend ended with {st}"));
+        }
+    }
+
     /// `stasis snapshot NAME DIR [--stop]`; panics with details on failure.
     pub fn snapshot(&self, dir: &Path, stop: bool) -> serde_json::Value {
         let mut args = vec!["snapshot", &self.name, dir.to_str().unwrap(), "--json"];
