@@ -12,6 +12,7 @@
 #define EFER_MSR        0xC0000080
 #define CR4_BASE        0x620           /* PAE | OSFXSR | OSXMMEXCPT */
 #define CR4_OSXSAVE     0x40000
+#define MSR_TSC_DEADLINE 0x6E0
 
 /* ------------------------------------------------------------------------ */
 /* Xen PVH ELF note: XEN_ELFNOTE_PHYS32_ENTRY (18) -> pvh_entry              */
@@ -324,7 +325,16 @@ gp_handler:
         iretq
 8:      popq    %rcx
         popq    %rsi
-9:      pushq   $13
+9:      cmpq    $0, gp_fixup(%rip)              /* ring 0: an expected #GP? */
+        je      11f
+        pushq   %rax
+        movq    gp_fixup(%rip), %rax
+        movq    %rax, 16(%rsp)                  /* resume at the fixup */
+        movq    $0, gp_fixup(%rip)
+        popq    %rax
+        addq    $8, %rsp                        /* drop the error code */
+        iretq
+11:     pushq   $13
         jmp     exc_common
 10:     incl    svc_via_gp(%rip)
         popq    %rcx                            /* emulate the int $0x80 */
@@ -367,7 +377,24 @@ timer_isr:
         movq    %rsp, %rax
         andq    $-KSTACK_SIZE, %rax
         incq    (%rax)
-        movl    $(LAPIC_BASE + LAPIC_EOI), %eax
+        cmpq    $0, 16(%rax)                    /* kcpu.deadline_period */
+        je      1f
+        pushq   %rcx
+        pushq   %rdx
+        pushq   %rsi
+        movq    16(%rax), %rsi
+        rdtsc
+        shlq    $32, %rdx
+        orq     %rdx, %rax
+        addq    %rsi, %rax                      /* next deadline */
+        movq    %rax, %rdx
+        shrq    $32, %rdx
+        movl    $MSR_TSC_DEADLINE, %ecx
+        wrmsr
+        popq    %rsi
+        popq    %rdx
+        popq    %rcx
+1:      movl    $(LAPIC_BASE + LAPIC_EOI), %eax
         movl    $0, (%rax)
         popq    %rax
         iretq
@@ -391,6 +418,12 @@ svc_isr:
         je      svc_timer_start
         cmpq    $SVC_CPUID, %rax
         je      svc_cpuid
+        cmpq    $SVC_XSETBV, %rax
+        je      svc_xsetbv
+        cmpq    $SVC_XSAVE_OFF, %rax
+        je      svc_xsave_off
+        cmpq    $SVC_TIMER_DEADLINE, %rax
+        je      svc_timer_deadline
         movq    $-1, %rax
         iretq
 
@@ -403,6 +436,73 @@ svc_cpuid:
         movl    %edi, %eax
         movl    %esi, %ecx
         cpuid
+        iretq
+
+/*
+ * XSETBV with rdi, catching the #GP a component the VMM does not allow
+ * raises: returns 0 (set) or 1 (refused, XCR0 unchanged).
+ */
+svc_xsetbv:
+        pushq   %rcx
+        pushq   %rdx
+        leaq    1f(%rip), %rcx
+        movq    %rcx, gp_fixup(%rip)
+        movl    %edi, %eax
+        movq    %rdi, %rdx
+        shrq    $32, %rdx
+        xorl    %ecx, %ecx
+        xsetbv
+        movq    $0, gp_fixup(%rip)
+        movq    %rdi, xcr0_val(%rip)
+        xorl    %eax, %eax
+        jmp     2f
+1:      movl    $1, %eax
+2:      popq    %rdx
+        popq    %rcx
+        iretq
+
+/* Back to FXSAVE-only state: XCR0 = x87, CR4.OSXSAVE cleared. */
+svc_xsave_off:
+        pushq   %rcx
+        pushq   %rdx
+        movq    %cr4, %rax
+        btq     $18, %rax                       /* CR4.OSXSAVE */
+        jnc     1f
+        movl    $1, %eax
+        xorl    %edx, %edx
+        xorl    %ecx, %ecx
+        xsetbv
+        movq    %cr4, %rax
+        btrq    $18, %rax
+        movq    %rax, %cr4
+1:      movq    $0, xcr0_val(%rip)
+        xorl    %eax, %eax
+        popq    %rdx
+        popq    %rcx
+        iretq
+
+/* LAPIC timer in TSC-deadline mode, period rdi TSC ticks. */
+svc_timer_deadline:
+        pushq   %rcx
+        pushq   %rdx
+        movq    %rsp, %rcx
+        andq    $-KSTACK_SIZE, %rcx
+        movq    $0, (%rcx)                      /* kcpu.timer_ticks */
+        movq    %rdi, 16(%rcx)                  /* kcpu.deadline_period */
+        movl    $(LAPIC_BASE + LAPIC_LVT_TIMER), %eax
+        movl    $(0x40000 | VEC_TIMER), (%rax)  /* TSC-deadline mode */
+        mfence
+        rdtsc
+        shlq    $32, %rdx
+        orq     %rdx, %rax
+        addq    %rdi, %rax
+        movq    %rax, %rdx
+        shrq    $32, %rdx
+        movl    $MSR_TSC_DEADLINE, %ecx
+        wrmsr
+        xorl    %eax, %eax
+        popq    %rdx
+        popq    %rcx
         iretq
 
 /*
@@ -618,6 +718,7 @@ zero_idt_ptr:
 
         .balign 8
         .globl  boot_proto, boot_info, xcr0_val, svc_via_ud, svc_via_gp, pio_emulated
+gp_fixup:       .quad 0                         /* ring-0 #GP recovery address */
 boot_info:      .quad 0
 xcr0_val:       .quad 0
 boot_proto:     .long 0

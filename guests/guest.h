@@ -33,6 +33,9 @@
 #define SVC_MMIO_EXEC   4   /* jump to rdi (default 0xD0000000) at CPL0 */
 #define SVC_TIMER_START 5   /* rdi = hz, rsi = TSC kHz; returns the LAPIC initial count */
 #define SVC_CPUID       6   /* rdi = leaf, rsi = sub-leaf; returns eax, ebx, ecx, edx */
+#define SVC_XSETBV      7   /* rdi = XCR0; returns 0, or 1 if XSETBV raised #GP (XCR0 unchanged) */
+#define SVC_XSAVE_OFF   8   /* XCR0 = x87 only, then clear CR4.OSXSAVE; returns 0 */
+#define SVC_TIMER_DEADLINE 9 /* rdi = period in TSC ticks: LAPIC timer in TSC-deadline mode, re-armed by its handler */
 
 #define SVC_NOP_MAGIC   0x5354415349530000
 
@@ -77,6 +80,7 @@ typedef long i64;
 struct kcpu {
     volatile u64 timer_ticks;
     volatile u64 lapic_count;
+    volatile u64 deadline_period;   /* TSC ticks; 0 = not in TSC-deadline mode */
 };
 
 /* entry.S */
@@ -181,7 +185,8 @@ struct config {
     u64 smp, hb_ms, mem_mib, mem_rate, report_ms, timer_hz, after_ms;
     u64 mmio_addr, regs_hold_ms, regs_inject, mem_inject, tsc_khz;
     u64 ncpus;
-    u64 avx, avx512, kmovq, xcr0;
+    u64 avx, avx512, kmovq, xcr0, xsave;
+    char timer_mode[16];
     u32 apic_ids[MAX_CPUS];
     /* memory workload: usable ranges above the image */
     u32 nranges;

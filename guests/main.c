@@ -192,7 +192,7 @@ static void parse_cmdline(u32 cpu)
             { "rng_bytes", &cfg.rng_bytes }, { "rng_ms", &cfg.rng_ms },
             { "virtio_timeout_ms", &cfg.virtio_timeout_ms },
             { "bench_ms", &cfg.bench_ms }, { "bench_qd", &cfg.bench_qd },
-            { "tsc_khz", &cmdline_tsc_khz },
+            { "tsc_khz", &cmdline_tsc_khz }, { "xsave", &cfg.xsave },
         };
         if (streq(key, "workload")) {
             copy_str(cfg.workload, sizeof(cfg.workload), val);
@@ -204,6 +204,10 @@ static void parse_cmdline(u32 cpu)
         }
         if (streq(key, "do")) {
             copy_str(cfg.action, sizeof(cfg.action), val);
+            continue;
+        }
+        if (streq(key, "timer_mode")) {
+            copy_str(cfg.timer_mode, sizeof(cfg.timer_mode), val);
             continue;
         }
         for (u32 i = 0; i < sizeof(nums) / sizeof(nums[0]); i++) {
@@ -455,7 +459,7 @@ static int known_workload(const char *w)
 {
     return streq(w, "heartbeat") || streq(w, "memory") || streq(w, "registers") ||
            streq(w, "timer") || streq(w, "action") || streq(w, "disk") || streq(w, "net") ||
-           streq(w, "rng") || streq(w, "diskbench");
+           streq(w, "rng") || streq(w, "diskbench") || streq(w, "cpuid");
 }
 
 static void detect_tsc(void)
@@ -600,12 +604,16 @@ static __attribute__((noreturn)) void bsp_main(u32 cpu)
     cfg.rng_ms = 10;
     cfg.virtio_timeout_ms = 2000;
     copy_str(cfg.bench_mode, sizeof(cfg.bench_mode), "randread4k");
+    copy_str(cfg.timer_mode, sizeof(cfg.timer_mode), "periodic");
     cfg.bench_ms = 2000;
     cfg.bench_qd = 8;
+    cfg.xsave = 1;
 
     if (read_boot_info(cpu))
         halt_forever();
     parse_cmdline(cpu);
+    if (!cfg.xsave)
+        svc(SVC_XSAVE_OFF, 0, 0, 0);        /* xsave=0: FXSAVE state only */
     detect_tsc();
     detect_vector_state();
     parse_acpi();
@@ -671,6 +679,8 @@ void user_main(u32 cpu, u32 is_bsp)
 {
     if (is_bsp)
         bsp_main(cpu);
+    if (!cfg.xsave)
+        svc(SVC_XSAVE_OFF, 0, 0, 0);
     cpu_online[cpu] = 1;
     run_workload(cpu);
 }

@@ -447,17 +447,26 @@ static __attribute__((noreturn)) void registers(u32 cpu)
 
 /* ------------------------------------------------------------------- timer */
 
+static int streq(const char *a, const char *b)
+{
+    while (*a && *a == *b)
+        a++, b++;
+    return *a == *b;
+}
+
 static __attribute__((noreturn)) void timer(u32 cpu)
 {
     struct kcpu *k = kcpu_of(cpu);
     struct line l;
     u64 hz = cfg.timer_hz;
-    u64 count = svc(SVC_TIMER_START, hz, cfg.tsc_khz, 0);
+    int deadline = streq(cfg.timer_mode, "deadline");
+    u64 count = deadline ? svc(SVC_TIMER_DEADLINE, cfg.tsc_khz * 1000 / hz, 0, 0)
+                         : svc(SVC_TIMER_START, hz, cfg.tsc_khz, 0);
     l_init(&l, "TIMER-START");
     l_kv(&l, "cpu", cpu);
     l_kv(&l, "hz", hz);
     l_kv(&l, "lapic_count", count);
-    l_ks(&l, "mode", "periodic");
+    l_ks(&l, "mode", deadline ? "deadline" : "periodic");
     l_emit(&l, cpu);
 
     u64 report = ms_ticks(cfg.report_ms);
@@ -483,12 +492,6 @@ static __attribute__((noreturn)) void timer(u32 cpu)
 
 /* ------------------------------------------------------------------ action */
 
-static int streq(const char *a, const char *b)
-{
-    while (*a && *a == *b)
-        a++, b++;
-    return *a == *b;
-}
 
 static __attribute__((noreturn)) void action(u32 cpu)
 {
@@ -531,6 +534,56 @@ static __attribute__((noreturn)) void action(u32 cpu)
     halt_forever();
 }
 
+/* ------------------------------------------------------------------- cpuid */
+
+/*
+ * What the VMM's CPU model gives this guest: the CPUID leaves that carry
+ * features, as ring 0 reads them, and which XSAVE components XSETBV really
+ * accepts (each tried on its own; XCR0 is put back afterwards).
+ */
+static __attribute__((noreturn)) void cpuid_workload(u32 cpu)
+{
+    static const u32 leaves[][2] = {
+        { 0x1, 0 }, { 0x6, 0 }, { 0x7, 0 }, { 0x7, 1 }, { 0xD, 0 }, { 0xD, 1 },
+        { 0x40000001, 0 }, { 0x80000001, 0 }, { 0x80000007, 0 }, { 0x80000008, 0 },
+        { 0x8000000A, 0 }, { 0x8000001F, 0 }, { 0x80000021, 0 },
+    };
+    struct line l;
+    if (cpu != cfg.bsp)
+        halt_forever();
+    for (u32 i = 0; i < sizeof(leaves) / sizeof(leaves[0]); i++) {
+        u32 a, b, c, d;
+        vcpuid(leaves[i][0], leaves[i][1], &a, &b, &c, &d);
+        l_init(&l, "CPUID");
+        l_kx(&l, "leaf_hex", leaves[i][0]);
+        l_kv(&l, "sub", leaves[i][1]);
+        l_kx(&l, "eax_hex", a);
+        l_kx(&l, "ebx_hex", b);
+        l_kx(&l, "ecx_hex", c);
+        l_kx(&l, "edx_hex", d);
+        l_emit(&l, cpu);
+    }
+    /* Components in the groups XSETBV takes: AVX, MPX, AVX-512, PKRU, AMX. */
+    static const u64 groups[] = { 0x4, 0x18, 0xE4, 0x200, 0x60000 };
+    u64 set = xcr0_val, usable = 0;
+    if (set) {
+        usable = 0x3;
+        for (u32 i = 0; i < sizeof(groups) / sizeof(groups[0]); i++)
+            if (svc(SVC_XSETBV, 0x3 | groups[i], 0, 0) == 0)
+                usable |= groups[i];
+        svc(SVC_XSETBV, set, 0, 0);
+    }
+    l_init(&l, "XCR0");
+    l_kx(&l, "set_hex", set);
+    l_kx(&l, "usable_hex", usable);
+    l_kv(&l, "xsave", set != 0);
+    l_emit(&l, cpu);
+    l_init(&l, "CPUID-DONE");
+    l_kv(&l, "leaves", sizeof(leaves) / sizeof(leaves[0]));
+    l_emit(&l, cpu);
+    halt_forever();
+}
+
 /* ---------------------------------------------------------------- dispatch */
 
 void run_workload(u32 cpu)
@@ -548,6 +601,8 @@ void run_workload(u32 cpu)
         registers(cpu);
     if (streq(w, "timer"))
         timer(cpu);
+    if (streq(w, "cpuid"))
+        cpuid_workload(cpu);
     if (streq(w, "action"))
         action(cpu);
     if (streq(w, "disk") || streq(w, "net") || streq(w, "rng") || streq(w, "diskbench")) {

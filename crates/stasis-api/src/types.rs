@@ -70,6 +70,28 @@ pub struct VmInfo {
     /// consoles), in slot order. Absent from older servers.
     #[serde(default)]
     pub devices: Vec<DeviceInfo>,
+    /// The guest's CPU: model and features. Absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuInfo>,
+}
+
+/// The CPU a VM's guest sees, as `GET /v1/vm` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuInfo {
+    /// The CPU model with its feature changes, e.g. `x86-64-v2,+aes`.
+    pub model: String,
+    /// The CPU vendor (`AuthenticAMD`, `GenuineIntel`).
+    pub vendor: String,
+    /// Every feature the guest's CPUID advertises (Linux names).
+    pub features: Vec<String>,
+    /// Features the host's KVM shows the guest beyond the model (a KVM
+    /// that cannot hide them).
+    #[serde(default)]
+    pub added_by_host: Vec<String>,
+    /// The XSAVE components the guest may enable.
+    pub xcr0: u64,
+    /// The guest's TSC frequency in kHz.
+    pub tsc_khz: u32,
 }
 
 /// One device of a VM, as `GET /v1/vm` lists it.
@@ -134,6 +156,7 @@ mod tests {
             uptime_ms: 1234,
             stasis_version: "0.1.0".into(),
             devices: Vec::new(),
+            cpu: None,
         }
     }
 

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use serial::{SerialConfig, SerialParseError};
 pub use size::{parse_size_mib, SizeParseError};
+pub use stasis_cpu::{CpuModel, CpuSpec, FeatureChanges};
 pub use virtio::{
     check_disk_file, validate_device_id, validate_tap_name, ConsoleConfig, DeviceParseError,
     DiskConfig, MacAddr, NetConfig, RngConfig, VirtioDeviceRef, MAX_DEVICE_ID_LEN,
@@ -86,6 +87,14 @@ pub struct VmConfig {
     /// Number of vCPUs; each runs on its own host thread.
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
+    /// The CPU model the guest sees (`host`, `x86-64`, `x86-64-v2`,
+    /// `x86-64-v3`, `x86-64-v4`); see docs/CPU-MODELS.md.
+    #[serde(default, skip_serializing_if = "is_host")]
+    pub cpu: CpuModel,
+    /// Features added to or removed from the model: `["+avx2", "-popcnt"]`
+    /// or `"+avx2,-popcnt"` (Linux `/proc/cpuinfo` names).
+    #[serde(default, skip_serializing_if = "FeatureChanges::is_empty")]
+    pub cpu_features: FeatureChanges,
     /// Guest memory in MiB. In TOML, `memory = 512` (MiB) or
     /// `memory = "2G"`.
     #[serde(
@@ -123,6 +132,10 @@ pub struct VmConfig {
     /// virtio-console consoles (`[[console]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub console: Vec<ConsoleConfig>,
+}
+
+fn is_host(m: &CpuModel) -> bool {
+    *m == CpuModel::Host
 }
 
 fn default_vcpus() -> u32 {
@@ -213,6 +226,8 @@ impl VmConfig {
         Self {
             name: name.into(),
             vcpus: default_vcpus(),
+            cpu: CpuModel::Host,
+            cpu_features: FeatureChanges::default(),
             memory_mib: default_memory(),
             kernel: kernel.into(),
             cmdline: default_cmdline(),
@@ -318,6 +333,14 @@ impl VmConfig {
         self.serial.validate().map_err(ConfigError::Serial)?;
         self.validate_devices(false)?;
         Ok(())
+    }
+
+    /// The CPU model with its feature changes.
+    pub fn cpu_spec(&self) -> CpuSpec {
+        CpuSpec {
+            model: self.cpu,
+            changes: self.cpu_features.clone(),
+        }
     }
 
     /// The configuration as TOML text (what `stasis run --config` reads).

@@ -400,3 +400,30 @@ fn device_paths_resolve_against_config_dir() {
         }
     );
 }
+
+#[test]
+fn cpu_model_and_features_from_toml() {
+    let cfg = VmConfig::from_toml_str(
+        "name='a'\nkernel='k'\ncpu='x86-64-v2'\ncpu_features=['+avx', '-popcnt']",
+    )
+    .unwrap();
+    assert_eq!(cfg.cpu, CpuModel::X86_64V2);
+    assert_eq!(cfg.cpu_features.to_strings(), vec!["+avx", "-popcnt"]);
+    assert_eq!(cfg.cpu_spec().to_string(), "x86-64-v2,+avx,-popcnt");
+    let one = VmConfig::from_toml_str("name='a'\nkernel='k'\ncpu_features='+avx,-popcnt'").unwrap();
+    assert_eq!(one.cpu, CpuModel::Host);
+    assert_eq!(one.cpu_features, cfg.cpu_features);
+    let back = VmConfig::from_toml_str(&cfg.to_toml_string()).unwrap();
+    assert_eq!(back, cfg);
+    // The default model is not written, so older readers still parse it.
+    let plain = VmConfig::new("a", "k");
+    let text = plain.to_toml_string();
+    assert!(!text.lines().any(|l| l.starts_with("cpu")), "{text}");
+    let err = VmConfig::from_toml_str("name='a'\nkernel='k'\ncpu='x86-64-v9'").unwrap_err();
+    assert!(err.to_string().contains("x86-64-v9"), "{err}");
+    let err = VmConfig::from_toml_str("name='a'\nkernel='k'\ncpu_features='+avx9'").unwrap_err();
+    assert!(
+        err.to_string().contains("unknown CPU feature 'avx9'"),
+        "{err}"
+    );
+}

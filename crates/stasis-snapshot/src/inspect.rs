@@ -76,6 +76,32 @@ pub fn summary(reader: &SnapshotReader) -> String {
     );
     let _ = writeln!(s, "  cpu:            {} / {}", b.cpu.vendor, b.cpu.model);
     let _ = writeln!(s, "  cpuid leaves:   {}", b.cpu.cpuid.len());
+    match &b.cpu.guest {
+        Some(g) => {
+            let mut model = g.model.clone();
+            for c in &g.changes {
+                let _ = write!(model, ",{c}");
+            }
+            let _ = writeln!(s, "  cpu model:      {model}");
+            let _ = writeln!(
+                s,
+                "  guest features: {} ({})",
+                g.features.len(),
+                g.features.join(" ")
+            );
+            if !g.added_by_host.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  added by host:  {} (the host's KVM put these into the guest's CPUID beyond the model)",
+                    g.added_by_host.join(" ")
+                );
+            }
+            let _ = writeln!(s, "  xcr0 mask:      {:#x}", g.xcr0);
+        }
+        None => {
+            let _ = writeln!(s, "  cpu model:      host (recorded before CPU models)");
+        }
+    }
     if let Some(p) = &b.parent {
         let _ = writeln!(s, "  parent:         {p}");
     }
@@ -180,6 +206,7 @@ pub fn summary_json(reader: &SnapshotReader) -> serde_json::Value {
             "vendor": b.cpu.vendor,
             "model": b.cpu.model,
             "cpuid_leaves": b.cpu.cpuid.len(),
+            "guest": b.cpu.guest,
         },
         "memory": {
             "file": mem.file,

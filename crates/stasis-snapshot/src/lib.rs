@@ -35,7 +35,7 @@ pub use error::{Error, Result};
 pub use inspect::{format_bytes, format_unix_ms, summary, summary_json, summary_of};
 pub use manifest::{
     decode_manifest, encode_manifest, seal_manifest_body, validate_body, CpuInfo, CpuidEntry,
-    Manifest, ManifestBody, MemoryLayout, MemoryRegion, Producer, SectionEntry,
+    GuestCpuRecord, Manifest, ManifestBody, MemoryLayout, MemoryRegion, Producer, SectionEntry,
 };
 pub use reader::{BadChunk, BadSection, SnapshotReader, VerifyReport};
 pub use section::{

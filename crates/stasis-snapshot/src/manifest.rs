@@ -73,6 +73,32 @@ pub struct CpuInfo {
     /// Every CPUID leaf exposed to the guest.
     #[serde(default)]
     pub cpuid: Vec<CpuidEntry>,
+    /// The CPU model the guest was given; absent in snapshots written
+    /// before stasis had CPU models (their guests saw the `host` model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestCpuRecord>,
+}
+
+/// The CPU model a guest was given, and what it came to on the host that
+/// booted it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestCpuRecord {
+    /// The model's name, e.g. `"x86-64-v2"` or `"host"`.
+    pub model: String,
+    /// Feature changes on top of the model, e.g. `["+avx2", "-popcnt"]`.
+    #[serde(default)]
+    pub changes: Vec<String>,
+    /// Every feature the guest's CPUID advertises (Linux `/proc/cpuinfo`
+    /// names), in CPUID order.
+    pub features: Vec<String>,
+    /// Features the host's KVM put into the guest's CPUID although the
+    /// model does not have them (a KVM that cannot hide them, such as
+    /// PVM, which runs guest code natively); the guest saw them.
+    #[serde(default)]
+    pub added_by_host: Vec<String>,
+    /// The XSAVE components the guest may enable (its XCR0 mask).
+    #[serde(default)]
+    pub xcr0: u64,
 }
 
 /// One guest RAM region's place in guest physical memory and in `memory.img`.
@@ -168,6 +194,45 @@ pub struct Manifest {
     pub body_crc32c: u32,
     /// The body.
     pub body: ManifestBody,
+}
+
+/// The longest CPU model or feature name a manifest may hold.
+const MAX_CPU_NAME_LEN: usize = 64;
+/// The most feature names a list in `cpu.guest` may hold (x86 has fewer
+/// than 1,000 feature bits).
+const MAX_CPU_FEATURES: usize = 2048;
+
+fn validate_guest_cpu(g: &GuestCpuRecord) -> Result<()> {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= MAX_CPU_NAME_LEN
+            && n.bytes().all(|c| c.is_ascii_graphic() || c == b' ')
+    };
+    if !name_ok(&g.model) {
+        return Err(invalid(
+            "cpu.guest.model",
+            format!("must be 1-{MAX_CPU_NAME_LEN} printable ASCII characters"),
+        ));
+    }
+    for (field, list) in [
+        ("cpu.guest.changes", &g.changes),
+        ("cpu.guest.features", &g.features),
+        ("cpu.guest.added_by_host", &g.added_by_host),
+    ] {
+        if list.len() > MAX_CPU_FEATURES {
+            return Err(invalid(
+                field,
+                format!("has {} entries (at most {MAX_CPU_FEATURES})", list.len()),
+            ));
+        }
+        if let Some(i) = list.iter().position(|n| !name_ok(n)) {
+            return Err(invalid(
+                format!("{field}[{i}]"),
+                format!("must be 1-{MAX_CPU_NAME_LEN} printable ASCII characters"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Serializes a body into a complete `manifest.json` text with the current
@@ -314,6 +379,9 @@ fn check_file_name(field: &str, name: &str) -> Result<()> {
 ///
 /// File sizes on disk are checked separately when a snapshot is opened.
 pub fn validate_body(b: &ManifestBody) -> Result<()> {
+    if let Some(g) = &b.cpu.guest {
+        validate_guest_cpu(g)?;
+    }
     let m = &b.memory;
     check_file_name("memory.file", &m.file)?;
     check_file_name("state_file", &b.state_file)?;

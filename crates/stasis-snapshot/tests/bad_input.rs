@@ -477,3 +477,35 @@ fn manifest_with_huge_file_size_is_rejected_without_allocating() {
     });
     assert!(open_err(&dir).starts_with("memory.img is "));
 }
+
+#[test]
+fn bad_guest_cpu_records() {
+    let (_t, dir) = sample("guestcpu");
+    reseal(&dir, |b| {
+        b.cpu.guest.as_mut().unwrap().model = "\u{1b}[31mred".into()
+    });
+    assert_eq!(
+        open_err(&dir),
+        "invalid snapshot manifest: cpu.guest.model: must be 1-64 printable ASCII characters"
+    );
+    reseal(&dir, |b| {
+        let g = b.cpu.guest.as_mut().unwrap();
+        g.model = "x86-64-v2".into();
+        g.features[2] = "x".repeat(65);
+    });
+    assert_eq!(
+        open_err(&dir),
+        "invalid snapshot manifest: cpu.guest.features[2]: must be 1-64 printable ASCII characters"
+    );
+    reseal(&dir, |b| {
+        let g = b.cpu.guest.as_mut().unwrap();
+        g.features = vec!["avx".into(); 5000];
+    });
+    assert_eq!(
+        open_err(&dir),
+        "invalid snapshot manifest: cpu.guest.features: has 5000 entries (at most 2048)"
+    );
+    // A snapshot without the record (written before CPU models) opens.
+    reseal(&dir, |b| b.cpu.guest = None);
+    open_unchanged(&dir).unwrap();
+}

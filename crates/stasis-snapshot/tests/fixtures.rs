@@ -103,6 +103,8 @@ fn v1_input() -> ManifestInput {
                     edx: 0,
                 },
             ],
+            // Written before CPU models: the field is absent in the file.
+            guest: None,
         },
         parent: None,
         notes: [("purpose".to_string(), "format fixture v1".to_string())].into(),

@@ -141,6 +141,17 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// The first guest-physical address above everything a VM of `mem_bytes`
+/// of RAM uses: its RAM, and the device window below 4 GiB.
+pub fn guest_top(mem_bytes: u64) -> u64 {
+    ram_ranges(mem_bytes)
+        .iter()
+        .map(|(start, size)| start + size)
+        .max()
+        .unwrap_or(0)
+        .max(FOUR_GIB)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,12 +15,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use stasis_config::VmConfig;
+use stasis_snapshot::GuestCpuRecord;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, BootError, BootInfo};
+use crate::boot::{self, BootError};
 use crate::cpu::cpuid::{self, CpuidError};
-use crate::cpu::regs::{self, RegsError};
-use crate::cpu::state::{self, VcpuState, VcpuStateError};
+use crate::cpu::regs::RegsError;
+use crate::cpu::setup::{self, RestoreCpu, VcpuSetup};
+use crate::cpu::state::{self, SaveLayout, VcpuState, VcpuStateError};
 use crate::cpu::vcpu::{RunControl, VcpuContext, VcpuThreadError, VcpuThreads};
 use crate::devices::acpi_pm::AcpiPmRegisters;
 use crate::devices::bus::{Bus, BusOverlap};
@@ -81,6 +83,9 @@ pub enum VmError {
     /// CPUID.
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
+    /// The CPU model cannot be had on this host.
+    #[error(transparent)]
+    CpuModel(#[from] stasis_cpu::ModelError),
     /// vCPU register setup.
     #[error(transparent)]
     Regs(#[from] RegsError),
@@ -191,6 +196,8 @@ pub struct VmDescription {
     pub tsc_khz: u32,
     /// The host CPU vendor string.
     pub cpu_vendor: String,
+    /// The guest's CPU model and the features it sees.
+    pub cpu: GuestCpuRecord,
     /// When the VM was created (ms since the Unix epoch).
     pub created_unix_ms: u64,
 }
@@ -224,8 +231,7 @@ pub struct VmShared {
     mem: GuestRam,
     uart: Arc<Mutex<Uart>>,
     rtc: Arc<Mutex<CmosRtc>>,
-    msr_indices: Vec<u32>,
-    xsave_size: usize,
+    save_layout: Arc<SaveLayout>,
     vmgenid: VmGenId,
     virtio: Vec<VirtioSlot>,
 }
@@ -403,10 +409,9 @@ impl VmControl {
                 })
             }
         };
-        let msrs = Arc::new(self.shared.msr_indices.clone());
-        let xsave_size = self.shared.xsave_size;
+        let layout = self.shared.save_layout.clone();
         let vcpus = threads
-            .run_on_each(move |i, vcpu| state::save_vcpu(vcpu, i, &msrs, xsave_size))?
+            .run_on_each(move |i, vcpu| state::save_vcpu(vcpu, i, &layout))?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         let (irqchip, pit, clock) = vm_state::save(&self.shared.vm)?;
@@ -455,6 +460,8 @@ pub enum VmSource<'a> {
         memory: GuestRam,
         /// The state to put back.
         state: &'a CapturedState,
+        /// How the vCPUs go back on this host.
+        cpu: &'a RestoreCpu,
     },
 }
 
@@ -529,11 +536,6 @@ fn boot_config(config: &VmConfig, virtio_devices: usize) -> Result<VmConfig, VmE
     Ok(c)
 }
 
-/// The size of the XSAVE area KVM uses on this host.
-pub fn host_xsave_size(kvm: &Kvm) -> usize {
-    (kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize).max(4096)
-}
-
 impl Vm {
     /// Builds the VM described by `config` for a fresh boot: validates it,
     /// opens KVM, maps memory, writes the firmware tables, loads the kernel,
@@ -551,6 +553,7 @@ impl Vm {
         config: &VmConfig,
         memory: GuestRam,
         state: &CapturedState,
+        cpu: &RestoreCpu,
     ) -> Result<Self, VmError> {
         if state.vcpus.len() != config.vcpus as usize {
             return Err(VmError::Mismatch(format!(
@@ -559,7 +562,7 @@ impl Vm {
                 config.vcpus
             )));
         }
-        Self::build(config, VmSource::Restore { memory, state })
+        Self::build(config, VmSource::Restore { memory, state, cpu })
     }
 
     fn build(config: &VmConfig, source: VmSource) -> Result<Self, VmError> {
@@ -570,6 +573,20 @@ impl Vm {
         };
         let virtio_devices = virtio::open_devices(config, saved_virtio)?;
         let kvm = open_kvm(config.vcpus)?;
+        // The CPU model on this host, checked before the VM exists (a
+        // restore checked the saved CPU in its plan).
+        let template = match &source {
+            VmSource::Boot => {
+                let host = cpuid::probe_host(&kvm, config.vcpus)?;
+                let top = layout::guest_top(config.memory_mib << 20);
+                Some(stasis_cpu::cpuid::guest_template(
+                    &config.cpu_spec(),
+                    &host.offer,
+                    top,
+                )?)
+            }
+            VmSource::Restore { .. } => None,
+        };
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -583,9 +600,9 @@ impl Vm {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let (mem, saved) = match source {
-            VmSource::Boot => (memory::allocate(config.memory_mib)?, None),
-            VmSource::Restore { memory, state } => (memory, Some(state)),
+        let (mem, saved, restore_cpu) = match source {
+            VmSource::Boot => (memory::allocate(config.memory_mib)?, None, None),
+            VmSource::Restore { memory, state, cpu } => (memory, Some(state), Some(cpu)),
         };
         memory::register(&vm, &mem)?;
         let boot = match saved {
@@ -613,19 +630,23 @@ impl Vm {
             source,
         })?;
 
-        let base_cpuid = cpuid::supported(&kvm)?;
-        let xsave_size = host_xsave_size(&kvm);
-        let vcpus = match (saved, &boot) {
-            (None, Some(boot)) => Self::create_vcpus(&vm, config.vcpus, &base_cpuid, boot)?,
-            (Some(state), _) => {
-                let vcpus = Self::restore_vcpus(&vm, state, xsave_size)?;
-                vm_state::restore(&vm, &state.irqchip, &state.pit, &state.clock)?;
-                vcpus
+        let spec = config.cpu_spec();
+        let VcpuSetup {
+            vcpus,
+            layout: save_layout,
+            cpu,
+            vendor,
+        } = match (saved, restore_cpu, &boot, &template) {
+            (None, _, Some(boot), Some(template)) => {
+                setup::boot_vcpus(&kvm, &vm, &spec, template, config.vcpus, boot)?
             }
-            (None, None) => unreachable!("a boot always loads a kernel"),
+            (Some(state), Some(restore_cpu), _, _) => {
+                let s = setup::restore_vcpus(&kvm, &vm, &spec, &state.vcpus, restore_cpu)?;
+                vm_state::restore(&vm, &state.irqchip, &state.pit, &state.clock)?;
+                s
+            }
+            _ => unreachable!("a boot loads a kernel and has a template; a restore has state"),
         };
-        let msr_indices =
-            state::readable_msrs(&kvm, &vcpus[0]).map_err(kvm_err("KVM_GET_MSRS (probe)"))?;
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
         let boot_protocol = match (&boot, saved) {
             (Some(b), _) => b.entry.protocol.to_string(),
@@ -636,7 +657,8 @@ impl Vm {
             config: config.clone(),
             boot_protocol,
             tsc_khz,
-            cpu_vendor: cpuid::vendor(&base_cpuid),
+            cpu_vendor: vendor,
+            cpu,
             created_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -647,8 +669,7 @@ impl Vm {
             mem,
             uart,
             rtc,
-            msr_indices,
-            xsave_size,
+            save_layout: Arc::new(save_layout),
             vmgenid,
             virtio,
         });
@@ -787,53 +808,6 @@ impl Vm {
             slots.push(slot);
         }
         Ok((bus, slots))
-    }
-
-    fn create_vcpus(
-        vm: &VmFd,
-        count: u32,
-        base_cpuid: &kvm_bindings::CpuId,
-        boot: &BootInfo,
-    ) -> Result<Vec<VcpuFd>, VmError> {
-        let mut vcpus = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            let vcpu = vm
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-            let cpuid = cpuid::for_vcpu(base_cpuid, index, count, tsc_khz)?;
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            regs::setup_msrs(&vcpu)?;
-            regs::setup_fpu(&vcpu)?;
-            regs::setup_lapic(&vcpu)?;
-            if index == 0 {
-                regs::setup_boot_cpu(&vcpu, boot.entry)?;
-            }
-            vcpus.push(vcpu);
-        }
-        Ok(vcpus)
-    }
-
-    fn restore_vcpus(
-        vm: &VmFd,
-        state: &CapturedState,
-        xsave_size: usize,
-    ) -> Result<Vec<VcpuFd>, VmError> {
-        let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for (index, saved) in state.vcpus.iter().enumerate() {
-            if saved.index as usize != index {
-                return Err(VmError::Mismatch(format!(
-                    "vCPU state {index} is labelled as vCPU {}",
-                    saved.index
-                )));
-            }
-            let vcpu = vm
-                .create_vcpu(index as u64)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            state::restore_vcpu(&vcpu, saved, xsave_size)?;
-            vcpus.push(vcpu);
-        }
-        Ok(vcpus)
     }
 
     /// A handle for pausing, resuming and stopping the VM from other threads.

@@ -5,7 +5,9 @@
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use stasis_vmm::abi;
-use stasis_vmm::cpu::state::{readable_msrs, restore_vcpu, save_vcpu};
+use stasis_vmm::cpu::state::{
+    readable_msrs, restore_vcpu, save_vcpu, RestoreLayout, SaveLayout, XsaveIo,
+};
 use stasis_vmm::vm_state;
 
 fn kvm() -> Kvm {
@@ -81,16 +83,31 @@ fn vm_wide_state_round_trips() {
 fn vcpu_with_state(vm: &VmFd) -> VcpuFd {
     let vcpu = vm.create_vcpu(0).unwrap();
     let kvm = kvm();
-    let base = stasis_vmm::cpu::cpuid::supported(&kvm).unwrap();
-    let cpuid = stasis_vmm::cpu::cpuid::for_vcpu(&base, 0, 1, vcpu.get_tsc_khz().unwrap()).unwrap();
-    vcpu.set_cpuid2(&cpuid).unwrap();
+    let base =
+        stasis_cpu::cpuid::host_base(&stasis_vmm::cpu::cpuid::supported(&kvm).unwrap(), true);
+    stasis_vmm::cpu::cpuid::set_for_vcpu(&vcpu, &base, 0, 1).unwrap();
     vcpu
+}
+
+fn layout(msrs: Vec<u32>, xsave_io: XsaveIo) -> (SaveLayout, RestoreLayout) {
+    (
+        SaveLayout {
+            msrs,
+            xsave_io,
+            xsave_keep: 4096,
+        },
+        RestoreLayout {
+            xsave_io,
+            scale_tsc: false,
+            skip_msrs: vec![],
+        },
+    )
 }
 
 #[test]
 fn vcpu_state_round_trips() {
     let kvm = kvm();
-    let xsave_size = stasis_vmm::vm::host_xsave_size(&kvm);
+    let io = XsaveIo::for_host(&kvm);
     let a = new_vm(&kvm);
     let va = vcpu_with_state(&a);
     let mut regs = va.get_regs().unwrap();
@@ -113,12 +130,13 @@ fn vcpu_state_round_trips() {
     }])
     .unwrap();
     assert_eq!(va.set_msrs(&m).unwrap(), 1);
-    let saved = save_vcpu(&va, 0, &msrs_list, xsave_size).unwrap();
+    let (save, restore) = layout(msrs_list, io);
+    let saved = save_vcpu(&va, 0, &save).unwrap();
 
     let b = new_vm(&kvm);
     let vb = b.create_vcpu(0).unwrap();
-    restore_vcpu(&vb, &saved, xsave_size).unwrap();
-    let again = save_vcpu(&vb, 0, &msrs_list, xsave_size).unwrap();
+    restore_vcpu(&vb, &saved, &restore).unwrap();
+    let again = save_vcpu(&vb, 0, &save).unwrap();
     assert_eq!(again.regs, saved.regs);
     assert_eq!(again.sregs, saved.sregs);
     assert_eq!(again.xsave, saved.xsave);
@@ -140,6 +158,81 @@ fn vcpu_state_round_trips() {
     // A truncated LAPIC blob is refused by name, not used.
     let mut bad = saved.clone();
     bad.lapic.truncate(100);
-    let e = restore_vcpu(&b.create_vcpu(1).unwrap(), &bad, xsave_size).unwrap_err();
+    let e = restore_vcpu(&b.create_vcpu(1).unwrap(), &bad, &restore).unwrap_err();
     assert!(e.to_string().contains("kvm_lapic_state"), "{e}");
+}
+
+/// Kernels before 5.17 have no KVM_GET_XSAVE2: the 4096-byte ioctls carry
+/// the same state, and areas saved either way restore the other way.
+#[test]
+fn legacy_and_xsave2_transfers_are_interchangeable() {
+    let kvm = kvm();
+    let a = new_vm(&kvm);
+    let va = vcpu_with_state(&a);
+    let msrs = readable_msrs(&kvm, &va).unwrap();
+    let host = XsaveIo::for_host(&kvm);
+    // Non-default x87/SSE state, planted in the XSAVE area the way a guest
+    // leaves it (KVM_SET_FPU would not mark it in use in the header): the
+    // x87 control word, XMM3, and XSTATE_BV with x87|SSE.
+    let (save_host, restore_host) = layout(msrs.clone(), host);
+    let mut planted = save_vcpu(&va, 0, &save_host).unwrap();
+    planted.xsave[0..2].copy_from_slice(&0x027fu16.to_le_bytes());
+    planted.xsave[160 + 48..160 + 64].fill(0xab);
+    planted.xsave[512] |= 0b11;
+    restore_vcpu(&va, &planted, &restore_host).unwrap();
+    for (from, to) in [(XsaveIo::Legacy, host), (host, XsaveIo::Legacy)] {
+        let (save_from, _) = layout(msrs.clone(), from);
+        let (save_to, restore_to) = layout(msrs.clone(), to);
+        let saved = save_vcpu(&va, 0, &save_from).unwrap();
+        assert_eq!(saved.xsave.len(), 4096, "{from:?}");
+        let b = new_vm(&kvm);
+        let vb = b.create_vcpu(0).unwrap();
+        restore_vcpu(&vb, &saved, &restore_to).unwrap();
+        let fb = vb.get_fpu().unwrap();
+        assert_eq!(fb.fcw, 0x027f, "{from:?} -> {to:?}");
+        assert_eq!(fb.xmm[3], [0xab; 16], "{from:?} -> {to:?}");
+        assert_eq!(save_vcpu(&vb, 0, &save_to).unwrap().xsave, saved.xsave);
+    }
+    // A saved area longer than the legacy ioctl takes is refused unless
+    // the excess is zero.
+    let mut long = save_vcpu(&va, 0, &save_host).unwrap();
+    long.xsave.resize(8192, 0);
+    let (_, legacy) = layout(msrs.clone(), XsaveIo::Legacy);
+    restore_vcpu(&a.create_vcpu(1).unwrap(), &long, &legacy).unwrap();
+    long.xsave[6000] = 1;
+    let e = restore_vcpu(&a.create_vcpu(2).unwrap(), &long, &legacy).unwrap_err();
+    assert!(
+        e.to_string().contains("saved XSAVE area is 8192 bytes"),
+        "{e}"
+    );
+}
+
+/// KVM takes at most 255 MSRs per KVM_GET_MSRS / KVM_SET_MSRS: longer
+/// lists go in chunks.
+#[test]
+fn msr_lists_longer_than_one_ioctl_round_trip() {
+    let kvm = kvm();
+    let a = new_vm(&kvm);
+    let va = vcpu_with_state(&a);
+    let readable = readable_msrs(&kvm, &va).unwrap();
+    let mut long = Vec::new();
+    while long.len() <= 600 {
+        long.extend_from_slice(&readable);
+    }
+    let (save, restore) = layout(long.clone(), XsaveIo::for_host(&kvm));
+    let saved = save_vcpu(&va, 0, &save).unwrap();
+    assert_eq!(saved.msrs.len(), long.len());
+    let b = new_vm(&kvm);
+    let vb = b.create_vcpu(0).unwrap();
+    restore_vcpu(&vb, &saved, &restore).unwrap();
+    let again = save_vcpu(&vb, 0, &save).unwrap();
+    assert_eq!(again.msrs.len(), long.len());
+    let pat = |s: &stasis_vmm::cpu::state::VcpuState| {
+        s.msrs
+            .iter()
+            .filter(|m| m.index == 0x277)
+            .map(|m| m.value)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pat(&again), pat(&saved));
 }

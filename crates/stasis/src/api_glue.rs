@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use std::path::Path;
 
 use stasis_api::{
-    ApiHandler, ApiRequest, ApiResponse, DeviceInfo, SnapshotRequest, VmInfo, VmState,
+    ApiHandler, ApiRequest, ApiResponse, CpuInfo, DeviceInfo, SnapshotRequest, VmInfo, VmState,
 };
 use stasis_vmm::persist::save::{self, SnapshotError, SnapshotOptions};
 use stasis_vmm::{RunState, VmControl, VmError};
@@ -73,6 +73,14 @@ impl VmApi {
             uptime_ms: now.saturating_sub(d.created_unix_ms),
             stasis_version: env!("CARGO_PKG_VERSION").to_string(),
             devices: devices(&d.config),
+            cpu: Some(CpuInfo {
+                model: d.config.cpu_spec().to_string(),
+                vendor: d.cpu_vendor.clone(),
+                features: d.cpu.features.clone(),
+                added_by_host: d.cpu.added_by_host.clone(),
+                xcr0: d.cpu.xcr0,
+                tsc_khz: d.tsc_khz,
+            }),
         }
     }
 }

@@ -44,6 +44,36 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Describe a snapshot.
     Inspect(InspectArgs),
+    /// Can this host run a snapshot? Checks its CPU, vCPU and TSC needs
+    /// against this host without starting anything (exit 0 yes, 1 no).
+    Check(CheckArgs),
+    /// List the CPU models and which of them this host can run.
+    CpuModels(CpuModelsArgs),
+}
+
+/// `stasis check DIR`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Accept a TSC rate this host cannot keep (as `restore
+    /// --allow-tsc-mismatch` would).
+    #[arg(long)]
+    pub allow_tsc_mismatch: bool,
+}
+
+/// `stasis cpu-models`.
+#[derive(Debug, Args)]
+pub struct CpuModelsArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Also list the features each model gives a guest here.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
 }
 
 /// `stasis snapshot NAME DIR`.
@@ -84,6 +114,10 @@ pub struct RestoreArgs {
     /// checksums are always checked).
     #[arg(long)]
     pub no_verify: bool,
+    /// Restore even if this host's TSC runs at another rate than the
+    /// guest's and KVM cannot scale it (guest time then drifts).
+    #[arg(long)]
+    pub allow_tsc_mismatch: bool,
     /// Another image file for a disk: ID=PATH (repeatable). It must have the
     /// size the saved one had.
     #[arg(long = "disk-path", value_name = "ID=PATH", value_parser = parse_id_value)]
@@ -152,6 +186,14 @@ pub struct RunArgs {
     /// Boot protocol: auto (PVH when the ELF has a PVH note), linux, pvh.
     #[arg(long)]
     pub boot: Option<BootProtocol>,
+    /// CPU model: host (default), x86-64, x86-64-v2, x86-64-v3, x86-64-v4
+    /// (see `stasis cpu-models`).
+    #[arg(long, value_name = "MODEL")]
+    pub cpu: Option<stasis_config::CpuModel>,
+    /// Features to add to or remove from the CPU model, by their Linux
+    /// /proc/cpuinfo names: +FEAT,-FEAT (e.g. +avx2,-popcnt).
+    #[arg(long, value_name = "+FEAT,-FEAT", allow_hyphen_values = true)]
+    pub cpu_features: Option<stasis_config::FeatureChanges>,
     /// Serial (COM1) output: stdout, null, file:PATH, socket:PATH.
     #[arg(long)]
     pub serial: Option<SerialConfig>,
@@ -187,6 +229,10 @@ pub struct DemoArgs {
     /// vCPUs for the demo guest (each runs the heartbeat).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// CPU model of the demo guest (a baseline model makes the snapshot
+    /// portable across hosts; see `stasis cpu-models`).
+    #[arg(long, default_value = "x86-64-v2")]
+    pub cpu: stasis_config::CpuModel,
 }
 
 /// Parses `ID=VALUE`.

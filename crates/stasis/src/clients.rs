@@ -68,6 +68,22 @@ fn print_info(i: &VmInfo) {
     println!("memory:      {} MiB", i.memory_mib);
     println!("kernel:      {}", i.kernel);
     println!("boot:        {}", i.boot_protocol);
+    if let Some(c) = &i.cpu {
+        println!(
+            "cpu:         {} ({}, {} features, XCR0 mask {:#x}, TSC {} kHz)",
+            c.model,
+            c.vendor,
+            c.features.len(),
+            c.xcr0,
+            c.tsc_khz
+        );
+        if !c.added_by_host.is_empty() {
+            println!(
+                "             the host's KVM also shows: {}",
+                c.added_by_host.join(" ")
+            );
+        }
+    }
     println!("api socket:  {}", i.api_socket);
     println!("uptime:      {}", human_duration(i.uptime_ms));
     println!("stasis:      {}", i.stasis_version);

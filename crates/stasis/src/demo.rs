@@ -102,6 +102,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     std::fs::File::create(&serial).map_err(|e| e.to_string())?;
     let mut cfg = VmConfig::new(format!("demo-{}", std::process::id()), kernel);
     cfg.vcpus = args.vcpus;
+    cfg.cpu = args.cpu;
     cfg.memory_mib = 64;
     cfg.cmdline = format!(
         "console=ttyS0 workload=heartbeat hb_ms=250{}",
@@ -132,6 +133,21 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         cfg.vcpus,
         cfg.memory_mib,
         control.description().boot_protocol
+    );
+    let d = control.description();
+    println!(
+        "stasis demo: CPU model {} on {}: the guest sees {} CPU features{}",
+        cfg.cpu_spec(),
+        d.cpu_vendor,
+        d.cpu.features.len(),
+        if d.cpu.added_by_host.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} of them added by this host's KVM, which cannot hide them)",
+                d.cpu.added_by_host.len()
+            )
+        }
     );
     println!(
         "stasis demo: try `stasis status {}` from another shell",
@@ -169,7 +185,27 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         report.memory_bytes >> 20,
     );
 
-    // 4. Restore it, as a new VM, from the snapshot alone.
+    // 4. Can this host run it? The same check `stasis check` makes.
+    let check = restore::check_snapshot(&snap, false).map_err(|e| e.to_string())?;
+    if check.check.report.is_ok() {
+        println!(
+            "stasis demo: `stasis check`: this host can run the snapshot (CPU model {}, {} features, TSC {})",
+            cfg.cpu,
+            check.guest_cpu.as_ref().map(|g| g.features.len()).unwrap_or(0),
+            match check.check.report.tsc {
+                Some(stasis_cpu::TscPlan::Same { .. }) | None => "same rate",
+                Some(stasis_cpu::TscPlan::Scale { .. }) => "scaled by KVM",
+                Some(stasis_cpu::TscPlan::Mismatch { .. }) => "differs",
+            }
+        );
+    } else {
+        return Err(format!(
+            "this host cannot run the snapshot it just took: {}",
+            check.check.report.message()
+        ));
+    }
+
+    // 5. Restore it, as a new VM, from the snapshot alone.
     let restored_serial = dir.join("serial-restored.log");
     std::fs::File::create(&restored_serial).map_err(|e| e.to_string())?;
     let overrides = RestoreOverrides {
@@ -182,7 +218,8 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     let t = Instant::now();
     let plan = restore::prepare(&snap, &overrides).map_err(|e| e.to_string())?;
     let (memory, _) = restore::load_memory(&plan, RestoreMode::Lazy).map_err(|e| e.to_string())?;
-    let mut vm = Vm::restore(&plan.config, memory, &plan.state).map_err(|e| e.to_string())?;
+    let mut vm =
+        Vm::restore(&plan.config, memory, &plan.state, &plan.cpu).map_err(|e| e.to_string())?;
     let control = vm.control();
     signals.set(control.exit_sink());
     vm.start().map_err(|e| e.to_string())?;

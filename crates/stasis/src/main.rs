@@ -3,6 +3,7 @@
 mod api_glue;
 mod cli;
 mod clients;
+mod cpu;
 mod demo;
 mod restore;
 mod run;
@@ -35,6 +36,8 @@ fn main() {
         cli::Command::Restore(a) => restore::restore(a),
         cli::Command::Verify(a) => snapshots::verify(&a),
         cli::Command::Inspect(a) => snapshots::inspect(&a),
+        cli::Command::Check(a) => cpu::check(&a),
+        cli::Command::CpuModels(a) => cpu::cpu_models(&a),
     };
     std::process::exit(code);
 }

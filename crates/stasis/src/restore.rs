@@ -23,6 +23,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
 fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
     let overrides = RestoreOverrides {
         skip_memory_verify: args.no_verify,
+        allow_tsc_mismatch: args.allow_tsc_mismatch,
         name: args.name.clone(),
         api_socket: args.api_socket.clone(),
         serial: args.serial.clone(),
@@ -57,7 +58,8 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
     let socket = api_socket_path(&plan.config)?;
     let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
     let (memory, load) = restore::load_memory(&plan, args.mode).map_err(|e| e.to_string())?;
-    let vm = Vm::restore(&plan.config, memory, &plan.state).map_err(|e| e.to_string())?;
+    let vm =
+        Vm::restore(&plan.config, memory, &plan.state, &plan.cpu).map_err(|e| e.to_string())?;
     let gen = vm.control().vmgenid().generation();
     eprintln!(
         "stasis: restored '{}' from {} ({:?} memory, loaded in {:.1} ms, ready in {:.1} ms, generation {gen})",

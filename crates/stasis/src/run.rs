@@ -47,6 +47,12 @@ pub fn build_config(args: &RunArgs) -> Result<VmConfig, String> {
     if let Some(v) = args.boot {
         cfg.boot = v;
     }
+    if let Some(v) = args.cpu {
+        cfg.cpu = v;
+    }
+    if let Some(v) = &args.cpu_features {
+        cfg.cpu_features = v.clone();
+    }
     if let Some(v) = &args.serial {
         cfg.serial = v.clone();
     }

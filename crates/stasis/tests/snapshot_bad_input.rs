@@ -130,7 +130,11 @@ fn flipped_byte_in_a_section() {
     let (_s, dir) = copy("bad-section");
     // The first section is vcpu/0; flip a byte inside its payload.
     flip_byte(&dir.join("state.bin"), 40);
-    expect_refusal(&dir, "section 'vcpu'/'0': checksum mismatch", true);
+    expect_refusal(
+        &dir,
+        "section 'vcpu'/'0' is corrupt: checksum mismatch",
+        true,
+    );
 }
 
 #[test]
@@ -208,7 +212,7 @@ fn foreign_cpu_vendor() {
     assert!(out.status.success(), "{}", err_text(&out));
     expect_refusal(
         &dir,
-        &format!("snapshot was taken on a {other} CPU; this host's CPU is {saved}"),
+        &format!("the guest ran on a {other} CPU; this host's CPU is {saved}"),
         false,
     );
 }
@@ -226,7 +230,7 @@ fn cpu_features_this_host_lacks() {
     });
     expect_refusal(
         &dir,
-        "this host cannot offer CPU features the guest was using",
+        "this host cannot offer CPU features the guest was given",
         false,
     );
 }

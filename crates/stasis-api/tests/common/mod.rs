@@ -80,6 +80,7 @@ impl TestVm {
             uptime_ms: 5,
             stasis_version: "0.1.0".into(),
             devices: Vec::new(),
+            cpu: None,
         }
     }
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use stasis_snapshot::{
-    decode_json, CpuInfo, CpuidEntry, ManifestInput, MemoryRegionSource, SectionState,
-    SnapshotWriter,
+    decode_json, CpuInfo, CpuidEntry, GuestCpuRecord, ManifestInput, MemoryRegionSource,
+    SectionState, SnapshotWriter,
 };
 
 /// A temporary directory removed on drop.
@@ -183,6 +183,13 @@ pub fn sample_input(note: &str) -> ManifestInput {
                     ..Default::default()
                 },
             ],
+            guest: Some(GuestCpuRecord {
+                model: "x86-64-v2".into(),
+                changes: vec!["+aes".into()],
+                features: vec!["fpu".into(), "sse2".into(), "sse4_2".into(), "aes".into()],
+                added_by_host: vec!["avx".into()],
+                xcr0: 0x7,
+            }),
         },
         parent: None,
         notes: [("note".to_string(), note.to_string())].into(),

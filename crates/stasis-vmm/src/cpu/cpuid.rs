@@ -1,207 +1,166 @@
-//! The CPUID each vCPU sees: KVM's supported set, with the topology, the
-//! hypervisor leaves and the TSC frequency filled in per vCPU.
+//! CPUID through KVM: what this host offers ([`probe_host`]), and setting
+//! a model's CPUID on vCPUs ([`set_for_vcpu`]). The decisions (which
+//! leaves and bits a model has) are `stasis-cpu`'s; this module feeds it
+//! what KVM reports and reads back what KVM really applied.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
+use stasis_cpu::{cpuid as model_cpuid, FeatureSet, HostCpu};
 
-/// CPUID leaf 1 ECX: XSAVE supported.
-const LEAF1_ECX_XSAVE: u32 = 1 << 26;
-/// CPUID leaf 1 ECX: AVX supported.
-const LEAF1_ECX_AVX: u32 = 1 << 28;
-/// CPUID leaf 1 ECX: running under a hypervisor.
-const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// CPUID leaf 1 ECX: TSC-deadline timer mode of the local APIC.
-const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
-/// The hypervisor timing leaf (TSC and APIC bus frequency in kHz).
-pub const TIMING_LEAF: u32 = 0x4000_0010;
-/// KVM's local APIC timer runs at 1 GHz (`APIC_BUS_CYCLE_NS` = 1).
-const KVM_APIC_BUS_KHZ: u32 = 1_000_000;
+use crate::cpu::state::{self, leaf_from_kvm, leaf_to_kvm, CpuidLeaf};
 
-/// Errors while building CPUID.
+pub use stasis_cpu::cpuid::TIMING_LEAF;
+
+/// Errors while building or setting CPUID.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
     /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     Supported(kvm_ioctls::Error),
     /// The probe VM could not be created or queried.
-    #[error("probing the CPUID of a new vCPU failed: {0}")]
+    #[error("probing what a new vCPU gets on this host failed: {0}")]
     Probe(kvm_ioctls::Error),
-    /// The result does not fit the CPUID array.
+    /// Setting or reading a vCPU's CPUID failed.
+    #[error("vCPU {vcpu}: {what} failed: {source}")]
+    Vcpu {
+        /// The vCPU.
+        vcpu: u32,
+        /// The ioctl.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// The table does not fit KVM's CPUID array.
     #[error("too many CPUID entries")]
     TooMany,
 }
 
-/// The CPU vendor, from leaf 0.
-pub fn vendor(cpuid: &CpuId) -> String {
-    cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == 0)
-        .map(|e| {
-            let mut v = Vec::with_capacity(12);
-            for r in [e.ebx, e.edx, e.ecx] {
-                v.extend_from_slice(&r.to_le_bytes());
-            }
-            String::from_utf8_lossy(&v).into_owned()
+/// A CPUID table in KVM's form.
+pub fn to_kvm(entries: &[CpuidLeaf]) -> Result<CpuId, CpuidError> {
+    CpuId::from_entries(
+        &entries
+            .iter()
+            .map(leaf_to_kvm)
+            .collect::<Vec<kvm_cpuid_entry2>>(),
+    )
+    .map_err(|_| CpuidError::TooMany)
+}
+
+/// A KVM CPUID table as plain leaves.
+pub fn from_kvm(cpuid: &CpuId) -> Vec<CpuidLeaf> {
+    cpuid.as_slice().iter().map(leaf_from_kvm).collect()
+}
+
+/// KVM's supported CPUID.
+pub fn supported(kvm: &Kvm) -> Result<Vec<CpuidLeaf>, CpuidError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map(|c| from_kvm(&c))
+        .map_err(CpuidError::Supported)
+}
+
+/// Sets `entries` on a vCPU and returns the CPUID KVM really applied: some
+/// KVMs (PVM) rewrite feature leaves on `KVM_SET_CPUID2`, so what the
+/// guest sees is what KVM reports back, not what was asked.
+pub fn set_and_read_back(
+    vcpu: &VcpuFd,
+    index: u32,
+    entries: &[CpuidLeaf],
+) -> Result<Vec<CpuidLeaf>, CpuidError> {
+    let err = |what| {
+        move |source| CpuidError::Vcpu {
+            vcpu: index,
+            what,
+            source,
+        }
+    };
+    vcpu.set_cpuid2(&to_kvm(entries)?)
+        .map_err(err("KVM_SET_CPUID2"))?;
+    vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map(|c| from_kvm(&c))
+        .map_err(err("KVM_GET_CPUID2"))
+}
+
+/// Sets vCPU `index`'s CPUID from a model template (topology and TSC rate
+/// filled in) and returns what KVM applied.
+pub fn set_for_vcpu(
+    vcpu: &VcpuFd,
+    template: &[CpuidLeaf],
+    index: u32,
+    count: u32,
+) -> Result<Vec<CpuidLeaf>, CpuidError> {
+    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+    set_and_read_back(
+        vcpu,
+        index,
+        &model_cpuid::for_vcpu(template, index, count, tsc_khz),
+    )
+}
+
+/// The size of the XSAVE area KVM transfers on this host:
+/// `KVM_CAP_XSAVE2`, or the 4096 bytes of `KVM_GET_XSAVE` on kernels
+/// without it (before 5.17).
+pub fn host_xsave_size(kvm: &Kvm) -> usize {
+    (kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize)
+        .max(stasis_cpu::xsave::KVM_XSAVE_SIZE)
+}
+
+/// What this host offers a VM of `vcpus` vCPUs: the CPUID a new vCPU
+/// really gets with the `host` model, the MSRs it can read, its TSC rate
+/// and whether KVM scales TSCs, the XSAVE size, the vCPU limit. Costs one
+/// throwaway VM and vCPU; nothing of it outlives the call.
+pub fn probe_host(kvm: &Kvm, vcpus: u32) -> Result<HostCpu, CpuidError> {
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    let base = model_cpuid::host_base(&supported(kvm)?, tsc_deadline);
+    let vm = kvm.create_vm().map_err(CpuidError::Probe)?;
+    // An in-kernel LAPIC, as real VMs have, so LAPIC MSRs probe right.
+    vm.create_irq_chip().map_err(CpuidError::Probe)?;
+    let vcpu = vm.create_vcpu(0).map_err(CpuidError::Probe)?;
+    let offer = set_for_vcpu(&vcpu, &base, 0, vcpus.max(1))?;
+    let msrs = state::readable_msrs(kvm, &vcpu).map_err(CpuidError::Probe)?;
+    Ok(HostCpu {
+        vendor: model_cpuid::vendor(&offer),
+        brand: host_brand(&offer),
+        tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
+        tsc_scaling: kvm.check_extension(kvm_ioctls::Cap::TscControl),
+        xsave_size: host_xsave_size(kvm),
+        max_vcpus: kvm.get_max_vcpus(),
+        offer,
+        msrs,
+    })
+}
+
+/// The brand string: from CPUID, or from `/proc/cpuinfo` on KVMs that
+/// pass no brand leaves.
+fn host_brand(cpuid: &[CpuidLeaf]) -> String {
+    let b = model_cpuid::brand(cpuid);
+    if !b.is_empty() {
+        return b;
+    }
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
         })
         .unwrap_or_default()
 }
 
-/// KVM's supported CPUID, the base every vCPU's CPUID is made from.
-pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuidError::Supported)
+/// Features in `applied` that `asked` did not have: what a KVM that
+/// cannot hide features put in anyway.
+pub fn added_by_kvm(asked: &[CpuidLeaf], applied: &[CpuidLeaf]) -> FeatureSet {
+    FeatureSet::of(applied).missing_from(&FeatureSet::of(asked))
 }
 
-/// The CPUID for vCPU `index` (its APIC id) of `count`, with the TSC
-/// frequency `tsc_khz` advertised in the hypervisor timing leaf.
-pub fn for_vcpu(base: &CpuId, index: u32, count: u32, tsc_khz: u32) -> Result<CpuId, CpuidError> {
-    let mut entries: Vec<kvm_cpuid_entry2> = base.as_slice().to_vec();
-    // Bits needed to hold `count` APIC ids, for the topology leaves.
-    let core_bits = 32 - (count.max(1) - 1).leading_zeros();
-    let xsave_components = entries
-        .iter()
-        .find(|e| e.function == 0xd && e.index == 0)
-        .map(|e| e.eax)
-        .unwrap_or(0);
-    for e in entries.iter_mut() {
-        match e.function {
-            1 => {
-                // APIC id, logical processor count, CLFLUSH line size (8 * 8 bytes).
-                e.ebx = (index << 24) | ((count.min(255)) << 16) | (8 << 8);
-                e.ecx |= LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE;
-                // Some KVMs (PVM) leave XSAVE/AVX out of leaf 1 while
-                // leaf 0xD lists the components: advertise what leaf 0xD
-                // says the guest can enable.
-                if xsave_components & 0x3 == 0x3 {
-                    e.ecx |= LEAF1_ECX_XSAVE;
-                    if xsave_components & 0x4 != 0 {
-                        e.ecx |= LEAF1_ECX_AVX;
-                    }
-                }
-                if count > 1 {
-                    e.edx |= 1 << 28; // HTT: the count field above is valid
-                }
-            }
-            4 => {
-                // Intel deterministic cache parameters: cores per package - 1.
-                e.eax = (e.eax & 0x03ff_ffff) | ((count.max(1) - 1) << 26);
-            }
-            0xb | 0x1f => {
-                // Extended topology: level 0 SMT (1 thread), level 1 core.
-                e.edx = index;
-                match e.index {
-                    0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = 1 << 8;
-                    }
-                    1 => {
-                        e.eax = core_bits;
-                        e.ebx = count;
-                        e.ecx = (2 << 8) | 1;
-                    }
-                    n => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = n;
-                    }
-                }
-            }
-            0x4000_0000 => {
-                e.eax = e.eax.max(TIMING_LEAF);
-            }
-            0x8000_0008 => {
-                // AMD: number of cores - 1 in ECX[7:0].
-                e.ecx = (e.ecx & !0xff) | (count.max(1) - 1);
-            }
-            _ => {}
-        }
-    }
-    if !entries.iter().any(|e| e.function == TIMING_LEAF) {
-        entries.push(kvm_cpuid_entry2 {
-            function: TIMING_LEAF,
-            eax: tsc_khz,
-            ebx: KVM_APIC_BUS_KHZ,
-            ..Default::default()
-        });
-    }
-    CpuId::from_entries(&entries).map_err(|_| CpuidError::TooMany)
-}
-
-/// The CPUID a new vCPU of a `count`-vCPU VM really gets on this host:
-/// what stasis sets ([`for_vcpu`]) as KVM then reports it back. Some KVMs
-/// (PVM) adjust feature leaves on `KVM_SET_CPUID2`, so this — not
-/// `KVM_GET_SUPPORTED_CPUID` — is what a saved guest's CPUID must be
-/// compared with. Costs one throwaway VM and vCPU.
-pub fn effective_for_new_vcpu(kvm: &Kvm, count: u32) -> Result<CpuId, CpuidError> {
-    let base = supported(kvm)?;
+/// What a new vCPU of a `count`-vCPU VM really gets on this host when
+/// given `template` (a model's CPUID): costs one throwaway VM and vCPU.
+pub fn probe_applied(
+    kvm: &Kvm,
+    template: &[CpuidLeaf],
+    count: u32,
+) -> Result<Vec<CpuidLeaf>, CpuidError> {
     let vm = kvm.create_vm().map_err(CpuidError::Probe)?;
+    vm.create_irq_chip().map_err(CpuidError::Probe)?;
     let vcpu = vm.create_vcpu(0).map_err(CpuidError::Probe)?;
-    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-    vcpu.set_cpuid2(&for_vcpu(&base, 0, count, tsc_khz)?)
-        .map_err(CpuidError::Probe)?;
-    vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuidError::Probe)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn base() -> CpuId {
-        CpuId::from_entries(&[
-            kvm_cpuid_entry2 {
-                function: 0,
-                ebx: u32::from_le_bytes(*b"Genu"),
-                edx: u32::from_le_bytes(*b"ineI"),
-                ecx: u32::from_le_bytes(*b"ntel"),
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 1,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xb,
-                index: 1,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xd,
-                eax: 0x7,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0x4000_0000,
-                eax: 0x4000_0001,
-                ..Default::default()
-            },
-        ])
-        .unwrap()
-    }
-
-    #[test]
-    fn vendor_string() {
-        assert_eq!(vendor(&base()), "GenuineIntel");
-    }
-
-    #[test]
-    fn per_vcpu_topology_and_timing() {
-        let c = for_vcpu(&base(), 1, 2, 2_500_000).unwrap();
-        let leaf = |f, i| {
-            *c.as_slice()
-                .iter()
-                .find(|e| e.function == f && e.index == i)
-                .unwrap()
-        };
-        assert_eq!(leaf(1, 0).ebx >> 24, 1);
-        assert_eq!((leaf(1, 0).ebx >> 16) & 0xff, 2);
-        assert_ne!(leaf(1, 0).ecx & LEAF1_ECX_XSAVE, 0);
-        assert_ne!(leaf(1, 0).ecx & LEAF1_ECX_AVX, 0);
-        assert_eq!(leaf(0xb, 1).ebx, 2);
-        assert_eq!(leaf(0xb, 1).edx, 1);
-        assert_eq!(leaf(0x4000_0000, 0).eax, TIMING_LEAF);
-        assert_eq!(leaf(TIMING_LEAF, 0).eax, 2_500_000);
-    }
+    set_for_vcpu(&vcpu, template, 0, count.max(1))
 }

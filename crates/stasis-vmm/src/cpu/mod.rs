@@ -3,5 +3,6 @@
 pub mod cpuid;
 pub mod kick;
 pub mod regs;
+pub mod setup;
 pub mod state;
 pub mod vcpu;

@@ -398,14 +398,53 @@ impl SectionState for VcpuState {
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
-/// Reads the state of a paused vCPU. `msr_indices` is the list of MSRs
-/// this host's KVM can read ([`readable_msrs`]); `xsave_size` is
-/// `KVM_CAP_XSAVE2` (at least 4096).
+/// How this host's KVM transfers a vCPU's XSAVE area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XsaveIo {
+    /// `KVM_GET_XSAVE`/`KVM_SET_XSAVE`: 4096 bytes (kernels before 5.17,
+    /// without `KVM_CAP_XSAVE2`).
+    Legacy,
+    /// `KVM_GET_XSAVE2`/`KVM_SET_XSAVE2` with the size `KVM_CAP_XSAVE2`
+    /// reports (at least 4096).
+    Xsave2(usize),
+}
+
+impl XsaveIo {
+    /// The method this host's KVM supports.
+    pub fn for_host(kvm: &kvm_ioctls::Kvm) -> Self {
+        match kvm.check_extension_int(kvm_ioctls::Cap::Xsave2) {
+            n if n > 0 => Self::Xsave2((n as usize).max(stasis_cpu::xsave::KVM_XSAVE_SIZE)),
+            _ => Self::Legacy,
+        }
+    }
+
+    /// Bytes per transfer.
+    pub fn size(self) -> usize {
+        match self {
+            Self::Legacy => stasis_cpu::xsave::KVM_XSAVE_SIZE,
+            Self::Xsave2(n) => n,
+        }
+    }
+}
+
+/// How a vCPU's state is read: which MSRs, how the XSAVE area is
+/// transferred and how much of it a snapshot keeps.
+#[derive(Debug, Clone)]
+pub struct SaveLayout {
+    /// The MSRs to save ([`readable_msrs`] cut to the CPU model).
+    pub msrs: Vec<u32>,
+    /// How KVM transfers the XSAVE area.
+    pub xsave_io: XsaveIo,
+    /// Bytes of it a snapshot keeps: what the guest's XSAVE components
+    /// need (at least 4096). Bytes beyond are kept too if any is not zero.
+    pub xsave_keep: usize,
+}
+
+/// Reads the state of a paused vCPU.
 pub fn save_vcpu(
     vcpu: &VcpuFd,
     index: u32,
-    msr_indices: &[u32],
-    xsave_size: usize,
+    layout: &SaveLayout,
 ) -> Result<VcpuState, VcpuStateError> {
     let kvm = |what: &'static str| {
         move |source| VcpuStateError::Kvm {
@@ -419,7 +458,8 @@ pub fn save_vcpu(
     let mp_state = vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    let xsave = get_xsave(vcpu, xsave_size).map_err(kvm("KVM_GET_XSAVE2"))?;
+    let mut xsave = get_xsave(vcpu, layout.xsave_io).map_err(kvm("KVM_GET_XSAVE"))?;
+    trim_zero_tail(&mut xsave, layout.xsave_keep);
     let xcrs = vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
     let lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
     let debug = vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?;
@@ -427,34 +467,34 @@ pub fn save_vcpu(
         .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm("KVM_GET_CPUID2"))?;
     let tsc_khz = vcpu.get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
-    let mut msrs = Msrs::from_entries(
-        &msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect::<Vec<_>>(),
-    )
-    .map_err(|_| VcpuStateError::TooMany {
-        vcpu: index,
-        what: "MSR list",
-    })?;
-    let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
-    if n < msr_indices.len() {
-        // Probed readable at start; refusing beats a snapshot without it.
-        return Err(VcpuStateError::MsrRead {
+    let mut msrs = Vec::with_capacity(layout.msrs.len());
+    for chunk in stasis_cpu::msr::chunks(&layout.msrs) {
+        let mut buf = Msrs::from_entries(
+            &chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|_| VcpuStateError::TooMany {
             vcpu: index,
-            index: msr_indices[n],
-        });
-    }
-    let msrs = msrs.as_slice()[..n]
-        .iter()
-        .map(|e| MsrValue {
+            what: "MSR list",
+        })?;
+        let n = vcpu.get_msrs(&mut buf).map_err(kvm("KVM_GET_MSRS"))?;
+        if n < chunk.len() {
+            // Probed readable at start; refusing beats a snapshot without it.
+            return Err(VcpuStateError::MsrRead {
+                vcpu: index,
+                index: chunk[n],
+            });
+        }
+        msrs.extend(buf.as_slice()[..n].iter().map(|e| MsrValue {
             index: e.index,
             value: e.data,
-        })
-        .collect();
+        }));
+    }
     Ok(VcpuState {
         index,
         regs: regs.into(),
@@ -477,65 +517,165 @@ pub fn save_vcpu(
     })
 }
 
+/// Cuts `bytes` to `keep` if everything beyond is zero (state of XSAVE
+/// components the guest cannot enable); never drops a non-zero byte.
+fn trim_zero_tail(bytes: &mut Vec<u8>, keep: usize) {
+    if bytes.len() > keep && bytes[keep..].iter().all(|&b| b == 0) {
+        bytes.truncate(keep);
+    }
+}
+
 fn xsave_fam_len(xsave_size: usize) -> usize {
     let base = std::mem::size_of::<kvm_bindings::kvm_xsave>();
     xsave_size.saturating_sub(base).div_ceil(4)
 }
 
-fn get_xsave(vcpu: &VcpuFd, xsave_size: usize) -> Result<Vec<u8>, kvm_ioctls::Error> {
-    let mut xs = Xsave::new(xsave_fam_len(xsave_size)).expect("XSAVE size fits the FAM limit");
-    // SAFETY: the buffer was sized from KVM_CAP_XSAVE2, as the ioctl needs.
-    unsafe { vcpu.get_xsave2(&mut xs) }?;
-    let mut bytes = Vec::with_capacity(xsave_size.max(4096));
-    for w in xs.as_fam_struct_ref().xsave.region.iter() {
-        bytes.extend_from_slice(&w.to_le_bytes());
-    }
-    for w in xs.as_slice() {
-        bytes.extend_from_slice(&w.to_le_bytes());
+fn get_xsave(vcpu: &VcpuFd, io: XsaveIo) -> Result<Vec<u8>, kvm_ioctls::Error> {
+    let mut bytes = Vec::with_capacity(io.size());
+    match io {
+        XsaveIo::Legacy => {
+            let xs = vcpu.get_xsave()?;
+            for w in xs.region.iter() {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        XsaveIo::Xsave2(size) => {
+            let mut xs = Xsave::new(xsave_fam_len(size)).expect("XSAVE size fits the FAM limit");
+            // SAFETY: the buffer was sized from KVM_CAP_XSAVE2, as the ioctl needs.
+            unsafe { vcpu.get_xsave2(&mut xs) }?;
+            for w in xs.as_fam_struct_ref().xsave.region.iter() {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+            for w in xs.as_slice() {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+        }
     }
     Ok(bytes)
 }
 
-fn set_xsave(
-    vcpu: &VcpuFd,
-    index: u32,
-    bytes: &[u8],
-    host_size: usize,
-) -> Result<(), VcpuStateError> {
-    if bytes.len() < 4096 || !bytes.len().is_multiple_of(4) || bytes.len() > host_size.max(4096) {
+fn set_xsave(vcpu: &VcpuFd, index: u32, bytes: &[u8], io: XsaveIo) -> Result<(), VcpuStateError> {
+    let size = io.size();
+    // A saved area longer than this KVM transfers is fine if the excess
+    // is zero (components the guest never enabled).
+    let fits = bytes.len() <= size || bytes[size..].iter().all(|&b| b == 0);
+    if bytes.len() < stasis_cpu::xsave::KVM_XSAVE_SIZE || !bytes.len().is_multiple_of(4) || !fits {
         return Err(VcpuStateError::XsaveSize {
             vcpu: index,
             saved: bytes.len(),
-            host: host_size,
+            host: size,
         });
     }
-    let mut xs = Xsave::new(xsave_fam_len(host_size)).expect("XSAVE size fits the FAM limit");
     let mut words = bytes
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")));
-    // SAFETY: we only overwrite the fixed region's words; the FAM length
-    // field is left as Xsave::new set it.
-    let fam: &mut kvm_xsave2 = unsafe { xs.as_mut_fam_struct() };
-    for w in fam.xsave.region.iter_mut() {
-        *w = words.next().unwrap_or(0);
+    let kvm = |what| {
+        move |source| VcpuStateError::Kvm {
+            vcpu: index,
+            what,
+            source,
+        }
+    };
+    match io {
+        XsaveIo::Legacy => {
+            let mut xs = kvm_bindings::kvm_xsave::default();
+            for w in xs.region.iter_mut() {
+                *w = words.next().unwrap_or(0);
+            }
+            // SAFETY: without KVM_CAP_XSAVE2 the kernel has no dynamic
+            // XSAVE features and reads exactly sizeof(kvm_xsave).
+            unsafe { vcpu.set_xsave(&xs) }.map_err(kvm("KVM_SET_XSAVE"))
+        }
+        XsaveIo::Xsave2(size) => {
+            let mut xs = Xsave::new(xsave_fam_len(size)).expect("XSAVE size fits the FAM limit");
+            // SAFETY: we only overwrite the fixed region's words; the FAM
+            // length field is left as Xsave::new set it.
+            let fam: &mut kvm_xsave2 = unsafe { xs.as_mut_fam_struct() };
+            for w in fam.xsave.region.iter_mut() {
+                *w = words.next().unwrap_or(0);
+            }
+            for w in xs.as_mut_slice() {
+                *w = words.next().unwrap_or(0);
+            }
+            // SAFETY: the buffer is sized for this host's KVM_CAP_XSAVE2.
+            unsafe { vcpu.set_xsave2(&xs) }.map_err(kvm("KVM_SET_XSAVE2"))
+        }
     }
-    for w in xs.as_mut_slice() {
-        *w = words.next().unwrap_or(0);
-    }
-    // SAFETY: the buffer is sized for this host's KVM_CAP_XSAVE2.
-    unsafe { vcpu.set_xsave2(&xs) }.map_err(|source| VcpuStateError::Kvm {
-        vcpu: index,
-        what: "KVM_SET_XSAVE2",
-        source,
-    })
 }
 
-/// Puts a saved state into a freshly created vCPU.
+/// Offset of the LAPIC timer LVT register in `kvm_lapic_state`.
+const APIC_LVTT: usize = 0x320;
+const LVTT_MASKED: u32 = 1 << 16;
+const LVTT_MODE_MASK: u32 = 0b11 << 17;
+const LVTT_MODE_TSC_DEADLINE: u32 = 0b10 << 17;
+
+/// Whether a saved LAPIC has its timer unmasked in TSC-deadline mode.
+fn lapic_timer_in_deadline_mode(lapic: &[u8]) -> bool {
+    lapic
+        .get(APIC_LVTT..APIC_LVTT + 4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .is_some_and(|lvtt| {
+            lvtt & LVTT_MASKED == 0 && lvtt & LVTT_MODE_MASK == LVTT_MODE_TSC_DEADLINE
+        })
+}
+
+/// The MSRs to write on restore, in order: the TSC first and the TSC
+/// deadline last (the deadline is relative to the TSC), without `skip`.
+///
+/// A TSC deadline of 0 with the timer unmasked in TSC-deadline mode is
+/// written as the saved TSC instead: KVM clears the deadline when the
+/// timer fires, and a snapshot taken between that and the interrupt's
+/// delivery would otherwise come back with no timer armed and no
+/// interrupt pending, leaving the vCPU without timer interrupts for good.
+/// A deadline in the past fires at once; one early tick is harmless.
+pub fn msrs_for_restore(state: &VcpuState, skip: &[u32]) -> Vec<MsrValue> {
+    let mut ordered: Vec<MsrValue> = state
+        .msrs
+        .iter()
+        .filter(|m| !skip.contains(&m.index))
+        .copied()
+        .collect();
+    ordered.sort_by_key(|m| match m.index {
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
+        _ => 1,
+    });
+    let tsc = ordered
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.value);
+    if let (Some(tsc), true) = (tsc, lapic_timer_in_deadline_mode(&state.lapic)) {
+        for m in ordered.iter_mut() {
+            if m.index == MSR_IA32_TSC_DEADLINE && m.value == 0 {
+                tracing::debug!(
+                    "vCPU {}: TSC deadline 0 in TSC-deadline mode, armed at the saved TSC",
+                    state.index
+                );
+                m.value = tsc.max(1);
+            }
+        }
+    }
+    ordered
+}
+
+/// How a saved vCPU is put back on this host.
+#[derive(Debug, Clone)]
+pub struct RestoreLayout {
+    /// How KVM transfers the XSAVE area.
+    pub xsave_io: XsaveIo,
+    /// Scale the guest's TSC to its saved rate (`KVM_SET_TSC_KHZ`).
+    pub scale_tsc: bool,
+    /// Saved MSRs this host lacks and that hold no state (zero).
+    pub skip_msrs: Vec<u32>,
+}
+
+/// Puts a saved state into a freshly created vCPU; returns the CPUID KVM
+/// applied (some KVMs add features to what was saved).
 pub fn restore_vcpu(
     vcpu: &VcpuFd,
     state: &VcpuState,
-    xsave_size: usize,
-) -> Result<(), VcpuStateError> {
+    layout: &RestoreLayout,
+) -> Result<Vec<CpuidLeaf>, VcpuStateError> {
     let index = state.index;
     let kvm = |what: &'static str| {
         move |source| VcpuStateError::Kvm {
@@ -556,20 +696,14 @@ pub fn restore_vcpu(
             what: "CPUID",
         })?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
-    // 2. TSC frequency: if this host's differs by more than 250 ppm, ask
-    //    KVM to scale; hosts without TSC scaling keep their own rate (the
-    //    guest's kvmclock is correct either way; a guest that calibrated its
-    //    TSC by hand runs its TSC-based timers at the wrong rate).
-    if let Ok(now) = vcpu.get_tsc_khz() {
-        let diff = (i64::from(now) - i64::from(state.tsc_khz)).unsigned_abs();
-        if diff * 4000 > u64::from(state.tsc_khz) {
-            if let Err(e) = vcpu.set_tsc_khz(state.tsc_khz) {
-                tracing::warn!(
-                    "vCPU {index}: saved TSC rate is {} kHz, this host runs at {now} kHz and cannot scale it ({e})",
-                    state.tsc_khz
-                );
-            }
-        }
+    let applied = vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("KVM_GET_CPUID2"))?;
+    // 2. The TSC rate, when the restore decided to scale it (see
+    //    stasis_cpu::tsc): before the TSC MSR is written.
+    if layout.scale_tsc {
+        vcpu.set_tsc_khz(state.tsc_khz)
+            .map_err(kvm("KVM_SET_TSC_KHZ"))?;
     }
     // 3. MP state before registers: it decides whether the vCPU is waiting
     //    for a SIPI.
@@ -594,46 +728,45 @@ pub fn restore_vcpu(
     }
     xcrs.nr_xcrs = state.xcrs.len().min(xcrs.xcrs.len()) as u32;
     vcpu.set_xcrs(&xcrs).map_err(kvm("KVM_SET_XCRS"))?;
-    set_xsave(vcpu, index, &state.xsave, xsave_size)?;
+    set_xsave(vcpu, index, &state.xsave, layout.xsave_io)?;
     vcpu.set_debug_regs(&abi::from_bytes("kvm_debugregs", &state.debug_regs).map_err(size)?)
         .map_err(kvm("KVM_SET_DEBUGREGS"))?;
     // 6. The local APIC after sregs (APIC base) and before the MSRs (the
     //    TSC deadline MSR only sticks with the timer in TSC-deadline mode).
     vcpu.set_lapic(&abi::from_bytes("kvm_lapic_state", &state.lapic).map_err(size)?)
         .map_err(kvm("KVM_SET_LAPIC"))?;
-    // 7. MSRs, with the TSC first and the TSC deadline last: the deadline
-    //    is relative to the TSC.
-    let mut ordered: Vec<&MsrValue> = state.msrs.iter().collect();
-    ordered.sort_by_key(|m| match m.index {
-        MSR_IA32_TSC => 0,
-        MSR_IA32_TSC_DEADLINE => 2,
-        _ => 1,
-    });
-    let entries: Vec<kvm_msr_entry> = ordered
-        .iter()
-        .map(|m| kvm_msr_entry {
-            index: m.index,
-            data: m.value,
-            ..Default::default()
-        })
-        .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany {
-        vcpu: index,
-        what: "MSR list",
-    })?;
-    let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
-    if set != entries.len() {
-        return Err(VcpuStateError::Msrs {
+    // 7. MSRs, in ioctl-sized chunks, TSC first and TSC deadline last.
+    let ordered = msrs_for_restore(state, &layout.skip_msrs);
+    let total = ordered.len();
+    let mut done = 0;
+    for chunk in stasis_cpu::msr::chunks(&ordered) {
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|m| kvm_msr_entry {
+                index: m.index,
+                data: m.value,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany {
             vcpu: index,
-            set,
-            total: entries.len(),
-            index: entries[set].index,
-        });
+            what: "MSR list",
+        })?;
+        let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(VcpuStateError::Msrs {
+                vcpu: index,
+                set: done + set,
+                total,
+                index: entries[set].index,
+            });
+        }
+        done += set;
     }
     // 8. Pending events last: earlier calls may clear them.
     vcpu.set_vcpu_events(&abi::from_bytes("kvm_vcpu_events", &state.vcpu_events).map_err(size)?)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
-    Ok(())
+    Ok(applied.as_slice().iter().map(leaf_from_kvm).collect())
 }
 
 const MSR_MTRR_CAP: u32 = 0xfe;
@@ -676,18 +809,105 @@ pub fn readable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, k
     }
     let mut readable = Vec::with_capacity(candidates.len());
     while !candidates.is_empty() {
-        let entries: Vec<kvm_msr_entry> = candidates
+        let batch = candidates.len().min(stasis_cpu::msr::MAX_MSRS_PER_IOCTL);
+        let entries: Vec<kvm_msr_entry> = candidates[..batch]
             .iter()
             .map(|&index| kvm_msr_entry {
                 index,
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).expect("MSR index list fits");
+        let mut msrs = Msrs::from_entries(&entries).expect("one ioctl's worth of MSRs fits");
         let n = vcpu.get_msrs(&mut msrs)?;
         readable.extend_from_slice(&candidates[..n]);
-        // Entry n failed: skip it and go on with the rest.
-        candidates.drain(..(n + 1).min(candidates.len()));
+        // Entry n failed (if n < batch): skip it and go on with the rest.
+        candidates.drain(..(n + 1).min(batch));
     }
     Ok(readable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_with(lvtt: u32, msrs: &[(u32, u64)]) -> VcpuState {
+        let mut lapic = vec![0u8; 1024];
+        lapic[APIC_LVTT..APIC_LVTT + 4].copy_from_slice(&lvtt.to_le_bytes());
+        VcpuState {
+            index: 0,
+            regs: kvm_regs::default().into(),
+            sregs: kvm_sregs::default().into(),
+            xsave: vec![0; 4096],
+            xcrs: vec![],
+            lapic,
+            msrs: msrs
+                .iter()
+                .map(|&(index, value)| MsrValue { index, value })
+                .collect(),
+            mp_state: 0,
+            vcpu_events: vec![],
+            debug_regs: vec![],
+            cpuid: vec![],
+            tsc_khz: 0,
+        }
+    }
+
+    fn values(v: &[MsrValue]) -> Vec<(u32, u64)> {
+        v.iter().map(|m| (m.index, m.value)).collect()
+    }
+
+    const DEADLINE_MODE: u32 = LVTT_MODE_TSC_DEADLINE | 0xec;
+
+    #[test]
+    fn restore_order_is_tsc_first_deadline_last() {
+        let s = state_with(
+            0,
+            &[(MSR_IA32_TSC_DEADLINE, 9), (0x1a0, 1), (MSR_IA32_TSC, 5)],
+        );
+        assert_eq!(
+            values(&msrs_for_restore(&s, &[])),
+            vec![(MSR_IA32_TSC, 5), (0x1a0, 1), (MSR_IA32_TSC_DEADLINE, 9)]
+        );
+        assert_eq!(
+            values(&msrs_for_restore(&s, &[0x1a0])),
+            vec![(MSR_IA32_TSC, 5), (MSR_IA32_TSC_DEADLINE, 9)]
+        );
+    }
+
+    #[test]
+    fn zero_deadline_in_deadline_mode_is_armed_at_the_saved_tsc() {
+        let msrs = [(MSR_IA32_TSC, 1_000), (MSR_IA32_TSC_DEADLINE, 0)];
+        let armed = msrs_for_restore(&state_with(DEADLINE_MODE, &msrs), &[]);
+        assert_eq!(values(&armed)[1], (MSR_IA32_TSC_DEADLINE, 1_000));
+        // Masked timer, or another timer mode: a zero deadline stays zero.
+        for lvtt in [DEADLINE_MODE | LVTT_MASKED, 0xec, (0b01 << 17) | 0xec] {
+            let kept = msrs_for_restore(&state_with(lvtt, &msrs), &[]);
+            assert_eq!(
+                values(&kept)[1],
+                (MSR_IA32_TSC_DEADLINE, 0),
+                "lvtt {lvtt:#x}"
+            );
+        }
+        // A non-zero deadline is kept as saved.
+        let set = msrs_for_restore(
+            &state_with(
+                DEADLINE_MODE,
+                &[(MSR_IA32_TSC, 1_000), (MSR_IA32_TSC_DEADLINE, 77)],
+            ),
+            &[],
+        );
+        assert_eq!(values(&set)[1], (MSR_IA32_TSC_DEADLINE, 77));
+    }
+
+    #[test]
+    fn xsave_tail_is_trimmed_only_when_zero() {
+        let mut v = vec![1u8; 4096];
+        v.extend_from_slice(&[0; 4096]);
+        trim_zero_tail(&mut v, 4096);
+        assert_eq!(v.len(), 4096);
+        let mut w = vec![0u8; 8192];
+        w[5000] = 1;
+        trim_zero_tail(&mut w, 4096);
+        assert_eq!(w.len(), 8192, "a non-zero byte is never dropped");
+    }
 }

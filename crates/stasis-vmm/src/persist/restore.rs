@@ -13,9 +13,9 @@ use stasis_snapshot::{SectionState, SectionWarning, SnapshotReader};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-use super::compat::{self, CompatError};
+use super::compat::HostCheck;
 use super::{CMOS, COM1, SINGLETON};
-use crate::cpu::cpuid;
+use crate::cpu::setup::RestoreCpu;
 use crate::cpu::state::VcpuState;
 use crate::devices::rtc::CmosRtcState;
 use crate::devices::serial::SerialDeviceState;
@@ -61,6 +61,9 @@ pub struct RestoreOverrides {
     /// Skip checking the memory image's checksums (faster lazy restores of
     /// large VMs, at the price of running a guest on damaged memory).
     pub skip_memory_verify: bool,
+    /// Restore on a host whose TSC runs at another rate and cannot scale
+    /// the guest's (guest time then drifts).
+    pub allow_tsc_mismatch: bool,
     /// A new VM name.
     pub name: Option<String>,
     /// A new API socket path.
@@ -120,9 +123,9 @@ pub enum RestoreError {
         /// Instance.
         instance: String,
     },
-    /// This host cannot run the snapshot.
-    #[error("this host cannot run the snapshot: {0}")]
-    Incompatible(#[from] CompatError),
+    /// This host cannot run the snapshot (every reason, at once).
+    #[error("this host cannot run the snapshot: {}", .0.message())]
+    Incompatible(stasis_cpu::CompatReport),
     /// KVM could not be asked what it supports.
     #[error("cannot query KVM: {0}")]
     Kvm(String),
@@ -149,6 +152,10 @@ pub struct RestorePlan {
     pub warnings: Vec<SectionWarning>,
     /// The reader (keeps the memory file open).
     pub reader: SnapshotReader,
+    /// How the vCPUs go back on this host.
+    pub cpu: RestoreCpu,
+    /// What the host check found (TSC plan, MSRs left out).
+    pub check: HostCheck,
 }
 
 fn known_section(name: &str) -> Option<u32> {
@@ -195,59 +202,28 @@ pub fn prepare_with_progress(
 ) -> Result<RestorePlan, RestoreError> {
     let reader = SnapshotReader::open(dir)?;
     let warnings = reader.check_known(&known_section)?;
+    let config = saved_config(&reader, overrides)?;
+    let vcpus = saved_vcpus(&reader, &config)?;
+    // Whether this host can run it, before the (long) memory check.
+    let check = check_host(&reader, &vcpus, overrides.allow_tsc_mismatch)?;
+    if !check.report.is_ok() {
+        return Err(RestoreError::Incompatible(check.report));
+    }
+    if let Some(stasis_cpu::TscPlan::Mismatch {
+        saved_khz,
+        host_khz,
+    }) = check.report.tsc
+    {
+        tracing::warn!(
+            "the guest's TSC ran at {saved_khz} kHz and this host's runs at {host_khz} kHz without scaling; restoring anyway (--allow-tsc-mismatch): time the guest derives from its TSC will drift"
+        );
+    }
     if !overrides.skip_memory_verify {
-        // Every section checksum is checked as it is read below; this
-        // covers the memory image (and warms the page cache that a lazy
-        // restore maps).
+        // Every section checksum is checked as it is read; this covers
+        // the memory image (and warms the page cache that a lazy restore
+        // maps).
         reader.verify(progress)?.into_result()?;
     }
-    let body = reader.body();
-    let mut config: VmConfig = serde_json::from_value(body.vm_config.clone())
-        .map_err(|e| RestoreError::Config(e.to_string()))?;
-    if let Some(n) = &overrides.name {
-        config.name = n.clone();
-    }
-    if let Some(p) = &overrides.api_socket {
-        config.api_socket = Some(p.clone());
-    }
-    if let Some(s) = &overrides.serial {
-        config.serial = s.clone();
-    }
-    apply_device_overrides(&mut config, overrides)?;
-    config.validate_for_restore()?;
-
-    // The memory regions must be exactly what this configuration maps.
-    let want = layout::ram_ranges(config.memory_mib << 20);
-    let got: Vec<(u64, u64)> = reader.regions().iter().map(|r| (r.gpa, r.size)).collect();
-    if want != got {
-        return Err(RestoreError::Layout(format!(
-            "regions {got:x?} for {} MiB of RAM (expected {want:x?})",
-            config.memory_mib
-        )));
-    }
-
-    // CPU compatibility against what a new vCPU would get here.
-    let kvm = kvm_ioctls::Kvm::new()
-        .map_err(|e| RestoreError::Kvm(format!("cannot open /dev/kvm: {e}")))?;
-    let host = cpuid::effective_for_new_vcpu(&kvm, config.vcpus)
-        .map_err(|e| RestoreError::Kvm(e.to_string()))?;
-    compat::check(&body.cpu, &cpuid::vendor(&host), &host)?;
-    let saved_xsave = reader
-        .read_section::<VcpuState>("0")?
-        .map(|(_, v)| v.xsave.len())
-        .unwrap_or(0);
-    let host_xsave = crate::vm::host_xsave_size(&kvm);
-    if saved_xsave > host_xsave {
-        return Err(CompatError::XsaveSize {
-            saved: saved_xsave,
-            host: host_xsave,
-        }
-        .into());
-    }
-
-    let vcpus = (0..config.vcpus)
-        .map(|i| required::<VcpuState>(&reader, &i.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
     let vmgenid = match reader.read_section::<VmGenIdState>(SINGLETON)? {
         Some((_, v)) => v,
         None => VmGenId::new().save(),
@@ -263,11 +239,117 @@ pub fn prepare_with_progress(
         vmgenid,
         virtio,
     };
+    let cpu = check.restore_cpu(reader.body().cpu.guest.clone());
     Ok(RestorePlan {
         config,
         state,
         warnings,
         reader,
+        cpu,
+        check,
+    })
+}
+
+/// The saved configuration with the caller's overrides, validated, and
+/// checked against the memory layout.
+fn saved_config(
+    reader: &SnapshotReader,
+    overrides: &RestoreOverrides,
+) -> Result<VmConfig, RestoreError> {
+    let body = reader.body();
+    let mut config: VmConfig = serde_json::from_value(body.vm_config.clone())
+        .map_err(|e| RestoreError::Config(e.to_string()))?;
+    if let Some(n) = &overrides.name {
+        config.name = n.clone();
+    }
+    if let Some(p) = &overrides.api_socket {
+        config.api_socket = Some(p.clone());
+    }
+    if let Some(s) = &overrides.serial {
+        config.serial = s.clone();
+    }
+    apply_device_overrides(&mut config, overrides)?;
+    config.validate_for_restore()?;
+    // The memory regions must be exactly what this configuration maps.
+    let want = layout::ram_ranges(config.memory_mib << 20);
+    let got: Vec<(u64, u64)> = reader.regions().iter().map(|r| (r.gpa, r.size)).collect();
+    if want != got {
+        return Err(RestoreError::Layout(format!(
+            "regions {got:x?} for {} MiB of RAM (expected {want:x?})",
+            config.memory_mib
+        )));
+    }
+    Ok(config)
+}
+
+/// Every vCPU section the configuration needs.
+fn saved_vcpus(reader: &SnapshotReader, config: &VmConfig) -> Result<Vec<VcpuState>, RestoreError> {
+    (0..config.vcpus)
+        .map(|i| required::<VcpuState>(reader, &i.to_string()))
+        .collect()
+}
+
+/// Probes this host and checks the saved vCPUs against it.
+fn check_host(
+    reader: &SnapshotReader,
+    vcpus: &[VcpuState],
+    allow_tsc_mismatch: bool,
+) -> Result<HostCheck, RestoreError> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| {
+        RestoreError::Kvm(format!(
+            "cannot open /dev/kvm: {e} (is KVM available on this host, and may this user use it?)"
+        ))
+    })?;
+    HostCheck::run(&kvm, &reader.body().cpu, vcpus, allow_tsc_mismatch)
+        .map_err(|e| RestoreError::Kvm(e.to_string()))
+}
+
+/// What `stasis check` reports: the snapshot's CPU and what this host
+/// says about it.
+pub struct SnapshotCheck {
+    /// The snapshot's saved configuration.
+    pub config: VmConfig,
+    /// The saved record of the guest's CPU (none before CPU models).
+    pub guest_cpu: Option<stasis_snapshot::GuestCpuRecord>,
+    /// The CPU vendor the snapshot was taken on.
+    pub vendor: String,
+    /// This host and the compatibility report.
+    pub check: HostCheck,
+}
+
+/// Answers "can this host run the snapshot in `dir`?" without creating a
+/// VM: reads the manifest, the configuration and the vCPU sections (their
+/// checksums are checked; the memory image's are not, see `verify`), and
+/// checks them against this host.
+pub fn check_snapshot(
+    dir: &std::path::Path,
+    allow_tsc_mismatch: bool,
+) -> Result<SnapshotCheck, RestoreError> {
+    let reader = SnapshotReader::open(dir)?;
+    // Where output goes is this host's business and overridable on
+    // restore: not part of "can this host run it".
+    let consoles: Vec<(String, String)> =
+        serde_json::from_value::<VmConfig>(reader.body().vm_config.clone())
+            .map(|c| {
+                c.console
+                    .iter()
+                    .map(|c| (c.id.clone(), "null".into()))
+                    .collect()
+            })
+            .unwrap_or_default();
+    let overrides = RestoreOverrides {
+        serial: Some(SerialConfig::Null),
+        console_outputs: consoles,
+        ..Default::default()
+    };
+    let config = saved_config(&reader, &overrides)?;
+    let vcpus = saved_vcpus(&reader, &config)?;
+    let check = check_host(&reader, &vcpus, allow_tsc_mismatch)?;
+    Ok(SnapshotCheck {
+        config,
+        guest_cpu: reader.body().cpu.guest.clone(),
+        vendor: reader.body().cpu.vendor.clone(),
+        check,
     })
 }
 

@@ -13,7 +13,7 @@ use stasis_snapshot::{CpuInfo, CpuidEntry, ManifestInput, MemoryRegionSource, Sn
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{CMOS, COM1, SINGLETON};
-use crate::vm::{CapturedState, RunState, VmControl, VmError};
+use crate::vm::{CapturedState, RunState, VmControl, VmDescription, VmError};
 
 /// What the caller asks of a snapshot.
 #[derive(Debug, Clone, Default)]
@@ -69,21 +69,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The CPU description recorded in the manifest: vendor, brand string and
-/// the CPUID the guest saw (vCPU 0's).
-pub fn cpu_info(vendor: &str, state: &CapturedState) -> CpuInfo {
+/// The CPU description recorded in the manifest: vendor, brand string,
+/// the CPUID the guest saw (vCPU 0's) and its CPU model.
+pub fn cpu_info(description: &VmDescription, state: &CapturedState) -> CpuInfo {
     let cpuid: Vec<CpuidEntry> = state.vcpus[0].cpuid.clone();
-    let mut brand = Vec::new();
-    for f in 0x8000_0002u32..=0x8000_0004 {
-        if let Some(e) = cpuid.iter().find(|e| e.function == f) {
-            for r in [e.eax, e.ebx, e.ecx, e.edx] {
-                brand.extend_from_slice(&r.to_le_bytes());
-            }
-        }
-    }
-    let mut model = String::from_utf8_lossy(&brand)
-        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
-        .to_string();
+    let mut model = stasis_cpu::cpuid::brand(&cpuid);
     if model.is_empty() {
         // Some KVMs pass no brand-string leaves; the host's is what the
         // snapshot was taken on.
@@ -97,9 +87,10 @@ pub fn cpu_info(vendor: &str, state: &CapturedState) -> CpuInfo {
             .unwrap_or_default();
     }
     CpuInfo {
-        vendor: vendor.to_string(),
+        vendor: description.cpu_vendor.clone(),
         model,
         cpuid,
+        guest: Some(description.cpu.clone()),
     }
 }
 
@@ -167,7 +158,7 @@ pub fn snapshot(
                 .unwrap_or(0),
         ),
         vm_config,
-        cpu: cpu_info(&description.cpu_vendor, &state),
+        cpu: cpu_info(description, &state),
         parent: None,
         notes: Default::default(),
     };

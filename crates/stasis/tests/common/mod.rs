@@ -431,3 +431,70 @@ impl Drop for NetNs {
             .output();
     }
 }
+
+/// Rewrites the snapshot at `dir` through the format crate, as a tool or
+/// an attacker with the format's documentation could: `edit_section` may
+/// change any section's JSON payload (given its name and instance),
+/// `edit_manifest` the manifest's fields; every checksum is recomputed and
+/// the memory image is copied unchanged.
+pub fn rewrite_snapshot(
+    dir: &Path,
+    mut edit_section: impl FnMut(&str, &str, &mut serde_json::Value),
+    edit_manifest: impl FnOnce(&mut stasis_snapshot::ManifestInput),
+) {
+    use stasis_snapshot::{ManifestInput, MemoryRegionSource, SnapshotReader, SnapshotWriter};
+    let reader = SnapshotReader::open(dir).expect("open the snapshot to rewrite");
+    let mut sections = Vec::new();
+    for e in reader.sections() {
+        let bytes = reader.section_bytes(e).expect("read a section");
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).expect("section is JSON");
+        edit_section(&e.name, &e.instance, &mut v);
+        let bytes = serde_json::to_vec(&v).unwrap();
+        sections.push((
+            e.name.clone(),
+            e.instance.clone(),
+            e.version,
+            e.optional,
+            bytes,
+        ));
+    }
+    let mut memory = Vec::new();
+    for r in reader.regions() {
+        let mut buf = vec![0u8; r.size as usize];
+        reader
+            .read_region_into(r, &mut buf, true)
+            .expect("read memory");
+        memory.push((r.name.clone(), r.gpa, buf));
+    }
+    let body = reader.body().clone();
+    drop(reader);
+    let mut input = ManifestInput {
+        created_unix_ms: Some(body.created_unix_ms),
+        vm_config: body.vm_config,
+        cpu: body.cpu,
+        parent: body.parent,
+        notes: body.notes,
+    };
+    edit_manifest(&mut input);
+    let mut w = SnapshotWriter::create(dir).unwrap();
+    for (name, instance, version, optional, bytes) in &sections {
+        w.add_raw_section(name, instance, *version, *optional, bytes)
+            .unwrap();
+    }
+    let sources: Vec<MemoryRegionSource<'_>> = memory
+        .iter()
+        .map(|(name, gpa, buf)| MemoryRegionSource::new(name, *gpa, buf))
+        .collect();
+    w.write_memory(&sources).unwrap();
+    w.commit(input).unwrap();
+}
+
+/// `stasis check DIR --json` (plus `extra` flags): exit status and report.
+pub fn check_json(dir: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut args = vec!["check", dir.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let out = stasis(&args, dir.parent().unwrap());
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("check --json printed no JSON ({e}): {}", err_text(&out)));
+    (out.status.code(), v)
+}
