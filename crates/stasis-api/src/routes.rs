@@ -81,6 +81,7 @@ impl ApiResponse {
         Self::ok(&ActionResponse {
             state,
             message: message.into(),
+            quiesce_us: None,
         })
     }
 

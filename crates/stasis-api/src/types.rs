@@ -120,6 +120,11 @@ pub struct ActionResponse {
     pub state: VmState,
     /// What happened, in words meant for a person.
     pub message: String,
+    /// For a pause: microseconds from the request until every vCPU, device
+    /// thread and host input was at its safe point (0 when the VM was
+    /// paused already). Absent for other actions and from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce_us: Option<u64>,
 }
 
 /// What `GET /v1/ping` returns: `{"ok": true}`.
@@ -234,6 +239,9 @@ pub struct SnapshotResponse {
     pub path: String,
     /// How long the guest was paused, in milliseconds.
     pub pause_ms: f64,
+    /// How long quiescing the VM took, in ms (absent from older servers).
+    #[serde(default)]
+    pub quiesce_ms: f64,
     /// From the request to a durable snapshot, in milliseconds.
     pub total_ms: f64,
     /// Guest memory size in bytes.

@@ -17,6 +17,7 @@ pub mod layout;
 pub mod memory;
 pub mod persist;
 pub mod platform;
+pub mod quiesce;
 pub mod vm;
 pub mod vm_state;
 

@@ -10,10 +10,10 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use stasis_config::VmConfig;
 use stasis_snapshot::GuestCpuRecord;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,7 +30,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::rtc::CmosRtc;
 use crate::devices::rtc::CmosRtcState;
 use crate::devices::serial::{self, SerialError, SerialPort};
-use crate::devices::serial::{SerialDeviceState, Uart};
+use crate::devices::serial::{SerialDeviceState, SerialInput, Uart};
 use crate::devices::virtio::{
     self, MmioTransport, VirtioDevice, VirtioDeviceState, VirtioError, VirtioSlot,
 };
@@ -39,6 +39,7 @@ use crate::exit::{ExitReason, ExitSink};
 use crate::layout;
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::platform::{self, PlatformError};
+use crate::quiesce::{self, Quiesce, QuiesceReport};
 use crate::vm_state::{self, ClockState, IrqchipState, PitState, VmStateError};
 
 /// Everything that can stop a VM from being created or started.
@@ -230,6 +231,7 @@ pub struct VmShared {
     vm: VmFd,
     mem: GuestRam,
     uart: Arc<Mutex<Uart>>,
+    serial_input: Arc<SerialInput>,
     rtc: Arc<Mutex<CmosRtc>>,
     save_layout: Arc<SaveLayout>,
     vmgenid: VmGenId,
@@ -237,21 +239,14 @@ pub struct VmShared {
 }
 
 impl VmShared {
-    fn pause_devices(&self) {
-        for d in &self.virtio {
-            d.transport.lock().expect("virtio lock").pause();
-        }
-    }
-
-    fn resume_devices(&self) {
-        for d in &self.virtio {
-            d.transport.lock().expect("virtio lock").resume();
-        }
+    /// The parts besides the vCPUs that run on their own: the virtio
+    /// devices' I/O threads and the serial port's host input.
+    fn device_parts(&self) -> Vec<&dyn Quiesce> {
+        let mut parts: Vec<&dyn Quiesce> = vec![self.serial_input.as_ref()];
+        parts.extend(self.virtio.iter().map(|d| d.io.as_ref() as &dyn Quiesce));
+        parts
     }
 }
-
-/// How long pause waits for every vCPU to leave the guest.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Proof of holding [`VmControl::exclusive`].
 pub struct OperationGuard<'a> {
@@ -297,9 +292,13 @@ impl VmControl {
         }
     }
 
-    /// Parks every vCPU outside the guest. Idempotent on a paused VM.
-    /// Fails with [`VmError::Busy`] while a snapshot is being taken.
-    pub fn pause(&self) -> Result<(), VmError> {
+    /// Brings the VM to a standstill (see [`crate::quiesce`]): every vCPU
+    /// parked outside the guest, every device I/O thread between batches,
+    /// host input held. Idempotent on a paused VM (then the report is
+    /// empty). Fails with [`VmError::Busy`] while a snapshot is being
+    /// taken.
+    pub fn pause(&self) -> Result<QuiesceReport, VmError> {
+        stasis_failpoint::hit("api.pause");
         let g = self.exclusive("pause")?;
         self.pause_held(&g)
     }
@@ -312,25 +311,20 @@ impl VmControl {
     }
 
     /// [`VmControl::pause`] for the holder of [`VmControl::exclusive`].
-    pub fn pause_held(&self, _op: &OperationGuard<'_>) -> Result<(), VmError> {
+    pub fn pause_held(&self, _op: &OperationGuard<'_>) -> Result<QuiesceReport, VmError> {
         let guard = self.threads.lock().expect("threads lock");
         match (self.state(), guard.as_ref()) {
-            (RunState::Paused, Some(_)) => Ok(()),
+            (RunState::Paused, Some(_)) => Ok(QuiesceReport::default()),
             (RunState::Running, Some(threads)) => {
-                if let Err(e) = threads.pause(PAUSE_TIMEOUT) {
-                    threads.resume();
-                    return Err(e.into());
-                }
-                // With the vCPUs parked no request is in progress; pausing
-                // the devices stops their worker threads touching guest
-                // memory.
-                self.shared.pause_devices();
+                let mut parts: Vec<&dyn Quiesce> = vec![threads];
+                parts.extend(self.shared.device_parts());
+                let report = quiesce::quiesce_all(&parts);
                 // kvmclock: tell the guest it was stopped by the host, so it
                 // does not report soft lockups when it runs again. Guests
                 // without kvmclock answer EINVAL, which is fine.
                 let _ = threads.run_on_each(|_, vcpu| vcpu.kvmclock_ctrl());
                 self.transition(RunState::Running, RunState::Paused);
-                Ok(())
+                Ok(report)
             }
             (s, _) => Err(VmError::BadState {
                 action: "pause",
@@ -349,8 +343,9 @@ impl VmControl {
         match (self.state(), guard.as_ref()) {
             (RunState::Running, Some(_)) => Ok(()),
             (RunState::Paused, Some(threads)) => {
-                self.shared.resume_devices();
-                threads.resume();
+                let mut parts: Vec<&dyn Quiesce> = vec![threads];
+                parts.extend(self.shared.device_parts());
+                quiesce::resume_all(&parts);
                 self.transition(RunState::Paused, RunState::Running);
                 Ok(())
             }
@@ -415,7 +410,10 @@ impl VmControl {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         let (irqchip, pit, clock) = vm_state::save(&self.shared.vm)?;
-        let serial = SerialDeviceState::save(&self.shared.uart.lock().expect("uart lock"));
+        let serial = SerialDeviceState::save(
+            &self.shared.uart.lock().expect("uart lock"),
+            self.shared.serial_input.pending(),
+        );
         let rtc = self.shared.rtc.lock().expect("rtc lock").save();
         let virtio = self
             .shared
@@ -619,7 +617,7 @@ impl Vm {
 
         let (exit_tx, exit_rx) = channel();
         let exit = ExitSink::new(exit_tx);
-        let (pio, uart, rtc) = Self::create_devices(&vm, config, &exit, saved)?;
+        let (pio, (uart, serial_input), rtc) = Self::create_devices(&vm, config, &exit, saved)?;
         let (mmio, virtio) = Self::create_virtio(&vm, &mem, virtio_devices, saved)?;
         let vmgenid = match saved {
             Some(s) => VmGenId::after_restore(&s.vmgenid),
@@ -668,6 +666,7 @@ impl Vm {
             vm,
             mem,
             uart,
+            serial_input,
             rtc,
             save_layout: Arc::new(save_layout),
             vmgenid,
@@ -702,7 +701,14 @@ impl Vm {
         config: &VmConfig,
         exit: &ExitSink,
         saved: Option<&CapturedState>,
-    ) -> Result<(Bus, Arc<Mutex<Uart>>, Arc<Mutex<CmosRtc>>), VmError> {
+    ) -> Result<
+        (
+            Bus,
+            (Arc<Mutex<Uart>>, Arc<SerialInput>),
+            Arc<Mutex<CmosRtc>>,
+        ),
+        VmError,
+    > {
         let mut pio = Bus::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Irq {
             what: "COM1",
@@ -710,11 +716,11 @@ impl Vm {
         })?;
         vm.register_irqfd(&irq, layout::COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD for COM1"))?;
-        let uart = serial::create(&config.serial, irq, saved.map(|s| &s.serial))?;
+        let (uart, input) = serial::create(&config.serial, irq, saved.map(|s| &s.serial))?;
         pio.insert(
             u64::from(layout::COM1_PORT),
             8,
-            Arc::new(Mutex::new(SerialPort(uart.clone()))),
+            Arc::new(Mutex::new(SerialPort(uart.clone(), input.clone()))),
         )?;
         pio.insert(
             u64::from(layout::I8042_DATA_PORT),
@@ -738,7 +744,7 @@ impl Vm {
             AcpiPmRegisters::LEN,
             Arc::new(Mutex::new(AcpiPmRegisters::new(exit.clone()))),
         )?;
-        Ok((pio, uart, rtc))
+        Ok((pio, (uart, input), rtc))
     }
 
     /// Puts each virtio device in its slot: an irqfd on the slot's GSI, a
@@ -803,7 +809,31 @@ impl Vm {
                     MmioTransport::restore(device, mem.clone(), irq, slot, state.transport())?
                 }
             };
-            let slot = VirtioSlot::new(transport)?;
+            // One eventfd per queue, signalled by KVM when the guest writes
+            // the queue's index to QueueNotify, so the vCPU does not leave
+            // the guest to notify; the device's I/O thread waits on them.
+            let mut transport = transport;
+            let mut queue_evts = Vec::new();
+            let mut notify_fds = Vec::new();
+            for q in 0..transport.device().queue_max_sizes().len() {
+                let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Irq {
+                    what: "a virtio queue notification",
+                    source,
+                })?;
+                vm.register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(base + virtio::mmio::reg::QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD for a virtio queue"))?;
+                notify_fds.push(evt.try_clone().map_err(|source| VmError::Irq {
+                    what: "a virtio queue notification",
+                    source,
+                })?);
+                queue_evts.push(evt);
+            }
+            transport.set_notify_fds(notify_fds);
+            let slot = VirtioSlot::new(transport, queue_evts)?;
             bus.insert(base, layout::VIRTIO_MMIO_SIZE, slot.transport.clone())?;
             slots.push(slot);
         }
@@ -817,7 +847,7 @@ impl Vm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmError> {
-        self.control.shared.resume_devices();
+        quiesce::resume_all(&self.control.shared.device_parts());
         let vcpus = std::mem::take(&mut self.vcpus);
         let threads = VcpuThreads::start(vcpus, self.context.clone())?;
         *self.control.threads.lock().expect("threads lock") = Some(threads);

@@ -6,7 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use std::path::Path;
 
 use stasis_api::{
-    ApiHandler, ApiRequest, ApiResponse, CpuInfo, DeviceInfo, SnapshotRequest, VmInfo, VmState,
+    ActionResponse, ApiHandler, ApiRequest, ApiResponse, CpuInfo, DeviceInfo, SnapshotRequest,
+    VmInfo, VmState,
 };
 use stasis_vmm::persist::save::{self, SnapshotError, SnapshotOptions};
 use stasis_vmm::{RunState, VmControl, VmError};
@@ -116,7 +117,11 @@ impl ApiHandler for VmApi {
         match req {
             ApiRequest::GetVm => ApiResponse::ok(&self.info()),
             ApiRequest::Pause => match self.control.pause() {
-                Ok(()) => ApiResponse::action(VmState::Paused, "all vCPUs paused"),
+                Ok(q) => ApiResponse::ok(&ActionResponse {
+                    state: VmState::Paused,
+                    message: "all vCPUs paused".into(),
+                    quiesce_us: Some((q.total_ms * 1e3) as u64),
+                }),
                 Err(e) => error_response(&e),
             },
             ApiRequest::Resume => match self.control.resume() {

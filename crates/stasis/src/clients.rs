@@ -125,7 +125,16 @@ pub fn action(arg: &NameArg, verb: &str) -> i32 {
             0
         }
         Ok(r) => {
-            println!("VM '{}': {} ({})", arg.name, r.state.as_str(), r.message);
+            match r.quiesce_us {
+                Some(us) => println!(
+                    "VM '{}': {} ({}; quiesced in {:.2} ms)",
+                    arg.name,
+                    r.state.as_str(),
+                    r.message,
+                    us as f64 / 1e3
+                ),
+                None => println!("VM '{}': {} ({})", arg.name, r.state.as_str(), r.message),
+            }
             0
         }
         Err(e) => fail(e),

@@ -117,6 +117,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     // 1. Boot.
     let socket = api_socket_path(&cfg)?;
     let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+    crate::panics::install(&cfg.name, vec![socket.clone()]);
     let mut vm = Vm::create(&cfg).map_err(|e| e.to_string())?;
     let control = vm.control();
     let handle = server

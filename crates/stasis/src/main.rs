@@ -5,6 +5,7 @@ mod cli;
 mod clients;
 mod cpu;
 mod demo;
+mod panics;
 mod restore;
 mod run;
 mod signals;
@@ -24,6 +25,7 @@ fn init_logging(level: &str) {
 fn main() {
     let cli = cli::Cli::parse();
     init_logging(&cli.log_level);
+    stasis_failpoint::init();
     let code = match cli.command {
         cli::Command::Run(a) => run::run(a),
         cli::Command::Demo(a) => demo::demo(a),

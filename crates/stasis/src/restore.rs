@@ -57,6 +57,7 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
     }
     let socket = api_socket_path(&plan.config)?;
     let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+    crate::panics::install(&plan.config.name, vec![socket.clone()]);
     let (memory, load) = restore::load_memory(&plan, args.mode).map_err(|e| e.to_string())?;
     let vm =
         Vm::restore(&plan.config, memory, &plan.state, &plan.cpu).map_err(|e| e.to_string())?;

@@ -124,6 +124,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<i32, String> {
     // Bind first: a second VM with the same name fails before it allocates
     // anything.
     let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+    crate::panics::install(&cfg.name, vec![socket.clone()]);
     let vm = Vm::create(cfg).map_err(|e| e.to_string())?;
     serve(vm, cfg, server, "running")
 }

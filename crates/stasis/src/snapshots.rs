@@ -39,8 +39,8 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
                 if r.stopped { "; VM stopped" } else { "" }
             );
             println!(
-                "  guest paused {:.1} ms, total {:.1} ms (fsync {:.1} ms)",
-                r.pause_ms, r.total_ms, r.sync_ms
+                "  guest paused {:.1} ms (quiesced in {:.2} ms), total {:.1} ms (fsync {:.1} ms)",
+                r.pause_ms, r.quiesce_ms, r.total_ms, r.sync_ms
             );
             println!(
                 "  memory {} ({} written, zero pages left as holes), state {}, copy {:.0} MB/s",

@@ -53,8 +53,6 @@ impl std::fmt::Debug for ControlState {
 pub struct RunControl {
     state: Mutex<ControlState>,
     changed: Condvar,
-    /// Mirrors `state.request == Run` for the vCPU fast path.
-    requested_run: std::sync::atomic::AtomicBool,
 }
 
 impl Default for RunControl {
@@ -67,7 +65,6 @@ impl Default for RunControl {
                 mailboxes: Vec::new(),
             }),
             changed: Condvar::new(),
-            requested_run: std::sync::atomic::AtomicBool::new(true),
         }
     }
 }
@@ -75,14 +72,7 @@ impl Default for RunControl {
 impl RunControl {
     fn set(&self, r: Request) {
         self.state.lock().expect("control lock").request = r;
-        self.requested_run
-            .store(r == Request::Run, std::sync::atomic::Ordering::SeqCst);
         self.changed.notify_all();
-    }
-
-    /// Whether the VMM wants the vCPUs out of the guest (cheap: no lock).
-    fn stop_or_pause_requested(&self) -> bool {
-        !self.requested_run.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until `pred` holds or `timeout` passes; returns whether it holds.
@@ -99,11 +89,18 @@ impl RunControl {
         true
     }
 
-    /// Called by a vCPU thread before each `KVM_RUN`: parks while paused,
-    /// running any commands posted for it meanwhile. Returns false when the
-    /// thread must stop.
-    fn wait_runnable(&self, index: usize, vcpu: &mut VcpuFd) -> bool {
+    /// Called by a vCPU thread before each `KVM_RUN`, with whether its
+    /// last exit left a port or MMIO instruction for KVM to finish. Under
+    /// the lock, so a pause cannot slip in between the decision and the
+    /// park: with an unfinished instruction and a pause or stop requested,
+    /// it answers [`Gate::CompleteIo`] (run once more, with
+    /// `immediate_exit`, so KVM finishes it); otherwise it parks while
+    /// paused, running any commands posted for it meanwhile.
+    fn gate(&self, index: usize, vcpu: &mut VcpuFd, pending: Handled) -> Gate {
         let mut st = self.state.lock().expect("control lock");
+        if st.request != Request::Run && pending == Handled::PendingIo {
+            return Gate::CompleteIo;
+        }
         if st.request == Request::Pause {
             st.parked += 1;
             self.changed.notify_all();
@@ -119,13 +116,29 @@ impl RunControl {
             st.parked -= 1;
             self.changed.notify_all();
         }
-        st.request != Request::Stop
+        if st.request == Request::Stop {
+            Gate::Stop
+        } else {
+            Gate::Run
+        }
     }
 
     fn mark_exited(&self) {
         self.state.lock().expect("control lock").exited += 1;
         self.changed.notify_all();
     }
+}
+
+/// What a vCPU thread does next (see [`RunControl::gate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Enter the guest.
+    Run,
+    /// Enter `KVM_RUN` with `immediate_exit` set, so KVM completes the
+    /// last port or MMIO instruction and returns at once.
+    CompleteIo,
+    /// Leave the run loop.
+    Stop,
 }
 
 /// Everything a vCPU thread needs besides its vCPU.
@@ -140,6 +153,11 @@ pub struct VcpuContext {
     /// Pause/stop requests.
     pub control: Arc<RunControl>,
 }
+
+/// How often a pause that is still waiting kicks the vCPUs again.
+const REKICK: Duration = Duration::from_millis(10);
+/// After how long a pause that is still waiting says so.
+const SLOW_PAUSE: Duration = Duration::from_secs(1);
 
 /// The running vCPU threads of a VM.
 pub struct VcpuThreads {
@@ -167,16 +185,6 @@ pub enum VcpuThreadError {
     /// A vCPU thread ended before answering a command.
     #[error("vCPU {0} has exited")]
     Gone(usize),
-    /// Not every vCPU reached the requested state in time.
-    #[error("{waiting} of {total} vCPUs did not stop running within {timeout_ms} ms")]
-    Timeout {
-        /// How many are still running.
-        waiting: usize,
-        /// How many there are.
-        total: usize,
-        /// How long we waited.
-        timeout_ms: u128,
-    },
 }
 
 impl VcpuThreads {
@@ -206,25 +214,43 @@ impl VcpuThreads {
         }
     }
 
-    /// Brings every vCPU out of `KVM_RUN` and parks it; returns once all
-    /// are parked (or have exited).
-    pub fn pause(&self, timeout: Duration) -> Result<(), VcpuThreadError> {
+    /// Asks every vCPU to leave `KVM_RUN` and park (returns at once; see
+    /// [`VcpuThreads::wait_parked`]).
+    pub fn request_pause(&self) {
         self.control.set(Request::Pause);
         self.kick_all();
+    }
+
+    /// Waits until every vCPU is parked (or has exited). A busy host may
+    /// delay a vCPU's return from `KVM_RUN`, so this never gives up: it
+    /// kicks the vCPUs again every [`REKICK`] and warns once a vCPU has
+    /// kept it waiting for [`SLOW_PAUSE`].
+    pub fn wait_parked(&self) {
         let total = self.threads.len();
-        if self
+        let started = Instant::now();
+        let mut warned = false;
+        while !self
             .control
-            .wait_for(timeout, |s| s.parked + s.exited >= total)
+            .wait_for(REKICK, |s| s.parked + s.exited >= total)
         {
-            Ok(())
-        } else {
-            let st = self.control.state.lock().expect("control lock");
-            Err(VcpuThreadError::Timeout {
-                waiting: total - st.parked - st.exited,
-                total,
-                timeout_ms: timeout.as_millis(),
-            })
+            self.kick_all();
+            if !warned && started.elapsed() >= SLOW_PAUSE {
+                warned = true;
+                let st = self.control.state.lock().expect("control lock");
+                tracing::warn!(
+                    "{} of {total} vCPUs still in the guest {} ms after the pause request; waiting",
+                    total - st.parked - st.exited,
+                    started.elapsed().as_millis()
+                );
+            }
         }
+    }
+
+    /// Brings every vCPU out of `KVM_RUN` and parks it; returns once all
+    /// are parked (or have exited).
+    pub fn pause(&self) {
+        self.request_pause();
+        self.wait_parked();
     }
 
     /// Runs `f` on every parked vCPU's own thread (KVM state ioctls belong
@@ -279,6 +305,21 @@ impl VcpuThreads {
     }
 }
 
+impl crate::quiesce::Quiesce for VcpuThreads {
+    fn name(&self) -> String {
+        "vCPUs".into()
+    }
+    fn request_quiesce(&self) {
+        self.request_pause();
+    }
+    fn wait_quiesced(&self) {
+        self.wait_parked();
+    }
+    fn resume(&self) {
+        VcpuThreads::resume(self);
+    }
+}
+
 /// Marks a vCPU thread as gone when it leaves its loop, also by panic:
 /// commands still queued for it are dropped with their senders, so a
 /// waiting `run_on_each` sees it as gone instead of hanging.
@@ -301,19 +342,18 @@ fn run_loop(mut vcpu: VcpuFd, index: u32, ctx: VcpuContext) {
     let _exited = ExitedGuard(&ctx.control, index as usize);
     let mut pending = Handled::Done;
     loop {
-        if pending == Handled::PendingIo && ctx.control.stop_or_pause_requested() {
+        // Clear a kick before looking at the request, so a kick that
+        // arrives after the check still interrupts the next KVM_RUN.
+        vcpu.set_kvm_immediate_exit(0);
+        stasis_failpoint::hit("vcpu.before_gate");
+        match ctx.control.gate(index as usize, &mut vcpu, pending) {
+            Gate::Run => {}
             // Finish the port/MMIO instruction before parking, so that the
             // state a snapshot reads is consistent (KVM completes it at the
             // start of KVM_RUN, then returns EINTR because of
             // immediate_exit; string I/O may need more than one round).
-            vcpu.set_kvm_immediate_exit(1);
-        } else {
-            // Clear a kick before looking at the request, so a kick that
-            // arrives after the check still interrupts the next KVM_RUN.
-            vcpu.set_kvm_immediate_exit(0);
-            if !ctx.control.wait_runnable(index as usize, &mut vcpu) {
-                break;
-            }
+            Gate::CompleteIo => vcpu.set_kvm_immediate_exit(1),
+            Gate::Stop => break,
         }
         match handle_one_run(&mut vcpu, index, &ctx) {
             Ok(h) => pending = h,
@@ -322,6 +362,7 @@ fn run_loop(mut vcpu: VcpuFd, index: u32, ctx: VcpuContext) {
                 break;
             }
         }
+        stasis_failpoint::hit("vcpu.exit");
     }
 }
 

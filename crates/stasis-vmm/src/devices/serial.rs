@@ -28,12 +28,16 @@ impl Trigger for IrqTrigger {
 pub type Uart = Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
 
 /// COM1 on the port bus.
-pub struct SerialPort(pub Arc<Mutex<Uart>>);
+pub struct SerialPort(pub Arc<Mutex<Uart>>, pub Arc<SerialInput>);
 
 impl BusDevice for SerialPort {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         data[0] = self.0.lock().expect("uart lock").read(offset as u8);
+        // A read of the receive buffer made room in the FIFO.
+        if offset == 0 {
+            self.1.refill();
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -45,6 +49,105 @@ impl BusDevice for SerialPort {
         {
             tracing::debug!("serial write: {e}");
         }
+    }
+}
+
+/// What a socket client sends to COM1: it waits here and moves into the
+/// UART's receive FIFO as the guest makes room, so nothing is dropped and
+/// order is kept. While quiesced ([`crate::quiesce::Quiesce`]) input is
+/// only buffered: it touches neither the UART's registers nor its
+/// interrupt until resumed, so a pause or snapshot sees the UART and the
+/// interrupt controllers as the guest left them. Bytes still waiting are
+/// saved with the serial port's state and delivered after a restore.
+pub struct SerialInput {
+    uart: Arc<Mutex<Uart>>,
+    state: Mutex<InputState>,
+}
+
+#[derive(Debug, Default)]
+struct InputState {
+    pending: VecDeque<u8>,
+    held: bool,
+}
+
+/// The most input held for the guest (beyond it, bytes are dropped).
+const MAX_PENDING_INPUT: usize = 64 * 1024;
+
+impl SerialInput {
+    /// Input for `uart`, held until the VM starts, with `pending` bytes
+    /// (from a snapshot) first.
+    pub fn new(uart: Arc<Mutex<Uart>>, pending: &[u8]) -> Self {
+        Self {
+            uart,
+            state: Mutex::new(InputState {
+                pending: pending.iter().copied().collect(),
+                held: true,
+            }),
+        }
+    }
+
+    /// Bytes from the host side.
+    pub fn push(&self, bytes: &[u8]) {
+        let mut st = self.state.lock().expect("serial input lock");
+        let room = MAX_PENDING_INPUT.saturating_sub(st.pending.len());
+        if bytes.len() > room {
+            tracing::debug!(
+                "serial input: {} bytes dropped (buffer full)",
+                bytes.len() - room
+            );
+        }
+        st.pending.extend(&bytes[..bytes.len().min(room)]);
+        if !st.held {
+            self.pump(&mut st);
+        }
+    }
+
+    /// The guest read from the FIFO: top it up.
+    pub fn refill(&self) {
+        let mut st = self.state.lock().expect("serial input lock");
+        if !st.held && !st.pending.is_empty() {
+            self.pump(&mut st);
+        }
+    }
+
+    /// Bytes waiting for room in the FIFO (saved with the port's state).
+    pub fn pending(&self) -> Vec<u8> {
+        self.state
+            .lock()
+            .expect("serial input lock")
+            .pending
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    fn pump(&self, st: &mut InputState) {
+        let mut uart = self.uart.lock().expect("uart lock");
+        let n = uart.fifo_capacity().min(st.pending.len());
+        if n == 0 {
+            return;
+        }
+        let chunk: Vec<u8> = st.pending.drain(..n).collect();
+        if let Err(e) = uart.enqueue_raw_bytes(&chunk) {
+            tracing::debug!("serial input: {e}");
+        }
+    }
+}
+
+impl crate::quiesce::Quiesce for SerialInput {
+    fn name(&self) -> String {
+        "serial input".into()
+    }
+    fn request_quiesce(&self) {
+        self.state.lock().expect("serial input lock").held = true;
+    }
+    fn wait_quiesced(&self) {
+        // Input moves only under this lock, which `request_quiesce` held.
+    }
+    fn resume(&self) {
+        let mut st = self.state.lock().expect("serial input lock");
+        st.held = false;
+        self.pump(&mut st);
     }
 }
 
@@ -184,15 +287,15 @@ pub fn open_output(config: &SerialConfig) -> Result<Output, SerialError> {
 }
 
 /// Creates COM1 for `config`, raising its interrupt through `irq`, in its
-/// power-on state or in `saved` state.
+/// power-on state or in `saved` state, with its host input.
 /// For a socket, a thread accepts one client at a time: it gets the recent
-/// output, then everything the guest prints, and what it sends is fed to the
-/// guest's receive FIFO.
+/// output, then everything the guest prints, and what it sends goes to the
+/// guest's receive FIFO through [`SerialInput`].
 pub fn create(
     config: &SerialConfig,
     irq: EventFd,
     saved: Option<&SerialDeviceState>,
-) -> Result<Arc<Mutex<Uart>>, SerialError> {
+) -> Result<(Arc<Mutex<Uart>>, Arc<SerialInput>), SerialError> {
     let mut output = open_output(config)?;
     let out = std::mem::replace(&mut output.writer, Box::new(io::sink()));
     let uart = match saved {
@@ -206,16 +309,15 @@ pub fn create(
         .map_err(|e| SerialError::State(format!("{e:?}")))?,
     };
     let uart = Arc::new(Mutex::new(uart));
-    let fifo = uart.clone();
-    output.start_socket(
-        "serial-socket",
-        Box::new(move |bytes| {
-            // The FIFO holds 64 bytes; input beyond that is dropped, as a
-            // real UART without flow control would.
-            let _ = fifo.lock().expect("uart lock").enqueue_raw_bytes(bytes);
-        }),
-    )?;
-    Ok(uart)
+    let input = Arc::new(SerialInput::new(
+        uart.clone(),
+        saved
+            .map(|s| s.pending_input.as_slice())
+            .unwrap_or_default(),
+    ));
+    let sink = input.clone();
+    output.start_socket("serial-socket", Box::new(move |bytes| sink.push(bytes)))?;
+    Ok((uart, input))
 }
 
 fn bind_socket(path: &Path) -> Result<UnixListener, SerialError> {
@@ -288,6 +390,10 @@ pub struct SerialDeviceState {
     /// Bytes waiting in the receive FIFO.
     #[serde(with = "stasis_snapshot::hex_bytes")]
     pub rx_fifo: Vec<u8>,
+    /// Host input not yet in the FIFO (it had no room, or the VM was
+    /// paused when it arrived); absent in older snapshots.
+    #[serde(default, with = "stasis_snapshot::hex_bytes")]
+    pub pending_input: Vec<u8>,
 }
 
 impl stasis_snapshot::SectionState for SerialDeviceState {
@@ -296,8 +402,8 @@ impl stasis_snapshot::SectionState for SerialDeviceState {
 }
 
 impl SerialDeviceState {
-    /// The state of `uart`.
-    pub fn save(uart: &Uart) -> Self {
+    /// The state of `uart`, with the host input still waiting for it.
+    pub fn save(uart: &Uart, pending_input: Vec<u8>) -> Self {
         let s = uart.state();
         Self {
             baud_divisor_low: s.baud_divisor_low,
@@ -310,6 +416,7 @@ impl SerialDeviceState {
             modem_status: s.modem_status,
             scratch: s.scratch,
             rx_fifo: s.in_buffer,
+            pending_input,
         }
     }
 

@@ -27,8 +27,12 @@ pub struct SnapshotOptions {
 pub struct SnapshotReport {
     /// Where it is.
     pub path: PathBuf,
-    /// How long the guest was paused, in ms.
+    /// How long the guest was paused (from the pause request, quiescing
+    /// included), in ms.
     pub pause_ms: f64,
+    /// How long quiescing took (request to every vCPU, device thread and
+    /// host input at its safe point), in ms.
+    pub quiesce_ms: f64,
     /// From the request to a durable snapshot, in ms.
     pub total_ms: f64,
     /// Guest memory size in bytes.
@@ -122,8 +126,10 @@ pub fn snapshot(
     let vm_config = serde_json::to_value(&description.config)
         .map_err(|e| SnapshotError::Config(e.to_string()))?;
     let was_paused = control.state() == RunState::Paused;
-    control.pause_held(&op)?;
+    // The guest stops being able to run at the request: the pause is
+    // counted from here.
     let paused_at = Instant::now();
+    let quiesce = control.pause_held(&op)?;
     let resume = |control: &VmControl| {
         if !was_paused {
             let _ = control.resume_held(&op);
@@ -181,6 +187,7 @@ pub fn snapshot(
     drop(op);
     Ok(SnapshotReport {
         path: commit.dir,
+        quiesce_ms: quiesce.total_ms,
         pause_ms: ms(if opts.stop {
             paused_at.elapsed()
         } else {

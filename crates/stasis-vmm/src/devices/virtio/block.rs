@@ -5,7 +5,7 @@
 //! discard (`fallocate(PUNCH_HOLE | KEEP_SIZE)`). A read-only disk offers
 //! `VIRTIO_BLK_F_RO`, opens the image read-only, and fails writes and
 //! discards with `VIRTIO_BLK_S_IOERR` without touching the image. Every
-//! request completes before the notify that submitted it returns (see the
+//! request is executed by the device's I/O thread, in batches (see the
 //! module docs of [`super`]).
 //!
 //! The image is locked with `flock` (exclusive for a writable disk, shared
@@ -439,21 +439,30 @@ impl VirtioDevice for Block {
         &self.config
     }
 
-    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) {
+    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) -> bool {
         let mem = ctx.mem;
-        let mut completed = false;
+        let mut completed = 0;
+        let mut bytes = 0u64;
+        let mut more = false;
         while let Some(chain) = ctx.queues[index].pop_descriptor_chain(mem) {
             let head = chain.head_index();
+            let size: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
             let len = self.execute(mem, chain);
             if let Err(e) = ctx.queues[index].add_used(mem, head, len) {
                 tracing::warn!("virtio-blk '{}': cannot complete request: {e}", self.id);
                 break;
             }
-            completed = true;
+            completed += 1;
+            bytes += size;
+            if completed >= super::BATCH || bytes >= super::BATCH_BYTES {
+                more = true;
+                break;
+            }
         }
-        if completed {
+        if completed > 0 {
             ctx.signal_used(index);
         }
+        more
     }
 
     fn sync_backend(&self) -> std::io::Result<()> {

@@ -86,13 +86,13 @@ impl VirtioDevice for Console {
         &CONFIG
     }
 
-    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) {
+    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) -> bool {
         if index != TX_QUEUE {
             // Receive buffers stay with the device; there is no input.
-            return;
+            return false;
         }
         let mem = ctx.mem;
-        let mut completed = false;
+        let mut completed = 0usize;
         while let Some(chain) = ctx.queues[index].pop_descriptor_chain(mem) {
             let head = chain.head_index();
             match chain.reader(mem) {
@@ -110,12 +110,16 @@ impl VirtioDevice for Console {
                 tracing::warn!("virtio-console '{}': cannot complete TX: {e}", self.id);
                 break;
             }
-            completed = true;
+            completed += 1;
+            if completed >= super::BATCH {
+                break;
+            }
         }
-        if completed {
+        if completed > 0 {
             let _ = self.out.flush();
             ctx.signal_used(index);
         }
+        completed >= super::BATCH
     }
 
     fn save_backend(&self) -> BackendState {

@@ -69,6 +69,15 @@ pub mod status {
     pub const FAILED: u32 = 128;
 }
 
+/// What one round of [`MmioTransport::process_pending_counted`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// At least one request completed.
+    pub worked: bool,
+    /// A queue has requests left.
+    pub more: bool,
+}
+
 /// One virtio device on the MMIO bus.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -88,6 +97,11 @@ pub struct MmioTransport {
     reraise: bool,
     /// Rate limit for guest-caused warnings.
     warnings: super::GuestWarnings,
+    /// Queues notified and not yet (fully) worked on, one bit per queue.
+    pending: u32,
+    /// The queues' notification eventfds, written when a `QueueNotify`
+    /// arrives as an MMIO exit rather than through KVM's ioeventfd.
+    notify_fds: Vec<EventFd>,
 }
 
 impl MmioTransport {
@@ -115,6 +129,8 @@ impl MmioTransport {
             paused: true,
             reraise: false,
             warnings: Default::default(),
+            pending: 0,
+            notify_fds: Vec::new(),
         }
     }
 
@@ -497,6 +513,14 @@ impl MmioTransport {
         self.irq.set_status(0);
     }
 
+    /// The eventfds through which a `QueueNotify` MMIO write wakes the I/O
+    /// thread (the same ones KVM signals for an ioeventfd), by queue.
+    pub fn set_notify_fds(&mut self, fds: Vec<EventFd>) {
+        self.notify_fds = fds;
+    }
+
+    /// A `QueueNotify` that arrived as an MMIO exit: the queue is pending,
+    /// and the I/O thread is woken to work on it.
     fn notify(&mut self, index: u32) {
         if !self.is_live() {
             self.warn(&format!(
@@ -505,20 +529,95 @@ impl MmioTransport {
             ));
             return;
         }
-        let i = index as usize;
-        match self.queues.get(i) {
+        match self.queues.get(index as usize) {
             Some(q) if q.ready() => {}
             _ => {
                 self.warn(&format!("notify for missing or disabled queue {index}"));
                 return;
             }
         }
-        let mut ctx = DeviceContext {
-            queues: &mut self.queues,
-            mem: &self.mem,
-            irq: &mut self.irq,
-        };
-        self.device.process_queue(i, &mut ctx);
+        self.pending |= 1 << index;
+        if let Some(e) = self.notify_fds.get(index as usize) {
+            let _ = e.write(1);
+        }
+    }
+
+    /// Marks queues (a bit per queue) as notified, as the I/O thread does
+    /// for the ioeventfds KVM signalled.
+    pub fn mark_pending(&mut self, queues: u32) {
+        self.pending |= queues;
+    }
+
+    /// Marks every queue as notified (after a park or a restore).
+    pub fn mark_all_pending(&mut self) {
+        self.pending |= (1u32 << self.queues.len().min(31)) - 1;
+    }
+
+    /// Works on the pending queues, one batch each; returns whether any has
+    /// work left (the I/O thread then comes back without waiting).
+    pub fn process_pending(&mut self) -> bool {
+        self.process_pending_counted().more
+    }
+
+    /// [`MmioTransport::process_pending`], also saying whether any request
+    /// completed.
+    pub fn process_pending_counted(&mut self) -> Progress {
+        if !self.is_live() || self.paused {
+            // Nothing to do until the driver is ready; a paused transport
+            // keeps its pending queues for the resume.
+            if !self.is_live() {
+                self.pending = 0;
+            }
+            return Progress::default();
+        }
+        let mut more = 0u32;
+        let mut worked = false;
+        for i in 0..self.queues.len() {
+            if self.pending & (1 << i) == 0 || !self.queues[i].ready() {
+                continue;
+            }
+            let before = self.queues[i].next_used();
+            let mut ctx = DeviceContext {
+                queues: &mut self.queues,
+                mem: &self.mem,
+                irq: &mut self.irq,
+            };
+            if self.device.process_queue(i, &mut ctx) {
+                more |= 1 << i;
+            }
+            worked |= self.queues[i].next_used() != before;
+        }
+        self.pending = more;
+        Progress {
+            worked,
+            more: more != 0,
+        }
+    }
+
+    /// Asks the driver to notify (`true`) or not (`false`,
+    /// `VRING_USED_F_NO_NOTIFY`: the I/O thread is polling the rings)
+    /// for every ready queue. Turning notifications back on returns whether
+    /// a queue already has new requests (made available before the driver
+    /// could see the change), which must then be worked on.
+    pub fn set_notifications(&mut self, on: bool) -> bool {
+        if !self.is_live() {
+            return false;
+        }
+        let mut waiting = false;
+        for q in self.queues.iter_mut().filter(|q| q.ready()) {
+            let r = if on {
+                q.enable_notification(&self.mem)
+            } else {
+                q.disable_notification(&self.mem).map(|()| false)
+            };
+            match r {
+                Ok(w) => waiting |= w,
+                // The rings lie outside memory: the device is broken
+                // anyway; the next request will say so.
+                Err(e) => tracing::debug!("virtio notification flags: {e}"),
+            }
+        }
+        waiting
     }
 
     fn warn(&self, what: &str) {

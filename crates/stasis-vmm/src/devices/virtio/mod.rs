@@ -15,33 +15,30 @@
 //!
 //! Each device is an [`mmio::MmioTransport`] (registers, queues, interrupt)
 //! owning its device model, behind one mutex that the MMIO bus locks for
-//! every register access. Queues are processed **synchronously in the vCPU
-//! thread that wrote `QueueNotify`**, inside that MMIO exit, under the
-//! device mutex: a disk request is read, executed with `pread`/`pwrite`
-//! (`fdatasync` for a flush), and put in the used ring before the vCPU
-//! re-enters the guest; so are transmitted packets, console output and
-//! entropy. Compared with ioeventfd and a device thread this costs a
-//! userspace exit per notify (the guest kit's polling drivers notify once
-//! per batch), but it means that **no request is ever half done when the
-//! vCPUs are parked**: a vCPU parks only between two `KVM_RUN`s, never
-//! inside an exit handler, so pausing the vCPUs quiesces every queue that
-//! the guest drives.
-//!
-//! The one exception is what the host side starts: frames arriving on a
-//! tap. Each network device has a worker thread (`virtio-net-ID`) that
-//! `poll`s the tap and a wake-up eventfd and, with the device mutex held,
-//! moves frames into receive buffers. The worker touches guest memory only
-//! under that mutex and only while the transport is not paused.
+//! every register access. Queues are worked on by the device's **I/O
+//! thread** ([`io_thread`], named `KIND-ID`), never by a vCPU: KVM signals
+//! one eventfd per queue when the guest writes its index to `QueueNotify`
+//! (an ioeventfd, so the vCPU does not even leave the guest), and the
+//! thread takes the device mutex for one batch of at most [`BATCH`]
+//! requests (and [`BATCH_BYTES`] of disk data) at a time: a disk request
+//! is read, executed with `pread`/`pwrite` (`fdatasync` for a flush) and
+//! put in the used ring; so are transmitted packets, console output and
+//! entropy. The same thread polls a network device's tap and moves
+//! received frames into buffers. A `QueueNotify` that still arrives as an
+//! MMIO exit (a KVM without ioeventfd) only wakes the thread.
 //!
 //! # Pausing and snapshots
 //!
-//! [`crate::VmControl::pause`] parks the vCPUs, then pauses every transport
-//! ([`mmio::MmioTransport::pause`]): with the mutex held, so any receive in
-//! progress has finished, it marks the transport paused, and the worker
-//! stops polling the tap until resumed (frames wait in the tap's kernel
-//! queue). From then until resume nothing writes guest memory or device
-//! state, so capture and the memory copy see one consistent instant. A VM
-//! starts with its transports paused; [`crate::Vm::start`] resumes them.
+//! Every I/O thread is a [`crate::quiesce::Quiesce`] part: asked to
+//! quiesce, it finishes its current batch (every request in it completed,
+//! the rest still in the available ring) and parks, and the transport is
+//! marked paused; frames wait in the tap's kernel queue. From then until
+//! resume nothing writes guest memory or device state, so capture and the
+//! memory copy see one consistent instant. After every park, and when a
+//! restored VM starts, the thread looks at every queue once: requests made
+//! available before a snapshot have no notification left to announce them.
+//! A VM starts with its I/O threads parked; [`crate::Vm::start`] resumes
+//! them.
 //!
 //! # Interrupts
 //!
@@ -65,16 +62,16 @@
 
 pub mod block;
 pub mod console;
+pub mod io_thread;
 pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod state;
 mod tap;
 
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -274,8 +271,9 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// The driver notified queue `index` (the transport checked that the
-    /// device is live and the queue ready).
-    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext);
+    /// device is live and the queue ready): work on at most [`BATCH`]
+    /// requests and return whether more may be waiting.
+    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) -> bool;
     /// The device's worker thread saw its backend become ready (only for
     /// devices with a [`VirtioDevice::worker`]).
     fn backend_ready(&mut self, ctx: &mut DeviceContext) {
@@ -299,8 +297,15 @@ pub trait VirtioDevice: Send {
     }
 }
 
-/// What a device's worker thread polls: a backend fd while `want` is set,
-/// and always the `wake` eventfd.
+/// The most requests a device works on in one go before it lets the I/O
+/// thread look at its control state (and the transport's mutex go): what
+/// bounds how long a quiesce waits for a device.
+pub const BATCH: usize = 32;
+/// The most data a block device moves in one batch.
+pub const BATCH_BYTES: u64 = 8 << 20;
+
+/// What a device's I/O thread polls besides its queues: a backend fd while
+/// `want` is set, and always the `wake` eventfd.
 pub struct WorkerSpec {
     /// The backend's fd (the tap).
     pub fd: RawFd,
@@ -310,133 +315,42 @@ pub struct WorkerSpec {
     pub wake: Arc<EventFd>,
 }
 
-/// A running worker thread; stopped and joined on [`Worker::stop`] or drop.
-struct Worker {
-    stop: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Worker {
-    fn spawn(
-        name: String,
-        spec: WorkerSpec,
-        transport: Arc<Mutex<MmioTransport>>,
-    ) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake = spec.wake.clone();
-        let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || worker_loop(spec, transport, stop))?
-        };
-        Ok(Self {
-            stop,
-            wake,
-            thread: Some(thread),
-        })
-    }
-
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.wake.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn worker_loop(spec: WorkerSpec, transport: Arc<Mutex<MmioTransport>>, stop: Arc<AtomicBool>) {
-    loop {
-        let want = spec.want.load(Ordering::SeqCst);
-        let mut fds = [
-            libc::pollfd {
-                fd: spec.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: spec.fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let n = if want { 2 } else { 1 };
-        // SAFETY: `fds` is a valid array of `n` pollfd structs that lives
-        // across the call; the fds stay open while the worker runs (the
-        // wake eventfd is shared through an Arc, the backend fd is owned by
-        // the device, which the transport keeps alive).
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            tracing::error!("virtio worker poll failed: {e}; worker stops");
-            return;
-        }
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        if fds[0].revents != 0 {
-            // Non-blocking: drains the counter; EAGAIN is fine.
-            let _ = spec.wake.read();
-        }
-        transport
-            .lock()
-            .expect("virtio transport lock")
-            .backend_ready();
-    }
-}
-
 /// One virtio device of a VM: its transport (also on the MMIO bus) and its
-/// worker thread, if it has one.
+/// I/O thread.
 pub struct VirtioSlot {
     /// The device.
     pub transport: Arc<Mutex<MmioTransport>>,
-    worker: Mutex<Option<Worker>>,
+    /// Its I/O thread (parked until the VM starts).
+    pub io: Arc<io_thread::IoThread>,
 }
 
 impl VirtioSlot {
-    /// Wraps `transport` and starts its device's worker thread, if any.
-    pub fn new(transport: MmioTransport) -> Result<Self, VirtioError> {
-        let spec = transport.device().worker();
-        let name = format!("{}-{}", transport.device().kind(), transport.device().id());
+    /// Wraps `transport` and starts its I/O thread, which waits on
+    /// `queue_evts` (one eventfd per queue, signalled by KVM on a
+    /// QueueNotify write) and on the device's backend.
+    pub fn new(transport: MmioTransport, queue_evts: Vec<EventFd>) -> Result<Self, VirtioError> {
         let (kind, id) = (
             transport.device().kind(),
             transport.device().id().to_string(),
         );
         let transport = Arc::new(Mutex::new(transport));
-        let worker =
-            match spec {
-                Some(spec) => Some(Worker::spawn(name, spec, transport.clone()).map_err(
-                    |source| VirtioError::Host {
-                        kind,
-                        id,
-                        what: "cannot start the worker thread",
-                        source,
-                    },
-                )?),
-                None => None,
-            };
+        let io = io_thread::IoThread::spawn(transport.clone(), queue_evts).map_err(|source| {
+            VirtioError::Host {
+                kind,
+                id,
+                what: "cannot start the I/O thread",
+                source,
+            }
+        })?;
         Ok(Self {
             transport,
-            worker: Mutex::new(worker),
+            io: Arc::new(io),
         })
     }
 
-    /// Stops the worker thread (the VM is ending).
+    /// Stops the I/O thread (the VM is ending).
     pub fn shutdown(&self) {
-        if let Some(mut w) = self.worker.lock().expect("worker lock").take() {
-            w.stop();
-        }
+        self.io.stop();
     }
 }
 

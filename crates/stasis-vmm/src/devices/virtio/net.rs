@@ -5,8 +5,8 @@
 //! preceded by a 12-byte `virtio_net_hdr_v1` that is all zeros except
 //! `num_buffers` = 1 on receive, and that is dropped on transmit.
 //!
-//! Transmit runs in the vCPU thread that notified queue 1. Receive runs in
-//! the device's worker thread: it polls the tap while the device is live,
+//! Both run in the device's I/O thread. Transmit when queue 1 is notified;
+//! receive when the tap has frames: the thread polls the tap while the device is live,
 //! running and has receive buffers, and moves frames into buffers with the
 //! transport mutex held. When the receive queue is empty it stops polling
 //! the tap (frames wait in the tap's queue, or the kernel drops them) until
@@ -121,9 +121,9 @@ impl Net {
         }
     }
 
-    fn transmit(&mut self, ctx: &mut DeviceContext) {
+    fn transmit(&mut self, ctx: &mut DeviceContext) -> bool {
         let mem = ctx.mem;
-        let mut completed = false;
+        let mut completed = 0usize;
         while let Some(chain) = ctx.queues[TX_QUEUE].pop_descriptor_chain(mem) {
             let head = chain.head_index();
             match chain.reader(mem) {
@@ -143,11 +143,15 @@ impl Net {
                 tracing::warn!("virtio-net '{}': cannot complete TX: {e}", self.id);
                 break;
             }
-            completed = true;
+            completed += 1;
+            if completed >= super::BATCH {
+                break;
+            }
         }
-        if completed {
+        if completed > 0 {
             ctx.signal_used(TX_QUEUE);
         }
+        completed >= super::BATCH
     }
 
     fn receive(&mut self, ctx: &mut DeviceContext) {
@@ -249,11 +253,14 @@ impl VirtioDevice for Net {
         self.want(false);
     }
 
-    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) {
+    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) -> bool {
         match index {
-            RX_QUEUE => self.want(true),
+            RX_QUEUE => {
+                self.want(true);
+                false
+            }
             TX_QUEUE => self.transmit(ctx),
-            _ => {}
+            _ => false,
         }
     }
 

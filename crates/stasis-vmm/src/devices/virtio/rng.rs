@@ -74,9 +74,9 @@ impl VirtioDevice for Rng {
         &[]
     }
 
-    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) {
+    fn process_queue(&mut self, index: usize, ctx: &mut DeviceContext) -> bool {
         let mem = ctx.mem;
-        let mut completed = false;
+        let mut completed = 0usize;
         while let Some(chain) = ctx.queues[index].pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = match chain.writer(mem) {
@@ -103,11 +103,15 @@ impl VirtioDevice for Rng {
                 tracing::warn!("virtio-rng '{}': cannot complete request: {e}", self.id);
                 break;
             }
-            completed = true;
+            completed += 1;
+            if completed >= super::BATCH {
+                break;
+            }
         }
-        if completed {
+        if completed > 0 {
             ctx.signal_used(index);
         }
+        completed >= super::BATCH
     }
 
     fn save_backend(&self) -> BackendState {

@@ -45,6 +45,11 @@ pub fn rd(t: &mut MmioTransport, off: u64) -> u32 {
 /// Writes a 32-bit register.
 pub fn wr(t: &mut MmioTransport, off: u64, v: u32) {
     t.write(off, &v.to_le_bytes());
+    if off == reg::QUEUE_NOTIFY {
+        // What the device's I/O thread does when woken: work on the queue
+        // batch by batch until nothing is left.
+        while t.process_pending() {}
+    }
 }
 
 /// Points queue `i` at `vq`'s rings and enables it.

@@ -14,6 +14,7 @@ use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::testutil::*;
 use crate::devices::virtio::VirtioSlot;
 use crate::memory::GuestRam;
+use crate::quiesce::Quiesce;
 
 struct SockIo(UnixDatagram);
 
@@ -147,7 +148,7 @@ fn frame_too_big_for_the_buffer_is_dropped() {
 }
 
 #[test]
-fn worker_delivers_frames_and_stops_while_paused() {
+fn io_thread_delivers_frames_and_stops_while_quiesced() {
     let mem = memory();
     let (mut t, peer) = net(&mem);
     let rx = MockSplitQueue::create(&mem, ring_addr(0), 16);
@@ -156,8 +157,11 @@ fn worker_delivers_frames_and_stops_while_paused() {
     for i in 0..4u16 {
         offer(&rx, i, &[wo(0x30_0000 + u64::from(i) * 0x1000, 2048)]);
     }
-    t.pause();
-    let slot = VirtioSlot::new(t).unwrap();
+    let slot = VirtioSlot::new(t, Vec::new()).unwrap();
+    let quiesce = || {
+        slot.io.request_quiesce();
+        slot.io.wait_quiesced();
+    };
     let wait_used = |want: u16| {
         let deadline = Instant::now() + Duration::from_secs(5);
         while used_idx(&rx) < want && Instant::now() < deadline {
@@ -165,20 +169,20 @@ fn worker_delivers_frames_and_stops_while_paused() {
         }
         used_idx(&rx)
     };
-    // Paused from the start: nothing is delivered.
+    // Quiesced from the start: nothing is delivered.
     peer.send(&frame(64, 1)).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(used_idx(&rx), 0);
-    slot.transport.lock().unwrap().resume();
+    slot.io.resume();
     assert_eq!(wait_used(1), 1);
-    // Paused (as for a snapshot): the worker leaves guest memory alone.
-    slot.transport.lock().unwrap().pause();
+    // Quiesced (as for a snapshot): the thread leaves guest memory alone.
+    quiesce();
     peer.send(&frame(64, 2)).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(used_idx(&rx), 1);
     let saved = slot.transport.lock().unwrap().save();
     assert_eq!(saved.queues[RX_QUEUE].next_used, 1);
-    slot.transport.lock().unwrap().resume();
+    slot.io.resume();
     assert_eq!(wait_used(2), 2);
     assert_eq!(read_mem(&mem, 0x30_100c, 64), frame(64, 2));
     // Out of buffers after two more; a notify after new buffers resumes.
