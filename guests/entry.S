@@ -103,6 +103,12 @@ common64:
         leaq    idt + 16 * VEC_SPURIOUS(%rip), %rdi
         leaq    spurious_isr(%rip), %rsi
         call    set_gate
+        leaq    idt + 16 * VEC_UART(%rip), %rdi
+        leaq    uart_isr(%rip), %rsi
+        call    set_gate
+        leaq    idt + 16 * VEC_GED(%rip), %rdi
+        leaq    ged_isr(%rip), %rsi
+        call    set_gate
         leaq    idt + 16 * VEC_SVC(%rip), %rdi
         leaq    svc_isr(%rip), %rsi
         movl    $0xEE00, %edx                   /* P, DPL3 (int $0x80 from ring 3) */
@@ -400,6 +406,20 @@ timer_isr:
         iretq
 
 spurious_isr:
+        iretq
+
+/* Device interrupts routed through the IOAPIC: count, EOI. Ring 3 does the
+ * rest (reads the UART, the generation ID). */
+uart_isr:
+        lock incq irq_count_uart(%rip)
+        jmp     eoi_iret
+ged_isr:
+        lock incq irq_count_ged(%rip)
+eoi_iret:
+        pushq   %rax
+        movl    $(LAPIC_BASE + LAPIC_EOI), %eax
+        movl    $0, (%rax)
+        popq    %rax
         iretq
 
 /* int $0x80: RAX = service, RDI/RSI/RDX = arguments. */
@@ -719,6 +739,9 @@ zero_idt_ptr:
         .balign 8
         .globl  boot_proto, boot_info, xcr0_val, svc_via_ud, svc_via_gp, pio_emulated
 gp_fixup:       .quad 0                         /* ring-0 #GP recovery address */
+        .globl  irq_count_uart, irq_count_ged
+irq_count_uart: .quad 0
+irq_count_ged:  .quad 0
 boot_info:      .quad 0
 xcr0_val:       .quad 0
 boot_proto:     .long 0

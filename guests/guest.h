@@ -22,6 +22,10 @@
 
 /* Interrupt vectors */
 #define VEC_TIMER       0x40
+#define VEC_UART        0x41                /* COM1 receive, IOAPIC pin 4 */
+#define VEC_GED         0x42                /* ACPI GED (VM generation ID notify) */
+#define GED_GSI         13                  /* must match stasis-vmm's layout::GED_GSI */
+#define COM1_GSI        4
 #define VEC_SVC         0x80                /* handlers also match the bytes CD 80 */
 #define VEC_SPURIOUS    0xFF
 
@@ -85,6 +89,7 @@ struct kcpu {
 
 /* entry.S */
 extern char kstacks[];
+extern volatile u64 irq_count_uart, irq_count_ged;
 extern char tramp_start[], tramp_end[];
 extern volatile u32 boot_proto;
 extern volatile u64 boot_info;

@@ -459,7 +459,8 @@ static int known_workload(const char *w)
 {
     return streq(w, "heartbeat") || streq(w, "memory") || streq(w, "registers") ||
            streq(w, "timer") || streq(w, "action") || streq(w, "disk") || streq(w, "net") ||
-           streq(w, "rng") || streq(w, "diskbench") || streq(w, "cpuid");
+           streq(w, "rng") || streq(w, "diskbench") || streq(w, "cpuid") ||
+           streq(w, "serial");
 }
 
 static void detect_tsc(void)

@@ -48,18 +48,50 @@ static void genid_check(u32 cpu)
     l_emit(&l, cpu);
 }
 
+/* Routes IOAPIC pin `pin` to `vector` on the BSP: fixed delivery,
+ * physical destination, edge triggered, active high, unmasked. */
+static void ioapic_route(u32 pin, u32 vector)
+{
+    volatile u32 *sel = (volatile u32 *)0xFEC00000ul;
+    volatile u32 *win = (volatile u32 *)0xFEC00010ul;
+    *sel = 0x10 + 2 * pin + 1;
+    *win = cfg.bsp << 24;
+    *sel = 0x10 + 2 * pin;
+    *win = vector;
+}
+
+/* Prints `GENID-NOTIFY count=` when the GED interrupt (the VMM's "your VM
+ * generation ID changed") arrived since the last check. */
+static void genid_notify_check(u32 cpu)
+{
+    static u64 seen;
+    u64 n = irq_count_ged;
+    if (n == seen)
+        return;
+    seen = n;
+    struct line l;
+    l_init(&l, "GENID-NOTIFY");
+    l_kv(&l, "cpu", cpu);
+    l_kv(&l, "count", n);
+    l_emit(&l, cpu);
+}
+
 /* ---------------------------------------------------------------- heartbeat */
 
 static __attribute__((noreturn)) void heartbeat(u32 cpu)
 {
     u64 period = ms_ticks(cfg.hb_ms), next = rdtsc() + period, counter = 0, seq = 0;
+    if (cpu == cfg.bsp)
+        ioapic_route(GED_GSI, VEC_GED);
     for (;;) {
         counter++;
         if ((counter & 0x3FF) == 0) {
             u64 t = rdtsc();
             if (t >= next) {
-                if (cpu == 0)
+                if (cpu == 0) {
                     genid_check(cpu);
+                    genid_notify_check(cpu);
+                }
                 struct line l;
                 l_init(&l, "HB");
                 l_kv(&l, "cpu", cpu);
@@ -534,6 +566,53 @@ static __attribute__((noreturn)) void action(u32 cpu)
     halt_forever();
 }
 
+/* ------------------------------------------------------------------ serial */
+
+/*
+ * COM1 input, interrupt driven: the UART raises IRQ 4 (IOAPIC pin 4) when
+ * bytes arrive; the ring-0 handler counts it, and this loop drains the
+ * receive buffer after each interrupt and prints what came. Bytes that
+ * arrive without an interrupt are never read: the test of interrupts.
+ */
+static __attribute__((noreturn)) void serial_workload(u32 cpu)
+{
+    static const char digits[] = "0123456789abcdef";
+    if (cpu != cfg.bsp)
+        halt_forever();
+    ioapic_route(COM1_GSI, VEC_UART);
+    outb(0x3F9, 0x01);                      /* IER: received-data interrupt */
+    outb(0x3FC, inb(0x3FC) | 0x08);         /* MCR: OUT2 gates the IRQ */
+    struct line l;
+    l_init(&l, "SERIAL-READY");
+    l_kv(&l, "cpu", cpu);
+    l_emit(&l, cpu);
+    u64 seen = 0, total = 0;
+    for (;;) {
+        u64 irqs = irq_count_uart;
+        if (irqs == seen) {
+            cpu_relax();
+            continue;
+        }
+        seen = irqs;
+        u8 buf[64];
+        u32 n = 0;
+        while (n < sizeof(buf) && (inb(0x3FD) & 1))
+            buf[n++] = inb(0x3F8);
+        if (!n)
+            continue;
+        total += n;
+        l_init(&l, "SERIAL-RX");
+        l_kv(&l, "irqs", irqs);
+        l_kv(&l, "total", total);
+        l_str(&l, " data_hex=");
+        for (u32 i = 0; i < n; i++) {
+            l_chr(&l, digits[buf[i] >> 4]);
+            l_chr(&l, digits[buf[i] & 0xF]);
+        }
+        l_emit(&l, cpu);
+    }
+}
+
 /* ------------------------------------------------------------------- cpuid */
 
 /*
@@ -603,6 +682,8 @@ void run_workload(u32 cpu)
         timer(cpu);
     if (streq(w, "cpuid"))
         cpuid_workload(cpu);
+    if (streq(w, "serial"))
+        serial_workload(cpu);
     if (streq(w, "action"))
         action(cpu);
     if (streq(w, "disk") || streq(w, "net") || streq(w, "rng") || streq(w, "diskbench")) {

@@ -12,6 +12,9 @@
 //! | `hold` | prints `STASIS-FAILPOINT NAME` on standard error, then blocks the thread for good (a test kills the process knowing where it is) |
 //! | `N*ACTION` | performs ACTION the first N times only |
 //!
+//! A name may be given more than once: the first entry that still fires
+//! acts, so `p=100*sleep(0);p=panic` panics on the 101st hit.
+//!
 //! Without the variable every [`hit`] is one relaxed atomic load. Written
 //! here rather than taken from the `fail` crate: a test here needs "say
 //! that this point was reached, then stop" as one action, and hot paths
@@ -117,7 +120,10 @@ fn hit_slow(name: &str) {
         }
         match p.action {
             Action::Panic => panic!("failpoint {name}"),
-            Action::Sleep(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            Action::Sleep(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                return;
+            }
             Action::Hold => {
                 eprintln!("STASIS-FAILPOINT {name}");
                 loop {

@@ -339,6 +339,26 @@ fn vmgenid_device(addr: u64) -> RawAml {
     RawAml(bytes)
 }
 
+/// A hardware-reduced ACPI Generic Event Device (`ACPI0013`) whose
+/// interrupt on `gsi` runs `_EVT`, which sends `Notify(\_SB.VGEN, 0x80)`:
+/// how the VMM tells the guest that its VM generation ID changed (a
+/// restore of a snapshot), as Linux's vmgenid driver and Windows expect.
+fn ged_device(gsi: u32) -> RawAml {
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &0u8);
+    // Edge-triggered, active-high, exclusive, like the virtio interrupts.
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let vgen = aml::Path::new("\\_SB_.VGEN");
+    let notify = aml::Notify::new(&vgen, &0x80u8);
+    let is_ours = aml::Equal::new(&aml::Arg(0), &gsi);
+    let when = aml::If::new(&is_ours, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
+    let mut bytes = Vec::new();
+    aml::Device::new("GED_".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(&mut bytes);
+    RawAml(bytes)
+}
+
 fn mmio_device(dev: &MmioDevice) -> RawAml {
     let hid = aml::Name::new("_HID".into(), &dev.hid);
     let uid = aml::Name::new("_UID".into(), &dev.uid);
@@ -408,6 +428,9 @@ fn build_dsdt(layout: &PlatformLayout) -> Vec<u8> {
     devices.extend(layout.mmio_devices.iter().map(mmio_device));
     if let Some(addr) = layout.vmgenid_addr {
         devices.push(vmgenid_device(addr));
+        if let Some(gsi) = layout.vmgenid_ged_gsi {
+            devices.push(ged_device(gsi));
+        }
     }
 
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]);

@@ -161,6 +161,10 @@ pub struct PlatformLayout {
     /// Guest physical address of the 16-byte VM generation ID, if the VM
     /// has one (described by a `VGEN` device in the DSDT).
     pub vmgenid_addr: Option<u64>,
+    /// The GSI of the Generic Event Device that notifies the guest of a
+    /// new VM generation ID (`GED_` in the DSDT; only with
+    /// `vmgenid_addr`).
+    pub vmgenid_ged_gsi: Option<u32>,
 }
 
 /// The value the FADT tells the guest to write to the reset register.
@@ -182,6 +186,7 @@ impl PlatformLayout {
             sleep_status_port: 0x3C1,
             reset_port: 0x3C2,
             vmgenid_addr: None,
+            vmgenid_ged_gsi: None,
         }
     }
 

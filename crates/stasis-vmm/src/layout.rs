@@ -108,6 +108,11 @@ pub fn virtio_mmio_slot(slot: usize) -> Option<(u64, u32)> {
     Some((VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE, gsi))
 }
 
+/// The GSI of the ACPI Generic Event Device that notifies the guest of a
+/// new VM generation ID: ISA IRQ 13 (the legacy FPU error line, which no
+/// x86-64 system uses).
+pub const GED_GSI: u32 = 13;
+
 /// COM1's I/O base and IRQ.
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1's interrupt line.

@@ -46,6 +46,7 @@ pub fn platform_layout(vcpus: u32, virtio_devices: usize) -> PlatformLayout {
         sleep_status_port: layout::ACPI_SLEEP_STATUS_PORT,
         reset_port: layout::ACPI_RESET_PORT,
         vmgenid_addr: Some(layout::VMGENID_ADDR),
+        vmgenid_ged_gsi: Some(layout::GED_GSI),
         ..PlatformLayout::new(vcpus as u8)
     }
 }

@@ -24,6 +24,7 @@ use crate::cpu::regs::RegsError;
 use crate::cpu::setup::{self, RestoreCpu, VcpuSetup};
 use crate::cpu::state::{self, SaveLayout, VcpuState, VcpuStateError};
 use crate::cpu::vcpu::{RunControl, VcpuContext, VcpuThreadError, VcpuThreads};
+use crate::devices;
 use crate::devices::acpi_pm::AcpiPmRegisters;
 use crate::devices::bus::{Bus, BusOverlap};
 use crate::devices::i8042::I8042;
@@ -235,6 +236,9 @@ pub struct VmShared {
     rtc: Arc<Mutex<CmosRtc>>,
     save_layout: Arc<SaveLayout>,
     vmgenid: VmGenId,
+    /// The irqfd of the GED that announces a new VM generation ID, and
+    /// whether to announce one when the VM starts (a restore).
+    ged: (EventFd, bool),
     virtio: Vec<VirtioSlot>,
 }
 
@@ -410,6 +414,7 @@ impl VmControl {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         let (irqchip, pit, clock) = vm_state::save(&self.shared.vm)?;
+        stasis_failpoint::hit("capture.after_irqchip");
         let serial = SerialDeviceState::save(
             &self.shared.uart.lock().expect("uart lock"),
             self.shared.serial_input.pending(),
@@ -627,6 +632,12 @@ impl Vm {
             what: "VM generation ID",
             source,
         })?;
+        let ged = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Irq {
+            what: "the VM generation ID's GED",
+            source,
+        })?;
+        vm.register_irqfd(&ged, layout::GED_GSI)
+            .map_err(kvm_err("KVM_IRQFD for the GED"))?;
 
         let spec = config.cpu_spec();
         let VcpuSetup {
@@ -670,6 +681,7 @@ impl Vm {
             rtc,
             save_layout: Arc::new(save_layout),
             vmgenid,
+            ged: (ged, saved.is_some()),
             virtio,
         });
         let control = VmControl {
@@ -848,6 +860,11 @@ impl Vm {
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmError> {
         quiesce::resume_all(&self.control.shared.device_parts());
+        // A restored VM has a new generation ID: say so (after the
+        // irqchip state is back, which would otherwise swallow the edge).
+        if self.control.shared.ged.1 {
+            devices::vmgenid::notify_guest(&self.control.shared.ged.0);
+        }
         let vcpus = std::mem::take(&mut self.vcpus);
         let threads = VcpuThreads::start(vcpus, self.context.clone())?;
         *self.control.threads.lock().expect("threads lock") = Some(threads);

@@ -7,6 +7,13 @@
 //! stasis also writes a little-endian u64 restore counter right after the
 //! 16-byte ID (an extension: 0 for a booted VM, +1 for every restore along
 //! the snapshot chain), which simple guests can read without ACPI.
+//!
+//! When a restored VM starts, the guest is told: the VMM raises an edge on
+//! the GSI of the DSDT's Generic Event Device (`GED_`, `ACPI0013`), whose
+//! `_EVT` method does `Notify(\_SB.VGEN, 0x80)`, which Linux's vmgenid
+//! driver (and Windows) take as "the ID changed": Linux then reseeds its
+//! random number generator, so clones of one snapshot stop sharing its
+//! state. See [`notify_guest`].
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -88,6 +95,15 @@ impl VmGenId {
     /// The restore counter.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+}
+
+/// Tells the guest its VM generation ID changed: one edge on the GED's GSI
+/// through `irqfd` (an eventfd registered as irqfd for
+/// [`crate::layout::GED_GSI`]).
+pub fn notify_guest(irqfd: &vmm_sys_util::eventfd::EventFd) {
+    if let Err(e) = irqfd.write(1) {
+        tracing::warn!("cannot notify the guest of its new VM generation ID: {e}");
     }
 }
 

@@ -98,6 +98,11 @@ pub struct VmOpts<'a> {
     pub extra: Vec<String>,
     /// Run the VMM inside this network namespace.
     pub netns: Option<String>,
+    /// Extra environment of the VMM (e.g. `STASIS_FAILPOINTS`).
+    pub env: Vec<(String, String)>,
+    /// Another serial destination than the file [`VmProcess::serial`]
+    /// (whose lines then stay empty).
+    pub serial: Option<String>,
 }
 
 /// `stasis` itself, or `ip netns exec NS stasis` when `netns` is set.
@@ -121,6 +126,8 @@ impl Default for VmOpts<'_> {
             cmdline: "console=ttyS0 workload=heartbeat",
             extra: Vec::new(),
             netns: None,
+            env: Vec::new(),
+            serial: None,
         }
     }
 }
@@ -134,8 +141,13 @@ impl VmProcess {
         let runtime_dir = scratch.join("run");
         let stderr_path = scratch.join("stderr.log");
         let name = format!("{tag}-{}", std::process::id());
+        let serial_arg = opts
+            .serial
+            .clone()
+            .unwrap_or_else(|| format!("file:{}", serial.display()));
         let child = stasis_command(opts.netns.as_deref())
             .env("STASIS_RUNTIME_DIR", &runtime_dir)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .arg("run")
             .args(["--name", &name])
             .args(["--vcpus", &opts.vcpus.to_string()])
@@ -145,7 +157,7 @@ impl VmProcess {
             .arg("--kernel")
             .arg(&kernel)
             .arg("--serial")
-            .arg(format!("file:{}", serial.display()))
+            .arg(serial_arg)
             .args(&opts.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -306,17 +318,34 @@ pub fn restore_process_in(
     runtime_dir: &Path,
     extra: &[&str],
 ) -> VmProcess {
+    restore_process_with(netns, tag, dir, runtime_dir, extra, &[])
+}
+
+/// [`restore_process_in`] with extra environment for the VMM.
+pub fn restore_process_with(
+    netns: Option<&str>,
+    tag: &str,
+    dir: &Path,
+    runtime_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> VmProcess {
     let scratch = Scratch::new(tag);
     let serial = scratch.join("serial.log");
     let stderr_path = scratch.join("stderr.log");
     let name = format!("{tag}-{}", std::process::id());
-    let child = stasis_command(netns)
-        .env("STASIS_RUNTIME_DIR", runtime_dir)
+    let has_serial = extra.contains(&"--serial");
+    let mut cmd = stasis_command(netns);
+    cmd.env("STASIS_RUNTIME_DIR", runtime_dir)
+        .envs(env.iter().copied())
         .arg("restore")
         .arg(dir)
-        .args(["--name", &name])
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
+        .args(["--name", &name]);
+    if !has_serial {
+        cmd.arg("--serial")
+            .arg(format!("file:{}", serial.display()));
+    }
+    let child = cmd
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
