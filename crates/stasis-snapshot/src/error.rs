@@ -176,6 +176,11 @@ pub enum Error {
     #[error("snapshot writer misuse: {0}")]
     Usage(String),
 
+    /// The operation was cancelled before it committed; nothing at the
+    /// target path changed.
+    #[error("cancelled; nothing at the target path changed")]
+    Cancelled,
+
     /// The target path exists and is something other than a snapshot.
     #[error("{} exists and is not a stasis snapshot; refusing to overwrite", dir.display())]
     RefuseOverwrite {

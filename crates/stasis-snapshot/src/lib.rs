@@ -27,6 +27,7 @@ mod fsutil;
 pub mod hex_bytes;
 mod inspect;
 mod manifest;
+mod progress;
 mod reader;
 mod section;
 mod writer;
@@ -37,6 +38,7 @@ pub use manifest::{
     decode_manifest, encode_manifest, seal_manifest_body, validate_body, CpuInfo, CpuidEntry,
     GuestCpuRecord, Manifest, ManifestBody, MemoryLayout, MemoryRegion, Producer, SectionEntry,
 };
+pub use progress::{Progress, ProgressSnapshot};
 pub use reader::{BadChunk, BadSection, SnapshotReader, VerifyReport};
 pub use section::{
     check_known, decode_json, decode_section, encode_section, KnownSections, SectionState,

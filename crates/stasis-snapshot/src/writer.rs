@@ -12,6 +12,7 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +22,7 @@ use crate::fsutil;
 use crate::manifest::{
     encode_manifest, CpuInfo, ManifestBody, MemoryLayout, MemoryRegion, Producer, SectionEntry,
 };
+use crate::progress::Progress;
 use crate::section::{check_key, encode_section, SectionState};
 use crate::{
     CHUNK_SIZE, MANIFEST_FILE, MEMORY_FILE, PAGE_SIZE, REGION_ALIGN, SECTION_ALIGN, STATE_FILE,
@@ -235,6 +237,8 @@ pub struct SnapshotWriter {
     exchange: bool,
     /// The temp dir is no longer ours to delete (renamed into place).
     done: bool,
+    /// Where the writer reports how far it is, and learns of a cancel.
+    progress: Arc<Progress>,
 }
 
 impl SnapshotWriter {
@@ -289,12 +293,22 @@ impl SnapshotWriter {
             failed: None,
             exchange: true,
             done: false,
+            progress: Arc::new(Progress::new()),
         })
     }
 
     /// The temporary directory being written.
     pub fn temp_dir(&self) -> &Path {
         &self.tmp_dir
+    }
+
+    /// Reports progress into `progress` and stops with
+    /// [`Error::Cancelled`] at its safe points (between memory batches,
+    /// before the fsyncs, before the rename) once a cancel is requested
+    /// there. Before [`SnapshotWriter::commit`]'s rename the temporary
+    /// directory is removed on drop, so a cancel leaves nothing behind.
+    pub fn set_progress(&mut self, progress: Arc<Progress>) {
+        self.progress = progress;
     }
 
     /// Sets the number of threads [`write_memory`](Self::write_memory) uses
@@ -404,9 +418,12 @@ impl SnapshotWriter {
         let layout = plan_layout(regions)?;
         let file = self.create_memory_file(layout.file_size)?;
         let path = self.tmp_dir.join(MEMORY_FILE);
+        self.progress
+            .phase("preparing the memory image", layout.file_size);
         let mut buf = vec![0u8; 1 << 20];
         let mut at = 0u64;
         while at < layout.file_size {
+            self.progress.check()?;
             let n = file
                 .read_at(&mut buf, at)
                 .map_err(io_ctx(format!("reading {}", path.display())))?;
@@ -414,6 +431,7 @@ impl SnapshotWriter {
                 break;
             }
             at += n as u64;
+            self.progress.add(n as u64);
         }
         self.prepared = Some((file, layout.file_size));
         Ok(())
@@ -453,6 +471,11 @@ impl SnapshotWriter {
 
         let tasks = plan_chunks(&layout);
         let batches = plan_batches(&tasks);
+        let progress = self.progress.clone();
+        progress.phase(
+            "copying memory",
+            regions.iter().map(MemoryRegionSource::len).sum(),
+        );
         let threads = self.threads.min(batches.len()).max(1);
         let next = AtomicUsize::new(0);
         let abort = AtomicBool::new(false);
@@ -469,7 +492,12 @@ impl SnapshotWriter {
                 let chunk_tasks = &tasks[batch.clone()];
                 let region = &regions[chunk_tasks[0].region];
                 let placed = &layout.regions[chunk_tasks[0].region];
-                if let Err(e) = copy_batch(&file, &path, region, placed, chunk_tasks, &mut out) {
+                stasis_failpoint::hit("writer.memory_batch");
+                let copied = progress
+                    .check()
+                    .and_then(|()| copy_batch(&file, &path, region, placed, chunk_tasks, &mut out));
+                progress.add(chunk_tasks.iter().map(|t| t.data_len as u64).sum());
+                if let Err(e) = copied {
                     abort.store(true, Ordering::Relaxed);
                     first_error
                         .lock()
@@ -536,6 +564,8 @@ impl SnapshotWriter {
                 File::create(&path).map_err(io_ctx(format!("creating {}", path.display())))?;
             self.memory = Some((file, plan_layout(&[])?));
         }
+        self.progress.check()?;
+        self.progress.phase("making the files durable", 0);
         let sync_start = Instant::now();
         self.state
             .get_ref()
@@ -576,6 +606,10 @@ impl SnapshotWriter {
         }
         fsutil::fsync_dir(&self.tmp_dir)?;
 
+        // The last point at which the snapshot may be abandoned.
+        stasis_failpoint::hit("writer.before_rename");
+        self.progress.enter_commit()?;
+        self.progress.phase("putting the snapshot in place", 0);
         let replaced_existing = self.swap_into_place()?;
         let stats = CommitStats {
             dir: self.final_dir.clone(),

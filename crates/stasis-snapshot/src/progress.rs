@@ -1,0 +1,120 @@
+//! How far a long snapshot operation has come, and a way to stop it.
+//!
+//! One [`Progress`] is shared between the thread doing the work (the
+//! writer and the VMM's snapshot code update it) and whoever watches it (a
+//! job in the control API, a progress bar). Cancellation is cooperative:
+//! the worker checks [`Progress::check`] at its safe points and stops there
+//! with [`Error::Cancelled`]; once the result is being put into place
+//! ([`Progress::enter_commit`]) it can no longer be stopped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// Progress of one operation, shared between threads.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: AtomicU64,
+    total: AtomicU64,
+    phase: Mutex<&'static str>,
+    cancel: AtomicBool,
+    committing: AtomicBool,
+}
+
+/// A consistent reading of a [`Progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgressSnapshot {
+    /// What the operation is doing now.
+    pub phase: &'static str,
+    /// Bytes of this phase done.
+    pub done: u64,
+    /// Bytes of this phase in all (0 when unknown).
+    pub total: u64,
+    /// Whether a cancel was asked for.
+    pub cancel_requested: bool,
+    /// Whether it is past the point where it can be cancelled.
+    pub committing: bool,
+}
+
+impl Progress {
+    /// A fresh progress in phase `starting`.
+    pub fn new() -> Self {
+        Self {
+            phase: Mutex::new("starting"),
+            ..Default::default()
+        }
+    }
+
+    /// Enters `phase`, which moves `total` bytes (0 if it moves none).
+    pub fn phase(&self, phase: &'static str, total: u64) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    /// `bytes` more of the current phase are done.
+    pub fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Asks the operation to stop at its next safe point. Returns false if
+    /// it is already committing its result (too late to stop).
+    pub fn request_cancel(&self) -> bool {
+        self.cancel.store(true, Ordering::SeqCst);
+        !self.committing.load(Ordering::SeqCst)
+    }
+
+    /// At a safe point: [`Error::Cancelled`] if a cancel was asked for.
+    pub fn check(&self) -> Result<()> {
+        if self.cancel.load(Ordering::SeqCst) && !self.committing.load(Ordering::SeqCst) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The last safe point: checks for a cancel, then marks the operation
+    /// as committing (from here on it finishes).
+    pub fn enter_commit(&self) -> Result<()> {
+        self.check()?;
+        self.committing.store(true, Ordering::SeqCst);
+        // A cancel that raced in after the check is refused by
+        // request_cancel (it sees `committing`), and this one lost.
+        Ok(())
+    }
+
+    /// The current state.
+    pub fn read(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            phase: *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            done: self.done.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+            cancel_requested: self.cancel.load(Ordering::SeqCst),
+            committing: self.committing.load(Ordering::SeqCst),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_is_honoured_until_commit() {
+        let p = Progress::new();
+        p.phase("copying memory", 100);
+        p.add(40);
+        assert_eq!(p.read().done, 40);
+        p.check().unwrap();
+        assert!(p.request_cancel());
+        assert!(matches!(p.check(), Err(Error::Cancelled)));
+        assert!(matches!(p.enter_commit(), Err(Error::Cancelled)));
+
+        let q = Progress::new();
+        q.enter_commit().unwrap();
+        assert!(!q.request_cancel(), "too late once committing");
+        q.check().unwrap();
+        assert!(q.read().committing);
+    }
+}
