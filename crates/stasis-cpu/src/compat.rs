@@ -5,6 +5,8 @@
 //! large host restores on a small one as long as the small one offers
 //! what the guest was given.
 
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
 use stasis_snapshot::CpuidEntry;
 
 use crate::cpuid;
@@ -123,6 +125,20 @@ pub enum Problem {
         /// This host's limit.
         max: usize,
     },
+    /// The guest's performance counters exceed this host's.
+    #[error("the guest saw a PMU with {saved}; this host's KVM offers {host}")]
+    Pmu {
+        /// The saved PMU (version and counters).
+        saved: String,
+        /// This host's.
+        host: String,
+    },
+    /// The vCPUs were saved with different TSC rates.
+    #[error("the vCPUs were saved with different TSC rates ({} kHz); a snapshot has one", .rates_khz.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    TscRates {
+        /// The rates found.
+        rates_khz: Vec<u32>,
+    },
     /// The TSC rate differs and cannot be scaled.
     #[error(transparent)]
     Tsc(#[from] TscMismatch),
@@ -187,10 +203,11 @@ pub fn check(saved: &SavedCpu<'_>, host: &HostCpu, allow_tsc_mismatch: bool) -> 
     for name in saved.features {
         match crate::feature::by_name(name) {
             Some(f) => required.insert(f),
-            // Bits without a name are recorded as "cpuid ... bit N" and
-            // are covered by the CPUID tables.
-            None if name.starts_with("cpuid ") => {}
-            None => unknown.push(name.clone()),
+            // Bits without a name are recorded as "cpuid 0x7.0 ebx bit N".
+            None => match crate::feature::parse_unnamed(name) {
+                Some(f) => required.insert(f),
+                None => unknown.push(name.clone()),
+            },
         }
     }
     let offered = FeatureSet::of(&host.offer);
@@ -220,30 +237,48 @@ pub fn check(saved: &SavedCpu<'_>, host: &HostCpu, allow_tsc_mismatch: bool) -> 
             host: host.xsave_size,
         });
     }
-    let (saved_phys, host_phys) = (cpuid::phys_bits(first.cpuid), cpuid::phys_bits(&host.offer));
+    let saved_phys = vcpus
+        .iter()
+        .map(|v| cpuid::phys_bits(v.cpuid))
+        .max()
+        .unwrap_or(0);
+    let host_phys = cpuid::phys_bits(&host.offer);
     if saved_phys > host_phys {
         p.push(Problem::PhysBits {
             saved: saved_phys,
             host: host_phys,
         });
     }
-    let mut absent: Vec<u32> = vcpus
-        .iter()
-        .flat_map(|v| v.msrs.iter().map(|(i, _)| *i))
-        .filter(|i| !host.msrs.contains(i))
-        .collect();
-    absent.sort_unstable();
-    absent.dedup();
-    let (with_state, without): (Vec<u32>, Vec<u32>) = absent.into_iter().partition(|i| {
-        vcpus
-            .iter()
-            .any(|v| v.msrs.iter().any(|(j, value)| j == i && *value != 0))
-    });
+    if let Some(pmu) = pmu_problem(saved.cpuid, &host.offer) {
+        p.push(pmu);
+    }
+    let host_msrs: HashSet<u32> = host.msrs.iter().copied().collect();
+    // MSRs the host lacks, and whether any vCPU holds a non-zero value.
+    let mut absent: BTreeMap<u32, bool> = BTreeMap::new();
+    for (index, value) in vcpus.iter().flat_map(|v| v.msrs.iter()) {
+        if !host_msrs.contains(index) {
+            *absent.entry(*index).or_default() |= *value != 0;
+        }
+    }
+    let (with_state, without): (Vec<u32>, Vec<u32>) = {
+        let (a, b): (Vec<_>, Vec<_>) = absent.into_iter().partition(|(_, state)| *state);
+        (
+            a.into_iter().map(|(i, _)| i).collect(),
+            b.into_iter().map(|(i, _)| i).collect(),
+        )
+    };
     report.skipped_msrs = without;
     if !with_state.is_empty() {
         report.problems.push(Problem::Msrs {
             msrs: with_state.into_iter().map(msr::describe).collect(),
         });
+    }
+    let rates: BTreeSet<u32> = vcpus.iter().map(|v| v.tsc_khz).collect();
+    if rates.len() > 1 {
+        report.problems.push(Problem::TscRates {
+            rates_khz: rates.into_iter().collect(),
+        });
+        return report;
     }
     match tsc::plan(
         first.tsc_khz,
@@ -255,6 +290,38 @@ pub fn check(saved: &SavedCpu<'_>, host: &HostCpu, allow_tsc_mismatch: bool) -> 
         Err(e) => report.problems.push(e.into()),
     }
     report
+}
+
+/// The architectural PMU of leaf 0xA: version, general-purpose counters,
+/// fixed counters.
+fn pmu(cpuid: &[CpuidEntry]) -> (u32, u32, u32) {
+    match crate::feature::entry(cpuid, 0xa, 0) {
+        Some(e) if e.eax & 0xff != 0 => {
+            let fixed = if e.eax & 0xff >= 2 { e.edx & 0x1f } else { 0 };
+            (e.eax & 0xff, (e.eax >> 8) & 0xff, fixed)
+        }
+        _ => (0, 0, 0),
+    }
+}
+
+/// A problem if the guest saw a PMU (leaf 0xA) newer or with more counters
+/// than this host's.
+fn pmu_problem(saved: &[CpuidEntry], host: &[CpuidEntry]) -> Option<Problem> {
+    let (s, h) = (pmu(saved), pmu(host));
+    if s.0 <= h.0 && s.1 <= h.1 && s.2 <= h.2 {
+        return None;
+    }
+    let show = |(v, gp, fixed): (u32, u32, u32)| {
+        if v == 0 {
+            "none".to_string()
+        } else {
+            format!("version {v}, {gp} general and {fixed} fixed counters")
+        }
+    };
+    Some(Problem::Pmu {
+        saved: show(s),
+        host: show(h),
+    })
 }
 
 #[cfg(test)]
@@ -420,6 +487,41 @@ mod tests {
                 "the snapshot's CPU model names features this stasis does not know: wonderful_new_thing",
             ]
         );
+    }
+
+    #[test]
+    fn pmu_unnamed_bits_and_mixed_rates_are_problems() {
+        let mut c = saved(0, 0, 0x3);
+        c.push(leaf(0xa, 0, 0x0730_0402, 0, 0, 0x3)); // v2, 4 GP, 3 fixed
+        let mut h = host(0, 0, 0x3);
+        h.offer.push(leaf(0xa, 0, 0x0730_0202, 0, 0, 0x3)); // 2 GP
+        let names = ["cpuid 0x7.2 edx bit 31".to_string()];
+        let v = vcpu(&c, &[]);
+        let mut w = v;
+        w.tsc_khz = 2_100_000;
+        let saved = SavedCpu {
+            vendor: "AuthenticAMD",
+            cpuid: &c,
+            features: &names,
+            vcpus: vec![v, w],
+        };
+        let msgs: Vec<String> = check(&saved, &h, false)
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            msgs,
+            [
+                "this host cannot offer CPU features the guest was given: cpuid 0x7.2 edx bit 31",
+                "the guest saw a PMU with version 2, 4 general and 3 fixed counters; this host's KVM offers version 2, 2 general and 3 fixed counters",
+                "the vCPUs were saved with different TSC rates (2000000, 2100000 kHz); a snapshot has one",
+            ]
+        );
+        h.offer.pop();
+        h.offer.push(leaf(0xa, 0, 0x0730_0805, 0, 0, 0x4));
+        let r = check(&cpu(&[v]), &h, false);
+        assert!(r.is_ok(), "{}", r.message());
     }
 
     #[test]

@@ -202,6 +202,12 @@ pub fn guest_template(
     };
     let leaf1_edx = feature::word_value(offer, leaf1_edx_word)
         & (features.mask(leaf1_edx_word) | dynamic.mask(leaf1_edx_word));
+    // Supervisor components (XSS) the host model passes through with their
+    // subleaves; baselines have none.
+    let xss = match feature::entry(offer, 0xd, 1) {
+        Some(e) if !baseline => u64::from(e.ecx) | (u64::from(e.edx) << 32),
+        _ => 0,
+    };
     let keeps_7_1 = features
         .iter()
         .any(|f| f.word.leaf == 7 && f.word.subleaf == 1);
@@ -245,7 +251,7 @@ pub fn guest_template(
                         e.edx = 0;
                     }
                 }
-                i if i < 64 && xcr0 & (1 << i) == 0 => continue,
+                i if i < 64 && (xcr0 | xss) & (1 << i) == 0 => continue,
                 _ => {}
             }
             out.push(e);
@@ -291,10 +297,13 @@ pub fn guest_template(
                     e.edx = (e.edx & !AMD_MIRROR_MASK) | (leaf1_edx & AMD_MIRROR_MASK);
                 }
                 0x8000_0008 => {
-                    let host_phys = e.eax & 0xff;
-                    let phys = BASELINE_PHYS_BITS
-                        .max(bits_for(guest_top))
-                        .min(host_phys.max(1));
+                    // A host that leaves the width out has the
+                    // architectural default of 36 bits.
+                    let host_phys = match e.eax & 0xff {
+                        0 => 36,
+                        n => n,
+                    };
+                    let phys = BASELINE_PHYS_BITS.max(bits_for(guest_top)).min(host_phys);
                     e.eax = (e.eax & !0xffff) | (VIRT_BITS_4_LEVEL << 8) | phys;
                     e.edx = 0;
                 }

@@ -85,6 +85,7 @@ pub const FEATURE_WORDS: &[Word] = &[
     w(7, 0, Reg::Edx),
     w(7, 1, Reg::Eax),
     w(7, 1, Reg::Edx),
+    w(7, 2, Reg::Edx),
     w(0xd, 1, Reg::Eax),
     w(0x8000_0008, 0, Reg::Ebx),
     w(6, 0, Reg::Eax),
@@ -209,6 +210,35 @@ pub fn by_name(name: &str) -> Option<FeatureBit> {
     all_named()
         .find(|(n, _)| *n == canonical)
         .map(|(_, bit)| bit)
+}
+
+/// The bit a [`FeatureBit::name`] of an unnamed bit stands for
+/// (`cpuid 0x7.0 ebx bit 3`), if `name` is one and lies in a feature word.
+pub fn parse_unnamed(name: &str) -> Option<FeatureBit> {
+    let rest = name.trim().strip_prefix("cpuid ")?;
+    let mut parts = rest.split_whitespace();
+    let (leaf, subleaf) = parts.next()?.split_once('.')?;
+    let leaf = u32::from_str_radix(leaf.strip_prefix("0x")?, 16).ok()?;
+    let subleaf: u32 = subleaf.parse().ok()?;
+    let reg = match parts.next()? {
+        "eax" => Reg::Eax,
+        "ebx" => Reg::Ebx,
+        "ecx" => Reg::Ecx,
+        "edx" => Reg::Edx,
+        _ => return None,
+    };
+    if parts.next()? != "bit" {
+        return None;
+    }
+    let bit: u8 = parts.next()?.parse().ok()?;
+    if bit >= 32 || parts.next().is_some() {
+        return None;
+    }
+    let f = FeatureBit {
+        word: Word { leaf, subleaf, reg },
+        bit,
+    };
+    FEATURE_WORDS.contains(&f.word).then_some(f)
 }
 
 /// The name of `bit`, if it has one.
@@ -406,6 +436,23 @@ mod tests {
                 FEATURE_WORDS.contains(&b.word),
                 "{n} lives outside the compared feature words"
             );
+        }
+    }
+
+    #[test]
+    fn unnamed_bits_round_trip() {
+        let f = FeatureBit::new(7, 2, Reg::Edx, 31);
+        assert_eq!(f.name(), "cpuid 0x7.2 edx bit 31");
+        assert_eq!(parse_unnamed(&f.name()), Some(f));
+        for bad in [
+            "cpuid 0x7.0 ebx bit 32",
+            "cpuid 0x7.0 esp bit 1",
+            "cpuid 0x99.0 eax bit 1",
+            "cpuid 7.0 ebx bit 1",
+            "cpuid 0x7.0 ebx bit 1 more",
+            "avx2",
+        ] {
+            assert_eq!(parse_unnamed(bad), None, "{bad}");
         }
     }
 

@@ -75,7 +75,7 @@ impl CpuModel {
                 "everything this host's KVM offers; restores only on the same kind of host"
             }
             CpuModel::X86_64 => "psABI baseline: SSE2, any x86-64 host",
-            CpuModel::X86_64V2 => "psABI v2: SSE4.2, POPCNT, CMPXCHG16B (2009+ CPUs)",
+            CpuModel::X86_64V2 => "psABI v2: SSE4.2, POPCNT, CMPXCHG16B (Intel Nehalem 2008, AMD Bulldozer/Jaguar and later)",
             CpuModel::X86_64V3 => "psABI v3: AVX2, BMI1/2, FMA, MOVBE (Haswell, Zen and later)",
             CpuModel::X86_64V4 => "psABI v4: AVX-512 F/BW/CD/DQ/VL (Skylake-X, Zen 4 and later)",
         }
@@ -191,24 +191,25 @@ pub const REQUIRES: &[(&str, &str)] = &[
     ("vaes", "avx"),
     ("vpclmulqdq", "avx"),
     ("avx_vnni", "avx2"),
-    ("avx512f", "avx2"),
+    ("avx512f", "avx"),
     ("avx512dq", "avx512f"),
     ("avx512ifma", "avx512f"),
     ("avx512cd", "avx512f"),
     ("avx512bw", "avx512f"),
     ("avx512vl", "avx512f"),
-    ("avx512vbmi", "avx512f"),
+    ("avx512vbmi", "avx512bw"),
     ("avx512_vbmi2", "avx512f"),
     ("avx512_vnni", "avx512f"),
     ("avx512_bitalg", "avx512f"),
     ("avx512_vpopcntdq", "avx512f"),
-    ("avx512_bf16", "avx512f"),
-    ("avx512_fp16", "avx512f"),
+    ("avx512_bf16", "avx512vl"),
+    ("avx512_fp16", "avx512bw"),
     ("xsaveopt", "xsave"),
     ("xsavec", "xsave"),
     ("xgetbv1", "xsave"),
     ("xsaves", "xsave"),
-    ("amx_tile", "xsave"),
+    ("amx_tile", "xfd"),
+    ("xfd", "xsave"),
     ("amx_bf16", "amx_tile"),
     ("amx_int8", "amx_tile"),
     ("pku", "xsave"),
@@ -227,7 +228,9 @@ pub enum ModelError {
     #[error("cpu feature change '{0}': expected +NAME or -NAME")]
     BadChange(String),
     /// A feature added without one it needs.
-    #[error("+{feature} needs {needs}, which the CPU model does not have (add +{needs})")]
+    #[error(
+        "+{feature} needs {needs}, which the model with these changes lacks (add +{needs} too)"
+    )]
     NeedsFeature {
         /// The feature added.
         feature: String,
@@ -237,6 +240,16 @@ pub enum ModelError {
     /// A hidden feature asked for.
     #[error("+{0}: nested virtualisation is not offered (its state is not saved in snapshots)")]
     Nested(String),
+    /// A bit the CPU or KVM sets at run time, which a model cannot change.
+    #[error("{change}: {feature} is not a model choice ({why})")]
+    NotChangeable {
+        /// The change as given, e.g. `-osxsave`.
+        change: String,
+        /// The feature.
+        feature: String,
+        /// Why it cannot be changed.
+        why: &'static str,
+    },
     /// The host cannot offer what the model needs.
     #[error("this host cannot offer CPU model {model}: it lacks {}", .missing.join(", "))]
     Missing {
@@ -438,6 +451,20 @@ impl CpuSpec {
             f
         };
         for c in &self.changes.0 {
+            if feature::DYNAMIC_BITS.contains(&c.feature) {
+                return Err(ModelError::NotChangeable {
+                    change: c.to_string(),
+                    feature: c.feature.name(),
+                    why: "the CPU sets it from CR4, the APIC base MSR or the vCPU count",
+                });
+            }
+            if c.feature.word.leaf == 0x8000_000a {
+                return Err(ModelError::NotChangeable {
+                    change: c.to_string(),
+                    feature: c.feature.name(),
+                    why: "SVM sub-features; nested virtualisation is not offered",
+                });
+            }
             if c.add {
                 if nested.contains(&c.feature) {
                     return Err(ModelError::Nested(c.feature.name()));
@@ -631,7 +658,7 @@ mod tests {
         };
         assert_eq!(
             spec.resolve(&big_host()).unwrap_err().to_string(),
-            "+avx2 needs avx, which the CPU model does not have (add +avx)"
+            "+avx2 needs avx, which the model with these changes lacks (add +avx too)"
         );
         let spec = CpuSpec {
             model: CpuModel::X86_64V2,
@@ -646,6 +673,57 @@ mod tests {
             spec.resolve(&big_host()).unwrap_err().to_string(),
             "this host cannot offer CPU model x86-64-v2,+rdtscp: it lacks rdtscp"
         );
+    }
+
+    #[test]
+    fn runtime_bits_and_svm_words_are_not_model_choices() {
+        for change in ["-osxsave", "+ospke", "-apic", "+ht", "-npt"] {
+            let spec = CpuSpec {
+                model: CpuModel::Host,
+                changes: change.parse().unwrap(),
+            };
+            let e = spec.resolve(&big_host()).unwrap_err();
+            assert!(
+                matches!(e, ModelError::NotChangeable { .. }),
+                "{change}: {e:?}"
+            );
+            assert!(e.to_string().starts_with(&format!("{change}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn dependencies_follow_linux() {
+        let mut host = big_host();
+        for f in [
+            "avx512vbmi",
+            "avx512_fp16",
+            "avx512_bf16",
+            "amx_tile",
+            "xfd",
+        ] {
+            host.insert(feature::by_name(f).unwrap());
+        }
+        let resolve = |changes: &str| {
+            CpuSpec {
+                model: CpuModel::X86_64V4,
+                changes: changes.parse().unwrap(),
+            }
+            .resolve(&host)
+        };
+        let f = resolve("+avx512vbmi,+avx512_fp16,+avx512_bf16,-avx512bw")
+            .unwrap()
+            .features;
+        for gone in ["avx512vbmi", "avx512_fp16", "avx512bw"] {
+            assert!(!f.contains(&feature::by_name(gone).unwrap()), "{gone} kept");
+        }
+        assert!(f.contains(&feature::by_name("avx512_bf16").unwrap()));
+        let f = resolve("+avx512_bf16,-avx512vl").unwrap().features;
+        assert!(!f.contains(&feature::by_name("avx512_bf16").unwrap()));
+        assert_eq!(
+            resolve("+amx_tile").unwrap_err().to_string(),
+            "+amx_tile needs xfd, which the model with these changes lacks (add +xfd too)"
+        );
+        resolve("+xfd,+amx_tile").unwrap();
     }
 
     #[test]

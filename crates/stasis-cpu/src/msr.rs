@@ -74,6 +74,12 @@ const GATED: &[(u32, u32, Gate, &str)] = &[
         Gate::Any(&["rdtscp", "rdpid"]),
         "TSC_AUX",
     ),
+    (
+        0xc000_0104,
+        0xc000_0104,
+        Gate::Any(&["tsc_scale"]),
+        "TSC_RATIO",
+    ),
     (0xc001_0117, 0xc001_0117, Gate::Any(&["svm"]), "VM_HSAVE_PA"),
     (
         0xc001_011f,
@@ -215,6 +221,7 @@ mod tests {
             0x4b56_4d03,
             0x1a0,
             0xc001_0117,
+            0xc000_0104,
         ];
         let f = features(&["tsc_deadline_timer", "kvmclock2"]);
         assert_eq!(

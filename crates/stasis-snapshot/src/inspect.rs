@@ -78,11 +78,7 @@ pub fn summary(reader: &SnapshotReader) -> String {
     let _ = writeln!(s, "  cpuid leaves:   {}", b.cpu.cpuid.len());
     match &b.cpu.guest {
         Some(g) => {
-            let mut model = g.model.clone();
-            for c in &g.changes {
-                let _ = write!(model, ",{c}");
-            }
-            let _ = writeln!(s, "  cpu model:      {model}");
+            let _ = writeln!(s, "  cpu model:      {}", g.spec());
             let _ = writeln!(
                 s,
                 "  guest features: {} ({})",

@@ -101,6 +101,17 @@ pub struct GuestCpuRecord {
     pub xcr0: u64,
 }
 
+impl GuestCpuRecord {
+    /// The model with its changes as given on the command line, e.g.
+    /// `x86-64-v2,+avx2,-popcnt`.
+    pub fn spec(&self) -> String {
+        std::iter::once(self.model.as_str())
+            .chain(self.changes.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// One guest RAM region's place in guest physical memory and in `memory.img`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryRegion {

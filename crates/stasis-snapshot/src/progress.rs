@@ -9,17 +9,25 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
 /// Progress of one operation, shared between threads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
     done: AtomicU64,
     total: AtomicU64,
-    phase: Mutex<&'static str>,
+    /// The phase and when it began.
+    phase: Mutex<(&'static str, Instant)>,
     cancel: AtomicBool,
     committing: AtomicBool,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A consistent reading of a [`Progress`].
@@ -31,6 +39,8 @@ pub struct ProgressSnapshot {
     pub done: u64,
     /// Bytes of this phase in all (0 when unknown).
     pub total: u64,
+    /// How long the phase has been going.
+    pub phase_elapsed: Duration,
     /// Whether a cancel was asked for.
     pub cancel_requested: bool,
     /// Whether it is past the point where it can be cancelled.
@@ -41,14 +51,17 @@ impl Progress {
     /// A fresh progress in phase `starting`.
     pub fn new() -> Self {
         Self {
-            phase: Mutex::new("starting"),
-            ..Default::default()
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            phase: Mutex::new(("starting", Instant::now())),
+            cancel: AtomicBool::new(false),
+            committing: AtomicBool::new(false),
         }
     }
 
     /// Enters `phase`, which moves `total` bytes (0 if it moves none).
     pub fn phase(&self, phase: &'static str, total: u64) {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = (phase, Instant::now());
         self.done.store(0, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
     }
@@ -86,8 +99,10 @@ impl Progress {
 
     /// The current state.
     pub fn read(&self) -> ProgressSnapshot {
+        let (phase, since) = *self.phase.lock().unwrap_or_else(|p| p.into_inner());
         ProgressSnapshot {
-            phase: *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            phase,
+            phase_elapsed: since.elapsed(),
             done: self.done.load(Ordering::Relaxed),
             total: self.total.load(Ordering::Relaxed),
             cancel_requested: self.cancel.load(Ordering::SeqCst),

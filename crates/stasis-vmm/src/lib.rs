@@ -13,6 +13,7 @@ pub mod boot;
 pub mod cpu;
 pub mod devices;
 pub mod exit;
+pub mod jobs;
 pub mod layout;
 pub mod memory;
 pub mod persist;

@@ -480,6 +480,7 @@ pub struct Vm {
 /// Opens KVM and checks what stasis needs of it.
 fn open_kvm(vcpus: u32) -> Result<Kvm, VmError> {
     let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+    cpuid::request_amx_permission();
     for (cap, name) in [
         (
             kvm_ioctls::Cap::Irqchip,

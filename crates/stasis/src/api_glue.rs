@@ -97,7 +97,10 @@ fn error_response(e: &VmError) -> ApiResponse {
 
 impl VmApi {
     fn snapshot(&self, req: &SnapshotRequest) -> ApiResponse {
-        let opts = SnapshotOptions { stop: req.stop };
+        let opts = SnapshotOptions {
+            stop: req.stop,
+            ..Default::default()
+        };
         match save::snapshot(&self.control, Path::new(&req.path), &opts) {
             // Same field names as stasis_api::SnapshotResponse, which the
             // CLI decodes it into (the snapshot tests go through it).

@@ -56,14 +56,7 @@ pub fn check(args: &CheckArgs) -> i32 {
     };
     let report = &c.check.report;
     let model = match &c.guest_cpu {
-        Some(g) => {
-            let mut m = g.model.clone();
-            for ch in &g.changes {
-                m.push(',');
-                m.push_str(ch);
-            }
-            m
-        }
+        Some(g) => g.spec(),
         None => "host (recorded before CPU models)".to_string(),
     };
     if args.json {

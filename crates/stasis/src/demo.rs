@@ -172,8 +172,15 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
 
     // 3. Suspend to a snapshot: the VM ends once it is on disk.
     let snap = dir.join("snapshot");
-    let report = save::snapshot(&control, &snap, &SnapshotOptions { stop: true })
-        .map_err(|e| format!("snapshot failed: {e}"))?;
+    let report = save::snapshot(
+        &control,
+        &snap,
+        &SnapshotOptions {
+            stop: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("snapshot failed: {e}"))?;
     let reason = vm.wait();
     handle.shutdown();
     show(&mut tail, Duration::from_millis(300), &mut last);

@@ -138,7 +138,6 @@ pub fn serve(mut vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Resul
         control: control.clone(),
         socket: socket.display().to_string(),
     });
-    let handle = server.serve(api).map_err(|e| e.to_string())?;
     let _signals = signals::forward_termination_signals(control.exit_sink());
     let d = control.description();
     let how = if d.boot_protocol == "restored" {
@@ -156,6 +155,10 @@ pub fn serve(mut vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Resul
         socket.display()
     );
     vm.start().map_err(|e| e.to_string())?;
+    // Served once the VM runs: a client that connected earlier waits in
+    // the socket's backlog instead of finding a VM that cannot be paused
+    // yet.
+    let handle = server.serve(api).map_err(|e| e.to_string())?;
     let reason = vm.wait();
     handle.shutdown();
     let code = reason.exit_code();

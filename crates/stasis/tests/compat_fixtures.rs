@@ -101,22 +101,8 @@ fn restores_and_continues(name: &str) {
     r.wait_until("two heartbeats", Duration::from_secs(60), |ls| {
         ls.iter().filter(|l| l.starts_with("HB ")).count() >= 2
     });
-    // The guest's output before the snapshot, with a line cut by the
-    // suspend completed by the restored guest's first bytes.
     let before = std::fs::read_to_string(dir.join("serial-before.log")).unwrap();
-    let after = std::fs::read_to_string(&r.serial).unwrap();
-    let cut = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let last_hb = before[..cut]
-        .lines()
-        .rfind(|l| l.starts_with("HB "))
-        .expect("fixture has heartbeats")
-        .to_string();
-    let joined = format!("{}{}", &before[cut..], after);
-    let next_hb = joined
-        .lines()
-        .find(|l| l.starts_with("HB "))
-        .expect("heartbeat after restore")
-        .to_string();
+    let (last_hb, next_hb) = heartbeats_across(&before, &r);
     assert_eq!(
         num(&next_hb, "seq"),
         num(&last_hb, "seq") + 1,

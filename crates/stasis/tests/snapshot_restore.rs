@@ -40,15 +40,7 @@ fn suspend_and_restore(
 fn joined(orig: &VmProcess, restored: &VmProcess) -> (Vec<String>, Vec<String>) {
     let a = std::fs::read_to_string(&orig.serial).unwrap_or_default();
     let b = std::fs::read_to_string(&restored.serial).unwrap_or_default();
-    let cut = a.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let before: Vec<String> = a[..cut].lines().map(str::to_string).collect();
-    let mut rest = a[cut..].to_string();
-    rest.push_str(&b);
-    let complete = match rest.rfind('\n') {
-        Some(i) => &rest[..=i],
-        None => "",
-    };
-    (before, complete.lines().map(str::to_string).collect())
+    lines_across(&a, &b)
 }
 
 /// Heartbeat lines of one CPU.

@@ -197,3 +197,36 @@ fn per_vcpu_topology_and_timing() {
     // Topology does not change the feature set.
     assert_eq!(FeatureSet::of(&c), t.features);
 }
+
+#[test]
+fn host_model_keeps_supervisor_component_subleaves() {
+    let mut offer = intel_offer();
+    // A host with CET supervisor state (component 12) in XSS.
+    let d1 = offer
+        .iter_mut()
+        .find(|e| e.function == 0xd && e.index == 1)
+        .unwrap();
+    d1.ecx |= 1 << 12;
+    offer.push(CpuidEntry {
+        function: 0xd,
+        index: 12,
+        flags: 1,
+        eax: 24,
+        ecx: 1,
+        ..Default::default()
+    });
+    let host = template(CpuModel::Host, &offer);
+    assert_eq!(leaf(&host, 0xd, 12).unwrap().eax, 24);
+    let v2 = template(CpuModel::X86_64V2, &offer);
+    assert!(leaf(&v2, 0xd, 12).is_none());
+}
+
+#[test]
+fn a_host_without_an_address_width_gets_the_architectural_default() {
+    let mut offer = amd_offer();
+    for e in offer.iter_mut().filter(|e| e.function == 0x8000_0008) {
+        e.eax &= !0xff;
+    }
+    let v2 = template(CpuModel::X86_64V2, &offer);
+    assert_eq!(phys_bits(&v2.cpuid), 36);
+}

@@ -9,8 +9,6 @@ use stasis_cpu::{cpuid as model_cpuid, FeatureSet, HostCpu};
 
 use crate::cpu::state::{self, leaf_from_kvm, leaf_to_kvm, CpuidLeaf};
 
-pub use stasis_cpu::cpuid::TIMING_LEAF;
-
 /// Errors while building or setting CPUID.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
@@ -96,12 +94,31 @@ pub fn set_for_vcpu(
     )
 }
 
-/// The size of the XSAVE area KVM transfers on this host:
-/// `KVM_CAP_XSAVE2`, or the 4096 bytes of `KVM_GET_XSAVE` on kernels
-/// without it (before 5.17).
-pub fn host_xsave_size(kvm: &Kvm) -> usize {
-    (kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize)
-        .max(stasis_cpu::xsave::KVM_XSAVE_SIZE)
+/// Asks the kernel (once per process) to let this process's guests use
+/// AMX tile data, a dynamically enabled XSAVE component, as QEMU does.
+/// Without it a KVM that offers AMX refuses a CPUID table whose leaf 0xD
+/// lists it. Hosts without AMX refuse the request, which is fine.
+pub fn request_amx_permission() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        const ARCH_REQ_XCOMP_GUEST_PERM: libc::c_ulong = 0x1025;
+        const XFEATURE_XTILE_DATA: libc::c_ulong = 18;
+        // SAFETY: arch_prctl with these arguments only changes this
+        // process's permission bitmap; no memory is passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_GUEST_PERM,
+                XFEATURE_XTILE_DATA,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(
+                "no AMX permission for guests: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    });
 }
 
 /// What this host offers a VM of `vcpus` vCPUs: the CPUID a new vCPU
@@ -109,6 +126,7 @@ pub fn host_xsave_size(kvm: &Kvm) -> usize {
 /// and whether KVM scales TSCs, the XSAVE size, the vCPU limit. Costs one
 /// throwaway VM and vCPU; nothing of it outlives the call.
 pub fn probe_host(kvm: &Kvm, vcpus: u32) -> Result<HostCpu, CpuidError> {
+    request_amx_permission();
     let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let base = model_cpuid::host_base(&supported(kvm)?, tsc_deadline);
     let vm = kvm.create_vm().map_err(CpuidError::Probe)?;
@@ -122,7 +140,7 @@ pub fn probe_host(kvm: &Kvm, vcpus: u32) -> Result<HostCpu, CpuidError> {
         brand: host_brand(&offer),
         tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
         tsc_scaling: kvm.check_extension(kvm_ioctls::Cap::TscControl),
-        xsave_size: host_xsave_size(kvm),
+        xsave_size: state::XsaveIo::for_host(kvm).size(),
         max_vcpus: kvm.get_max_vcpus(),
         offer,
         msrs,
@@ -131,7 +149,7 @@ pub fn probe_host(kvm: &Kvm, vcpus: u32) -> Result<HostCpu, CpuidError> {
 
 /// The brand string: from CPUID, or from `/proc/cpuinfo` on KVMs that
 /// pass no brand leaves.
-fn host_brand(cpuid: &[CpuidLeaf]) -> String {
+pub fn host_brand(cpuid: &[CpuidLeaf]) -> String {
     let b = model_cpuid::brand(cpuid);
     if !b.is_empty() {
         return b;

@@ -38,7 +38,7 @@ pub enum VcpuStateError {
         source: AbiSizeError,
     },
     /// The saved XSAVE area is larger than this host's KVM handles.
-    #[error("vCPU {vcpu}: saved XSAVE area is {saved} bytes but this host's KVM handles {host} (KVM_CAP_XSAVE2)")]
+    #[error("vCPU {vcpu}: saved XSAVE area is {saved} bytes (beyond the zero tail) but this host's KVM handles {host}")]
     XsaveSize {
         /// The vCPU.
         vcpu: u32,
@@ -398,31 +398,59 @@ impl SectionState for VcpuState {
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
-/// How this host's KVM transfers a vCPU's XSAVE area.
+/// How this host's KVM transfers a vCPU's XSAVE area. Only made from what
+/// the running kernel reports, because the transfer size is a memory
+/// safety matter: KVM copies as many bytes as *it* thinks the area has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XsaveIo {
-    /// `KVM_GET_XSAVE`/`KVM_SET_XSAVE`: 4096 bytes (kernels before 5.17,
-    /// without `KVM_CAP_XSAVE2`).
+pub struct XsaveIo(XsaveMethod);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XsaveMethod {
+    /// `KVM_GET_XSAVE`/`KVM_SET_XSAVE`: 4096 bytes.
     Legacy,
-    /// `KVM_GET_XSAVE2`/`KVM_SET_XSAVE2` with the size `KVM_CAP_XSAVE2`
-    /// reports (at least 4096).
+    /// `KVM_GET_XSAVE2` and `KVM_SET_XSAVE` with the size
+    /// `KVM_CAP_XSAVE2` reports (at least 4096).
     Xsave2(usize),
 }
 
 impl XsaveIo {
-    /// The method this host's KVM supports.
+    /// The method this host's KVM supports: `KVM_GET_XSAVE2` where
+    /// `KVM_CAP_XSAVE2` exists (Linux 5.17 and later), else the 4096-byte
+    /// `KVM_GET_XSAVE`. Ask after [`super::cpuid::request_amx_permission`]:
+    /// the size grows with the permission.
     pub fn for_host(kvm: &kvm_ioctls::Kvm) -> Self {
         match kvm.check_extension_int(kvm_ioctls::Cap::Xsave2) {
-            n if n > 0 => Self::Xsave2((n as usize).max(stasis_cpu::xsave::KVM_XSAVE_SIZE)),
-            _ => Self::Legacy,
+            n if n > 0 => Self(XsaveMethod::Xsave2(
+                (n as usize).max(stasis_cpu::xsave::KVM_XSAVE_SIZE),
+            )),
+            _ => Self(XsaveMethod::Legacy),
+        }
+    }
+
+    /// The legacy 4096-byte ioctls, where they move this kernel's whole
+    /// XSAVE area (no `KVM_CAP_XSAVE2`, or one that reports 4096): what a
+    /// kernel before 5.17 uses. `None` where the area is larger (then
+    /// `KVM_SET_XSAVE` would read past a 4096-byte buffer).
+    pub fn legacy(kvm: &kvm_ioctls::Kvm) -> Option<Self> {
+        match kvm.check_extension_int(kvm_ioctls::Cap::Xsave2) {
+            n if n as usize > stasis_cpu::xsave::KVM_XSAVE_SIZE => None,
+            _ => Some(Self(XsaveMethod::Legacy)),
         }
     }
 
     /// Bytes per transfer.
     pub fn size(self) -> usize {
-        match self {
-            Self::Legacy => stasis_cpu::xsave::KVM_XSAVE_SIZE,
-            Self::Xsave2(n) => n,
+        match self.0 {
+            XsaveMethod::Legacy => stasis_cpu::xsave::KVM_XSAVE_SIZE,
+            XsaveMethod::Xsave2(n) => n,
+        }
+    }
+
+    fn ioctl_name(self, get: bool) -> &'static str {
+        match (self.0, get) {
+            (XsaveMethod::Legacy, true) => "KVM_GET_XSAVE",
+            (XsaveMethod::Xsave2(_), true) => "KVM_GET_XSAVE2",
+            (_, false) => "KVM_SET_XSAVE",
         }
     }
 }
@@ -458,7 +486,8 @@ pub fn save_vcpu(
     let mp_state = vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    let mut xsave = get_xsave(vcpu, layout.xsave_io).map_err(kvm("KVM_GET_XSAVE"))?;
+    let mut xsave =
+        get_xsave(vcpu, layout.xsave_io).map_err(kvm(layout.xsave_io.ioctl_name(true)))?;
     trim_zero_tail(&mut xsave, layout.xsave_keep);
     let xcrs = vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
     let lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
@@ -532,16 +561,17 @@ fn xsave_fam_len(xsave_size: usize) -> usize {
 
 fn get_xsave(vcpu: &VcpuFd, io: XsaveIo) -> Result<Vec<u8>, kvm_ioctls::Error> {
     let mut bytes = Vec::with_capacity(io.size());
-    match io {
-        XsaveIo::Legacy => {
+    match io.0 {
+        XsaveMethod::Legacy => {
             let xs = vcpu.get_xsave()?;
             for w in xs.region.iter() {
                 bytes.extend_from_slice(&w.to_le_bytes());
             }
         }
-        XsaveIo::Xsave2(size) => {
+        XsaveMethod::Xsave2(size) => {
             let mut xs = Xsave::new(xsave_fam_len(size)).expect("XSAVE size fits the FAM limit");
-            // SAFETY: the buffer was sized from KVM_CAP_XSAVE2, as the ioctl needs.
+            // SAFETY: `size` is this kernel's KVM_CAP_XSAVE2 (XsaveIo is
+            // only made from it), the size the ioctl writes.
             unsafe { vcpu.get_xsave2(&mut xs) }?;
             for w in xs.as_fam_struct_ref().xsave.region.iter() {
                 bytes.extend_from_slice(&w.to_le_bytes());
@@ -576,17 +606,18 @@ fn set_xsave(vcpu: &VcpuFd, index: u32, bytes: &[u8], io: XsaveIo) -> Result<(),
             source,
         }
     };
-    match io {
-        XsaveIo::Legacy => {
+    match io.0 {
+        XsaveMethod::Legacy => {
             let mut xs = kvm_bindings::kvm_xsave::default();
             for w in xs.region.iter_mut() {
                 *w = words.next().unwrap_or(0);
             }
-            // SAFETY: without KVM_CAP_XSAVE2 the kernel has no dynamic
-            // XSAVE features and reads exactly sizeof(kvm_xsave).
-            unsafe { vcpu.set_xsave(&xs) }.map_err(kvm("KVM_SET_XSAVE"))
+            // SAFETY: Legacy is only made where this kernel's XSAVE area
+            // is 4096 bytes (XsaveIo::legacy), so KVM reads exactly
+            // sizeof(kvm_xsave).
+            unsafe { vcpu.set_xsave(&xs) }.map_err(kvm(io.ioctl_name(false)))
         }
-        XsaveIo::Xsave2(size) => {
+        XsaveMethod::Xsave2(size) => {
             let mut xs = Xsave::new(xsave_fam_len(size)).expect("XSAVE size fits the FAM limit");
             // SAFETY: we only overwrite the fixed region's words; the FAM
             // length field is left as Xsave::new set it.
@@ -597,8 +628,8 @@ fn set_xsave(vcpu: &VcpuFd, index: u32, bytes: &[u8], io: XsaveIo) -> Result<(),
             for w in xs.as_mut_slice() {
                 *w = words.next().unwrap_or(0);
             }
-            // SAFETY: the buffer is sized for this host's KVM_CAP_XSAVE2.
-            unsafe { vcpu.set_xsave2(&xs) }.map_err(kvm("KVM_SET_XSAVE2"))
+            // SAFETY: the buffer is sized for this kernel's KVM_CAP_XSAVE2.
+            unsafe { vcpu.set_xsave2(&xs) }.map_err(kvm(io.ioctl_name(false)))
         }
     }
 }

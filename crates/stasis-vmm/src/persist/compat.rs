@@ -39,7 +39,8 @@ impl HostCheck {
             .zip(&msrs)
             .map(|(v, m)| SavedVcpu {
                 cpuid: &v.cpuid,
-                xsave_len: v.xsave.len(),
+                // A longer area restores where the excess is zero.
+                xsave_len: v.xsave.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1),
                 msrs: m,
                 tsc_khz: v.tsc_khz,
             })

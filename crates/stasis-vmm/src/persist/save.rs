@@ -7,9 +7,12 @@
 //! any failure (see the format crate's crash-safe commit).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use stasis_snapshot::{CpuInfo, CpuidEntry, ManifestInput, MemoryRegionSource, SnapshotWriter};
+use stasis_snapshot::{
+    CpuInfo, CpuidEntry, ManifestInput, MemoryRegionSource, Progress, SnapshotWriter,
+};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{CMOS, COM1, SINGLETON};
@@ -20,6 +23,11 @@ use crate::vm::{CapturedState, RunState, VmControl, VmDescription, VmError};
 pub struct SnapshotOptions {
     /// End the VM once the snapshot is durable (suspend).
     pub stop: bool,
+    /// Where to report phases and bytes, and to look for a cancel request.
+    /// A cancelled snapshot stops at its next safe point (before the
+    /// pause, between memory batches, before the disks are flushed, before
+    /// the rename), resumes the guest, and leaves the target path as it was.
+    pub progress: Option<Arc<Progress>>,
 }
 
 /// Figures about a snapshot that was taken.
@@ -69,6 +77,16 @@ pub enum SnapshotError {
     Config(String),
 }
 
+impl SnapshotError {
+    /// Whether the snapshot stopped because it was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            SnapshotError::Format(stasis_snapshot::Error::Cancelled)
+        )
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -77,22 +95,9 @@ fn ms(d: Duration) -> f64 {
 /// the CPUID the guest saw (vCPU 0's) and its CPU model.
 pub fn cpu_info(description: &VmDescription, state: &CapturedState) -> CpuInfo {
     let cpuid: Vec<CpuidEntry> = state.vcpus[0].cpuid.clone();
-    let mut model = stasis_cpu::cpuid::brand(&cpuid);
-    if model.is_empty() {
-        // Some KVMs pass no brand-string leaves; the host's is what the
-        // snapshot was taken on.
-        model = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("model name"))
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
-            })
-            .unwrap_or_default();
-    }
     CpuInfo {
         vendor: description.cpu_vendor.clone(),
-        model,
+        model: crate::cpu::cpuid::host_brand(&cpuid),
         cpuid,
         guest: Some(description.cpu.clone()),
     }
@@ -105,6 +110,7 @@ pub fn snapshot(
     opts: &SnapshotOptions,
 ) -> Result<SnapshotReport, SnapshotError> {
     let started = Instant::now();
+    let progress = opts.progress.clone().unwrap_or_default();
     // Temporary directories of snapshots whose writer was killed are
     // removed first (only those of dead processes; never the only copy).
     match stasis_snapshot::remove_stale_temp_dirs(dir) {
@@ -121,7 +127,9 @@ pub fn snapshot(
     // Creating the writer first checks the target before the guest pauses;
     // the memory image is created and cached while the guest still runs.
     let mut writer = SnapshotWriter::create(dir)?;
+    writer.set_progress(progress.clone());
     with_regions(control, |regions| writer.prepare_memory(regions))?;
+    progress.check()?;
     let description = control.description();
     let vm_config = serde_json::to_value(&description.config)
         .map_err(|e| SnapshotError::Config(e.to_string()))?;
@@ -129,13 +137,14 @@ pub fn snapshot(
     // The guest stops being able to run at the request: the pause is
     // counted from here.
     let paused_at = Instant::now();
+    progress.phase("pausing the guest", 0);
     let quiesce = control.pause_held(&op)?;
     let resume = |control: &VmControl| {
         if !was_paused {
             let _ = control.resume_held(&op);
         }
     };
-    let result = write_contents(control, &mut writer);
+    let result = write_contents(control, &mut writer, &progress);
     let (state, mem_stats) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -150,11 +159,20 @@ pub fn snapshot(
     let pause = paused_at.elapsed();
     // Disk writes the guest completed before the snapshot become durable
     // before the snapshot is (a restored guest must never miss them).
-    if let Err(e) = control.sync_disks() {
+    progress.phase("flushing the disks", 0);
+    if let Err(e) = progress
+        .check()
+        .map_err(SnapshotError::from)
+        .and_then(|()| {
+            control
+                .sync_disks()
+                .map_err(|e| SnapshotError::DiskSync(e.to_string()))
+        })
+    {
         if opts.stop {
             resume(control);
         }
-        return Err(SnapshotError::DiskSync(e.to_string()));
+        return Err(e);
     }
     let input = ManifestInput {
         created_unix_ms: Some(
@@ -208,7 +226,9 @@ pub fn snapshot(
 fn write_contents(
     control: &VmControl,
     writer: &mut SnapshotWriter,
+    progress: &Progress,
 ) -> Result<(CapturedState, stasis_snapshot::MemoryWriteStats), SnapshotError> {
+    progress.phase("saving vCPU and device state", 0);
     let state = control.capture()?;
     for v in &state.vcpus {
         writer.add_section(&v.index.to_string(), false, v)?;
@@ -223,6 +243,8 @@ fn write_contents(
         v.write_to(writer)?;
     }
     let stats = with_regions(control, |regions| writer.write_memory(regions))?;
+    // The last safe point while the guest is paused.
+    progress.check()?;
     Ok((state, stats))
 }
 

@@ -362,6 +362,35 @@ pub fn restore_process_with(
     }
 }
 
+/// A guest's serial output across a suspend and restore, as complete
+/// lines: those before the suspend, and those after it. `before` is the
+/// suspended guest's output, whose last line may have been cut by the
+/// suspend (the restored guest prints the rest of it first); `after` is
+/// the restored guest's, whose last line may still be incomplete.
+pub fn lines_across(before: &str, after: &str) -> (Vec<String>, Vec<String>) {
+    let cut = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let first: Vec<String> = before[..cut].lines().map(str::to_string).collect();
+    let rest = format!("{}{}", &before[cut..], after);
+    let complete = &rest[..rest.rfind('\n').map(|i| i + 1).unwrap_or(0)];
+    (first, complete.lines().map(str::to_string).collect())
+}
+
+/// The last complete heartbeat before a suspend (`before`: the suspended
+/// guest's serial output) and the first one the restored guest printed.
+pub fn heartbeats_across(before: &str, restored: &VmProcess) -> (String, String) {
+    let after = std::fs::read_to_string(&restored.serial).unwrap();
+    let (before, after) = lines_across(before, &after);
+    let last_hb = before
+        .into_iter()
+        .rfind(|l| l.starts_with("HB "))
+        .expect("heartbeats before the suspend");
+    let next_hb = after
+        .into_iter()
+        .find(|l| l.starts_with("HB "))
+        .unwrap_or_else(|| restored.fail("no heartbeat after the restore"));
+    (last_hb, next_hb)
+}
+
 impl VmProcess {
     /// Suspends the VM to `dir` (`snapshot --stop`) and waits for the VMM
     /// to exit with status 0.
