@@ -20,7 +20,9 @@ use serde::de::DeserializeOwned;
 use crate::http::{self, HttpError};
 use crate::runtime::{self, InvalidVmName};
 use crate::sock::NoSigPipe;
-use crate::types::{ActionResponse, PingResponse, SnapshotResponse, VmInfo};
+use crate::types::{
+    ActionResponse, JobAccepted, JobInfo, JobList, PingResponse, SnapshotResponse, VmInfo,
+};
 
 /// How long the client waits for the VM, by default (per read or write).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -189,6 +191,29 @@ impl ApiClient {
             .clone()
             .with_timeout(self.timeout.max(Duration::from_secs(3600)));
         client.call("PUT", "/v1/vm/snapshot", Some(&body))
+    }
+
+    /// `PUT /v1/vm/snapshot` with `detach`: starts the snapshot as a job
+    /// and returns its id at once.
+    pub fn snapshot_detached(&self, path: &str, stop: bool) -> Result<JobAccepted, ClientError> {
+        let body = serde_json::json!({ "path": path, "stop": stop, "detach": true });
+        self.call("PUT", "/v1/vm/snapshot", Some(&body))
+    }
+
+    /// `GET /v1/jobs`: the VM's jobs, newest first.
+    pub fn jobs(&self) -> Result<Vec<JobInfo>, ClientError> {
+        self.call::<JobList>("GET", "/v1/jobs", None)
+            .map(|l| l.jobs)
+    }
+
+    /// `GET /v1/jobs/ID`.
+    pub fn job(&self, id: u64) -> Result<JobInfo, ClientError> {
+        self.call("GET", &format!("/v1/jobs/{id}"), None)
+    }
+
+    /// `DELETE /v1/jobs/ID`: asks the job to stop at its next safe point.
+    pub fn cancel_job(&self, id: u64) -> Result<JobInfo, ClientError> {
+        self.call("DELETE", &format!("/v1/jobs/{id}"), None)
     }
 
     /// Sends a request and decodes a 2xx response body as `T`. A non-2xx

@@ -37,6 +37,6 @@ pub use runtime::{
 };
 pub use server::{ApiHandler, ApiServer, ApiServerHandle, ServerError};
 pub use types::{
-    ActionResponse, CpuInfo, DeviceInfo, EmptyRequest, ErrorBody, PingResponse, SnapshotRequest,
-    SnapshotResponse, VmInfo, VmState,
+    ActionResponse, CpuInfo, DeviceInfo, EmptyRequest, ErrorBody, JobAccepted, JobInfo, JobList,
+    JobState, PingResponse, SnapshotRequest, SnapshotResponse, VmInfo, VmState,
 };

@@ -2,15 +2,19 @@
 //!
 //! Adding an endpoint is three small steps: a variant in [`ApiRequest`], a
 //! row in `ENDPOINTS` (method, path, body parser), and the VM core's
-//! handling of the new variant. Unknown paths get 404, a known path with
-//! another method gets 405 with an `Allow` header, and a body that does not
-//! parse gets 400 with serde's message.
+//! handling of the new variant. A path may end in one parameter, `{id}`,
+//! which matches one non-empty segment. Unknown paths get 404, a known path
+//! with another method gets 405 with an `Allow` header, and a body (or
+//! parameter) that does not parse gets 400 with the reason.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::http;
 use crate::types::{ActionResponse, EmptyRequest, ErrorBody, SnapshotRequest, VmState};
+
+/// The parameter placeholder a path may end with.
+const PARAM: &str = "{id}";
 
 /// A request the API understood, ready for the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,8 +34,18 @@ pub enum ApiRequest {
     /// ([`ActionResponse`] with state `stopping`).
     Shutdown,
     /// `PUT /v1/vm/snapshot`: write a snapshot to a directory, optionally
-    /// ending the VM afterwards ([`SnapshotResponse`](crate::types::SnapshotResponse)).
+    /// ending the VM afterwards ([`SnapshotResponse`](crate::types::SnapshotResponse)),
+    /// or with `detach` start it as a job (`202` with a
+    /// [`JobAccepted`](crate::types::JobAccepted)).
     Snapshot(SnapshotRequest),
+    /// `GET /v1/jobs`: the VM's jobs, newest first
+    /// ([`JobList`](crate::types::JobList)).
+    ListJobs,
+    /// `GET /v1/jobs/{id}`: one job ([`JobInfo`](crate::types::JobInfo)).
+    GetJob(u64),
+    /// `DELETE /v1/jobs/{id}`: cancel a job (`202` with its
+    /// [`JobInfo`](crate::types::JobInfo) once asked).
+    CancelJob(u64),
 }
 
 /// A response to send: a status, extra headers and a JSON body.
@@ -113,46 +127,78 @@ impl ApiResponse {
 struct Endpoint {
     /// The method (case-sensitive).
     method: &'static str,
-    /// The exact path.
+    /// The path, exact or ending in `{id}`.
     path: &'static str,
-    /// Makes the request from the body, or says what is wrong with it.
-    parse: fn(&[u8]) -> Result<ApiRequest, String>,
+    /// Makes the request from the body and the path's parameter (empty if
+    /// it has none), or says what is wrong with them.
+    parse: fn(&[u8], &str) -> Result<ApiRequest, String>,
 }
 
-/// Every endpoint. Paths match exactly (no trailing slash, no parameters);
-/// a query string is ignored.
+/// Every endpoint. Paths match exactly (no trailing slash) but for a final
+/// `{id}`; a query string is ignored.
 const ENDPOINTS: &[Endpoint] = &[
     Endpoint {
         method: "GET",
         path: "/v1/ping",
-        parse: |body| no_body(body).map(|()| ApiRequest::Ping),
+        parse: |body, _| no_body(body).map(|()| ApiRequest::Ping),
     },
     Endpoint {
         method: "GET",
         path: "/v1/vm",
-        parse: |body| no_body(body).map(|()| ApiRequest::GetVm),
+        parse: |body, _| no_body(body).map(|()| ApiRequest::GetVm),
     },
     Endpoint {
         method: "PUT",
         path: "/v1/vm/pause",
-        parse: |body| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Pause),
+        parse: |body, _| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Pause),
     },
     Endpoint {
         method: "PUT",
         path: "/v1/vm/resume",
-        parse: |body| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Resume),
+        parse: |body, _| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Resume),
     },
     Endpoint {
         method: "PUT",
         path: "/v1/vm/shutdown",
-        parse: |body| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Shutdown),
+        parse: |body, _| optional_json::<EmptyRequest>(body).map(|_| ApiRequest::Shutdown),
     },
     Endpoint {
         method: "PUT",
         path: "/v1/vm/snapshot",
-        parse: |body| json_body::<SnapshotRequest>(body).map(ApiRequest::Snapshot),
+        parse: |body, _| json_body::<SnapshotRequest>(body).map(ApiRequest::Snapshot),
+    },
+    Endpoint {
+        method: "GET",
+        path: "/v1/jobs",
+        parse: |body, _| no_body(body).map(|()| ApiRequest::ListJobs),
+    },
+    Endpoint {
+        method: "GET",
+        path: "/v1/jobs/{id}",
+        parse: |body, id| no_body(body).and(job_id(id)).map(ApiRequest::GetJob),
+    },
+    Endpoint {
+        method: "DELETE",
+        path: "/v1/jobs/{id}",
+        parse: |body, id| no_body(body).and(job_id(id)).map(ApiRequest::CancelJob),
     },
 ];
+
+/// A job id from a path.
+fn job_id(s: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| format!("invalid job id {s:?}: expected a number"))
+}
+
+/// Whether `path` matches `pattern`; the parameter's value, if any.
+fn match_path<'p>(pattern: &str, path: &'p str) -> Option<&'p str> {
+    match pattern.strip_suffix(PARAM) {
+        None => (pattern == path).then_some(""),
+        Some(prefix) => path
+            .strip_prefix(prefix)
+            .filter(|v| !v.is_empty() && !v.contains('/')),
+    }
+}
 
 /// Every (method, path) the API serves, in table order.
 pub fn endpoints() -> impl Iterator<Item = (&'static str, &'static str)> {
@@ -201,9 +247,12 @@ fn optional_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, String
 /// `Allow` header for a known path with another method, 400 for a bad body.
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
     let mut allowed: Vec<&str> = Vec::new();
-    for endpoint in ENDPOINTS.iter().filter(|e| e.path == path) {
+    for endpoint in ENDPOINTS {
+        let Some(param) = match_path(endpoint.path, path) else {
+            continue;
+        };
         if endpoint.method == method {
-            return (endpoint.parse)(body).map_err(|msg| ApiResponse::error(400, msg));
+            return (endpoint.parse)(body, param).map_err(|msg| ApiResponse::error(400, msg));
         }
         allowed.push(endpoint.method);
     }
@@ -241,15 +290,35 @@ mod tests {
             ),
             Ok(ApiRequest::Snapshot(SnapshotRequest {
                 path: "/s/a".into(),
-                stop: true
+                stop: true,
+                detach: false
             }))
         );
         assert_eq!(
             route("PUT", "/v1/vm/snapshot", br#"{"path": "/s/a"}"#),
             Ok(ApiRequest::Snapshot(SnapshotRequest {
                 path: "/s/a".into(),
-                stop: false
+                stop: false,
+                detach: false
             }))
+        );
+        assert_eq!(
+            route(
+                "PUT",
+                "/v1/vm/snapshot",
+                br#"{"path": "/s/a", "detach": true}"#
+            ),
+            Ok(ApiRequest::Snapshot(SnapshotRequest {
+                path: "/s/a".into(),
+                stop: false,
+                detach: true
+            }))
+        );
+        assert_eq!(route("GET", "/v1/jobs", b""), Ok(ApiRequest::ListJobs));
+        assert_eq!(route("GET", "/v1/jobs/7", b""), Ok(ApiRequest::GetJob(7)));
+        assert_eq!(
+            route("DELETE", "/v1/jobs/12", b""),
+            Ok(ApiRequest::CancelJob(12))
         );
         assert_eq!(
             route("PUT", "/v1/vm/snapshot", b"").unwrap_err().status,
@@ -259,7 +328,15 @@ mod tests {
 
     #[test]
     fn unknown_path_is_404() {
-        for path in ["/", "/v1", "/v1/vm/", "/v2/vm", "/v1/vm/pause/x"] {
+        for path in [
+            "/",
+            "/v1",
+            "/v1/vm/",
+            "/v2/vm",
+            "/v1/vm/pause/x",
+            "/v1/jobs/",
+            "/v1/jobs/1/x",
+        ] {
             let resp = route("GET", path, b"").unwrap_err();
             assert_eq!(resp.status, 404, "{path}");
             assert_eq!(
@@ -281,6 +358,8 @@ mod tests {
         let resp = route("get", "/v1/vm", b"").unwrap_err();
         assert_eq!(resp.status, 405);
         assert_eq!(resp.headers, vec![("Allow".into(), "GET".into())]);
+        let resp = route("PUT", "/v1/jobs/3", b"").unwrap_err();
+        assert_eq!(resp.headers, vec![("Allow".into(), "GET, DELETE".into())]);
     }
 
     #[test]
@@ -297,6 +376,10 @@ mod tests {
             "invalid JSON request body: unknown field `force`, there are no fields"
         );
         assert!(msg("GET", "/v1/vm", b"{}").contains("takes no request body"));
+        assert_eq!(
+            msg("GET", "/v1/jobs/abc", b""),
+            "invalid job id \"abc\": expected a number"
+        );
     }
 
     #[test]

@@ -230,6 +230,91 @@ pub struct SnapshotRequest {
     /// End the VM once the snapshot is durable (suspend).
     #[serde(default)]
     pub stop: bool,
+    /// Answer at once with `202` and a job id instead of waiting for the
+    /// snapshot (`GET /v1/jobs/ID` follows it).
+    #[serde(default)]
+    pub detach: bool,
+}
+
+/// The answer to a request started as a job (`202 Accepted`); its
+/// `Location` header names the job too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAccepted {
+    /// The job's id.
+    pub job: u64,
+    /// Where to follow it: `/v1/jobs/ID`.
+    pub location: String,
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Still working.
+    Running,
+    /// Done; `result` holds what it produced.
+    Succeeded,
+    /// Stopped by an error; `error` says which.
+    Failed,
+    /// Stopped because it was cancelled; nothing it was making was put in
+    /// place.
+    Cancelled,
+}
+
+impl JobState {
+    /// The state as it appears in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A job, as `GET /v1/jobs/ID` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// The job's id, unique within the VM's life.
+    pub id: u64,
+    /// What it does: `snapshot`.
+    pub kind: String,
+    /// What it works on (the snapshot directory).
+    pub target: String,
+    /// Where it is in its life.
+    pub state: JobState,
+    /// What it is doing now (once finished: what it did last).
+    pub phase: String,
+    /// Bytes of this phase done.
+    pub done_bytes: u64,
+    /// Bytes of this phase in all (0 when the phase moves no bytes).
+    pub total_bytes: u64,
+    /// Bytes per second in this phase so far, in MB/s (0 once finished).
+    pub rate_mb_per_s: f64,
+    /// Since it started (until it ended, once finished), in ms.
+    pub elapsed_ms: f64,
+    /// When it started, in ms since the UNIX epoch.
+    pub started_unix_ms: u64,
+    /// Whether `DELETE /v1/jobs/ID` can still stop it.
+    pub cancellable: bool,
+    /// Whether a cancel was asked for.
+    pub cancel_requested: bool,
+    /// The result once it succeeded (for a snapshot, a
+    /// [`SnapshotResponse`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The error once it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What `GET /v1/jobs` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    /// The jobs the VM remembers (the running one and the last finished
+    /// ones), newest first.
+    pub jobs: Vec<JobInfo>,
 }
 
 /// The answer to a successful `PUT /v1/vm/snapshot`.

@@ -6,9 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use std::path::Path;
 
 use stasis_api::{
-    ActionResponse, ApiHandler, ApiRequest, ApiResponse, CpuInfo, DeviceInfo, SnapshotRequest,
-    VmInfo, VmState,
+    ActionResponse, ApiHandler, ApiRequest, ApiResponse, CpuInfo, DeviceInfo, JobAccepted,
+    SnapshotRequest, VmInfo, VmState,
 };
+use stasis_vmm::jobs::{CancelError, FailureKind, JobFailure, Jobs};
 use stasis_vmm::persist::save::{self, SnapshotError, SnapshotOptions};
 use stasis_vmm::{RunState, VmControl, VmError};
 
@@ -18,6 +19,8 @@ pub struct VmApi {
     pub control: VmControl,
     /// The socket path, for `VmInfo`.
     pub socket: String,
+    /// Its long operations.
+    pub jobs: Jobs,
 }
 
 fn api_state(s: RunState) -> VmState {
@@ -95,22 +98,89 @@ fn error_response(e: &VmError) -> ApiResponse {
     ApiResponse::error(status, e.to_string())
 }
 
+/// What kind of failure a snapshot error is, for the job and its status.
+fn snapshot_failure(e: SnapshotError) -> JobFailure {
+    let kind = match &e {
+        e if e.is_cancelled() => FailureKind::Cancelled,
+        SnapshotError::Vm(VmError::BadState { .. } | VmError::Busy { .. }) => FailureKind::Conflict,
+        SnapshotError::Format(
+            stasis_snapshot::Error::RefuseOverwrite { .. }
+            | stasis_snapshot::Error::NoParent { .. },
+        ) => FailureKind::BadRequest,
+        _ => FailureKind::Internal,
+    };
+    JobFailure {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+fn failure_response(f: &JobFailure) -> ApiResponse {
+    let status = match f.kind {
+        FailureKind::BadRequest => 400,
+        FailureKind::Conflict | FailureKind::Cancelled => 409,
+        FailureKind::Internal => 500,
+    };
+    ApiResponse::error(status, f.message.clone())
+}
+
 impl VmApi {
+    /// Every snapshot is a job, so that it shows in `GET /v1/jobs` and can
+    /// be cancelled; without `detach` the request waits for it.
     fn snapshot(&self, req: &SnapshotRequest) -> ApiResponse {
-        let opts = SnapshotOptions {
-            stop: req.stop,
-            ..Default::default()
+        let control = self.control.clone();
+        let (path, stop) = (req.path.clone(), req.stop);
+        let started = self
+            .jobs
+            .start("snapshot", req.path.clone(), move |progress| {
+                let opts = SnapshotOptions {
+                    stop,
+                    progress: Some(progress),
+                };
+                // Same field names as stasis_api::SnapshotResponse, which the
+                // CLI decodes it into (the snapshot tests go through it).
+                save::snapshot(&control, Path::new(&path), &opts)
+                    .map_err(snapshot_failure)
+                    .and_then(|report| {
+                        serde_json::to_value(&report).map_err(|e| JobFailure {
+                            kind: FailureKind::Internal,
+                            message: format!("cannot encode the snapshot report: {e}"),
+                        })
+                    })
+            });
+        let job = match started {
+            Ok(job) => job,
+            Err(busy) => return ApiResponse::error(409, busy.to_string()),
         };
-        match save::snapshot(&self.control, Path::new(&req.path), &opts) {
-            // Same field names as stasis_api::SnapshotResponse, which the
-            // CLI decodes it into (the snapshot tests go through it).
+        if req.detach {
+            let location = format!("/v1/jobs/{}", job.id());
+            return ApiResponse::json(
+                202,
+                &JobAccepted {
+                    job: job.id(),
+                    location: location.clone(),
+                },
+            )
+            .with_header("Location", location);
+        }
+        match job.wait() {
             Ok(report) => ApiResponse::ok(&report),
-            Err(SnapshotError::Vm(e)) => error_response(&e),
-            Err(SnapshotError::Format(
-                e @ (stasis_snapshot::Error::RefuseOverwrite { .. }
-                | stasis_snapshot::Error::NoParent { .. }),
-            )) => ApiResponse::error(400, e.to_string()),
-            Err(e) => ApiResponse::error(500, e.to_string()),
+            Err(f) => failure_response(&f),
+        }
+    }
+
+    fn job(&self, id: u64) -> ApiResponse {
+        match self.jobs.get(id) {
+            Some(job) => ApiResponse::ok(&job.status()),
+            None => ApiResponse::error(404, format!("no job {id}")),
+        }
+    }
+
+    fn cancel_job(&self, id: u64) -> ApiResponse {
+        match self.jobs.cancel(id) {
+            Ok(job) => ApiResponse::json(202, &job.status()),
+            Err(e @ CancelError::NotFound(_)) => ApiResponse::error(404, e.to_string()),
+            Err(e) => ApiResponse::error(409, e.to_string()),
         }
     }
 }
@@ -136,6 +206,11 @@ impl ApiHandler for VmApi {
                 ApiResponse::action(VmState::Stopping, "VM is stopping")
             }
             ApiRequest::Snapshot(req) => self.snapshot(&req),
+            ApiRequest::ListJobs => {
+                ApiResponse::ok(&serde_json::json!({ "jobs": self.jobs.list() }))
+            }
+            ApiRequest::GetJob(id) => self.job(id),
+            ApiRequest::CancelJob(id) => self.cancel_job(id),
             _ => ApiResponse::error(501, "not implemented"),
         }
     }

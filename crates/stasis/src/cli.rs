@@ -37,7 +37,13 @@ pub enum Command {
     /// Stop a VM (the VMM exits with status 0).
     Stop(NameArg),
     /// Snapshot a running VM into a directory; it keeps running unless --stop.
+    /// Waits with a progress bar (Ctrl-C cancels) unless --detach.
     Snapshot(SnapshotArgs),
+    /// List a VM's jobs (long operations such as snapshots), or show one.
+    Jobs(JobsArgs),
+    /// Cancel a VM's running job; it stops at its next safe point and
+    /// leaves the previous snapshot at its path as it was.
+    Cancel(CancelArgs),
     /// Start a VM from a snapshot directory (runs in the foreground like `run`).
     Restore(RestoreArgs),
     /// Check every checksum of a snapshot.
@@ -90,6 +96,35 @@ pub struct SnapshotArgs {
     /// Print the API's JSON answer.
     #[arg(long)]
     pub json: bool,
+    /// Start the snapshot as a job and print its id at once instead of
+    /// waiting (follow it with `stasis jobs NAME ID --wait`).
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// `stasis jobs NAME [ID]`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// The VM's name.
+    pub name: String,
+    /// One job's id (default: list them all).
+    pub id: Option<u64>,
+    /// Wait for the job to end, with a progress bar on a terminal (needs
+    /// ID).
+    #[arg(long, requires = "id")]
+    pub wait: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `stasis cancel NAME ID`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The job's id.
+    pub id: u64,
 }
 
 /// `stasis restore DIR`.

@@ -1,14 +1,14 @@
 //! `stasis demo`: the main job on the built-in default. Boots the heartbeat
 //! guest that ships inside the binary, shows its counter running, pauses
-//! and resumes it, suspends it to a snapshot (the VM ends), restores a new
-//! VM from the snapshot alone, and shows the counter going on from where it
-//! was.
+//! and resumes it, takes a live snapshot as a job through the control API,
+//! suspends it to a snapshot (the VM ends), restores a new VM from the
+//! snapshot alone, and shows the counter going on from where it was.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stasis_api::ApiServer;
+use stasis_api::{ApiClient, ApiServer, JobState};
 use stasis_config::{SerialConfig, VmConfig};
 use stasis_vmm::persist::restore::{self, RestoreMode, RestoreOverrides};
 use stasis_vmm::persist::save::{self, SnapshotOptions};
@@ -18,6 +18,45 @@ use crate::api_glue::VmApi;
 use crate::cli::DemoArgs;
 use crate::run::{api_socket_path, EXIT_START_FAILED};
 use crate::signals;
+
+/// Starts a snapshot of the running VM as a job and follows it to the end.
+fn live_snapshot_job(socket: &std::path::Path, dir: &std::path::Path) -> Result<(), String> {
+    let client = ApiClient::at(socket);
+    let accepted = client
+        .snapshot_detached(&dir.display().to_string(), false)
+        .map_err(|e| e.to_string())?;
+    let mut phases: Vec<String> = Vec::new();
+    let job = loop {
+        let job = client.job(accepted.job).map_err(|e| e.to_string())?;
+        if phases.last() != Some(&job.phase) {
+            phases.push(job.phase.clone());
+        }
+        if job.state != JobState::Running {
+            break job;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let report: stasis_api::SnapshotResponse = match (&job.state, job.result) {
+        (JobState::Succeeded, Some(r)) => serde_json::from_value(r).map_err(|e| e.to_string())?,
+        _ => {
+            return Err(format!(
+                "live snapshot job {} {}: {}",
+                job.id,
+                job.state.as_str(),
+                job.error.unwrap_or_default()
+            ))
+        }
+    };
+    println!(
+        "stasis demo: live snapshot as job {} ({}): {}; guest paused {:.1} ms (quiesced in {:.2} ms) and kept running",
+        accepted.job,
+        accepted.location,
+        phases.join(" -> "),
+        report.pause_ms,
+        report.quiesce_ms
+    );
+    Ok(())
+}
 
 /// Follows a growing file line by line.
 struct Tail {
@@ -120,14 +159,15 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     crate::panics::install(&cfg.name, vec![socket.clone()]);
     let mut vm = Vm::create(&cfg).map_err(|e| e.to_string())?;
     let control = vm.control();
+    let signals = signals::forward_termination_signals(control.exit_sink());
+    vm.start().map_err(|e| e.to_string())?;
     let handle = server
         .serve(Arc::new(VmApi {
             control: control.clone(),
             socket: socket.display().to_string(),
+            jobs: Default::default(),
         }))
         .map_err(|e| e.to_string())?;
-    let signals = signals::forward_termination_signals(control.exit_sink());
-    vm.start().map_err(|e| e.to_string())?;
     println!(
         "stasis demo: booted the built-in heartbeat guest as VM '{}' ({} vCPU, {} MiB, {} boot)",
         cfg.name,
@@ -170,7 +210,12 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     );
     show(&mut tail, secs, &mut last);
 
-    // 3. Suspend to a snapshot: the VM ends once it is on disk.
+    // 3. A live snapshot as a job, through the control API, as `stasis
+    // snapshot --detach` and `stasis jobs` do it.
+    live_snapshot_job(&socket, &dir.join("live-snapshot"))?;
+    show(&mut tail, Duration::from_millis(500), &mut last);
+
+    // 4. Suspend to a snapshot: the VM ends once it is on disk.
     let snap = dir.join("snapshot");
     let report = save::snapshot(
         &control,
@@ -193,7 +238,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         report.memory_bytes >> 20,
     );
 
-    // 4. Can this host run it? The same check `stasis check` makes.
+    // 5. Can this host run it? The same check `stasis check` makes.
     let check = restore::check_snapshot(&snap, false).map_err(|e| e.to_string())?;
     if check.check.report.is_ok() {
         println!(
@@ -213,7 +258,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         ));
     }
 
-    // 5. Restore it, as a new VM, from the snapshot alone.
+    // 6. Restore it, as a new VM, from the snapshot alone.
     let restored_serial = dir.join("serial-restored.log");
     std::fs::File::create(&restored_serial).map_err(|e| e.to_string())?;
     let overrides = RestoreOverrides {

@@ -5,6 +5,7 @@ mod cli;
 mod clients;
 mod cpu;
 mod demo;
+mod jobs;
 mod panics;
 mod restore;
 mod run;
@@ -35,6 +36,8 @@ fn main() {
         cli::Command::Resume(a) => clients::action(&a, "resume"),
         cli::Command::Stop(a) => clients::stop(&a),
         cli::Command::Snapshot(a) => snapshots::snapshot(&a),
+        cli::Command::Jobs(a) => jobs::jobs(&a),
+        cli::Command::Cancel(a) => jobs::cancel(&a),
         cli::Command::Restore(a) => restore::restore(a),
         cli::Command::Verify(a) => snapshots::verify(&a),
         cli::Command::Inspect(a) => snapshots::inspect(&a),

@@ -137,6 +137,7 @@ pub fn serve(mut vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Resul
     let api = Arc::new(VmApi {
         control: control.clone(),
         socket: socket.display().to_string(),
+        jobs: Default::default(),
     });
     let _signals = signals::forward_termination_signals(control.exit_sink());
     let d = control.description();

@@ -59,3 +59,25 @@ pub fn forward_termination_signals(sink: ExitSink) -> SignalTarget {
         .expect("spawn the signal thread");
     target
 }
+
+/// For client commands that wait on a VM: counts SIGINT and SIGTERM
+/// instead of dying of them, so that the first one can cancel what the
+/// command waits for. Call before creating any thread.
+pub fn count_interrupts() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    block_termination_signals();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let set = termination_set();
+            let mut sig: libc::c_int = 0;
+            // SAFETY: valid set and out-pointer; the signals are blocked in
+            // all threads, so sigwait is the only consumer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+        .expect("spawn the signal thread");
+    count
+}

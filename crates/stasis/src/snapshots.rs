@@ -1,11 +1,14 @@
 //! `stasis snapshot`, `verify` and `inspect`.
 
 use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use stasis_api::ApiClient;
+use stasis_api::{ApiClient, JobState};
 use stasis_snapshot::{format_bytes, summary, summary_json, SnapshotReader};
 
 use crate::cli::{InspectArgs, SnapshotArgs, VerifyArgs};
+use crate::jobs::{CancelOnInterrupt, ProgressView, EXIT_INTERRUPTED};
 
 /// Exit status when a snapshot cannot be taken, read or verified.
 pub const EXIT_SNAPSHOT_FAILED: i32 = 1;
@@ -15,9 +18,10 @@ fn fail(e: impl std::fmt::Display) -> i32 {
     EXIT_SNAPSHOT_FAILED
 }
 
-/// `stasis snapshot NAME DIR [--stop]`. The path is made absolute here:
-/// the VMM may run in another working directory.
+/// `stasis snapshot NAME DIR [--stop] [--detach]`. The path is made
+/// absolute here: the VMM may run in another working directory.
 pub fn snapshot(args: &SnapshotArgs) -> i32 {
+    let interrupts = crate::signals::count_interrupts();
     let dir = match std::path::absolute(&args.dir) {
         Ok(d) => d,
         Err(e) => return fail(format!("{}: {e}", args.dir.display())),
@@ -26,7 +30,66 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    match client.snapshot(&dir.display().to_string(), args.stop) {
+    let path = dir.display().to_string();
+    if args.detach {
+        return match client.snapshot_detached(&path, args.stop) {
+            Ok(a) if args.json => {
+                println!("{}", serde_json::to_string_pretty(&a).expect("serializes"));
+                0
+            }
+            Ok(a) => {
+                println!(
+                    "snapshot of '{}' to {path} started as job {}; follow it with `stasis jobs {} {} --wait`",
+                    args.name, a.job, args.name, a.job
+                );
+                0
+            }
+            Err(e) => fail(e),
+        };
+    }
+    // The request waits for the snapshot; meanwhile its job is followed
+    // for the progress bar and for Ctrl-C, which cancels it.
+    let worker = {
+        let (client, path, stop) = (client.clone(), path.clone(), args.stop);
+        std::thread::spawn(move || client.snapshot(&path, stop))
+    };
+    let mut view = ProgressView::new();
+    let mut cancel = CancelOnInterrupt::default();
+    let mut job = None;
+    while !worker.is_finished() {
+        let interrupted = interrupts.load(Ordering::SeqCst) > 0;
+        if ProgressView::is_visible() || interrupted {
+            if job.is_none() {
+                job = client.jobs().ok().and_then(|jobs| {
+                    jobs.into_iter()
+                        .find(|j| j.state == JobState::Running && j.target == path)
+                        .map(|j| j.id)
+                });
+            }
+            if let Some(info) = job.and_then(|id| client.job(id).ok()) {
+                view.show(&info);
+            }
+        }
+        if cancel.poll(&client, job, &interrupts, &mut view) {
+            eprintln!(
+                "stasis: stopped waiting; the snapshot goes on in VM '{}'",
+                args.name
+            );
+            return EXIT_INTERRUPTED;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    view.finish();
+    let result = worker
+        .join()
+        .expect("the snapshot request thread does not panic");
+    if result.is_err() && interrupts.load(Ordering::SeqCst) > 0 {
+        if let Err(e) = &result {
+            eprintln!("stasis: {e}");
+        }
+        return EXIT_INTERRUPTED;
+    }
+    match result {
         Ok(r) if args.json => {
             println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
             0
