@@ -154,6 +154,7 @@ impl Drop for SocketFile {
 struct Timeouts {
     io: Duration,
     request: Duration,
+    drain: Duration,
 }
 
 /// A bound control socket, not yet serving. Dropping it removes the
@@ -183,6 +184,7 @@ impl ApiServer {
             timeouts: Timeouts {
                 io: DEFAULT_IO_TIMEOUT,
                 request: DEFAULT_REQUEST_DEADLINE,
+                drain: DRAIN_TIMEOUT,
             },
         })
     }
@@ -212,7 +214,15 @@ impl ApiServer {
         self.timeouts = Timeouts {
             io: io.max(floor),
             request: request.max(floor),
+            drain: self.timeouts.drain,
         };
+        self
+    }
+
+    /// Sets how long [`ApiServerHandle::shutdown`] waits for connections in
+    /// flight (default [`DRAIN_TIMEOUT`]).
+    pub fn with_drain_timeout(mut self, drain: Duration) -> ApiServer {
+        self.timeouts.drain = drain;
         self
     }
 
@@ -245,6 +255,7 @@ impl ApiServer {
             shared,
             thread: Mutex::new(Some(thread)),
             file,
+            drain: timeouts.drain,
         })
     }
 }
@@ -427,6 +438,7 @@ pub struct ApiServerHandle {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     file: SocketFile,
+    drain: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -445,8 +457,9 @@ impl ApiServerHandle {
     }
 
     /// Stops the server: removes the socket file, wakes and ends the
-    /// accept loop, and waits up to [`DRAIN_TIMEOUT`] for connections in
-    /// flight to send their responses.
+    /// accept loop, and waits up to [`DRAIN_TIMEOUT`] (or what
+    /// [`ApiServer::with_drain_timeout`] set) for connections in flight to
+    /// send their responses.
     ///
     /// Safe to call more than once and from any thread, including from an
     /// [`ApiHandler`] (which then does not wait for its own connection).
@@ -469,7 +482,7 @@ impl ApiServerHandle {
             let _ = thread.join();
         }
         let own = usize::from(IN_CONNECTION.with(Cell::get));
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let deadline = Instant::now() + self.drain;
         let mut active = self.shared.active();
         while *active > own {
             let now = Instant::now();

@@ -1,5 +1,10 @@
 //! A snapshot that fails or is killed half way never destroys the previous
 //! one at the same path, and a failed snapshot leaves the VM running.
+//!
+//! Kills land where they are meant to, not by luck: a failpoint
+//! (`STASIS_FAILPOINTS`, crates/stasis-failpoint) stops the writer inside
+//! the phase under test and says so on the VMM's stderr, and only then is
+//! the VMM killed.
 
 mod common;
 use common::*;
@@ -43,20 +48,51 @@ fn still_running(vm: &mut VmProcess) {
     assert_eq!(info["state"], "running");
 }
 
-/// A VM whose memory workload has written 448 MiB, so that a snapshot of
-/// it takes a while.
-fn busy_vm(tag: &str) -> VmProcess {
+/// Guest memory of the memory-workload VMs, and the memory batches a
+/// snapshot of it copies (16 MiB each; one RAM region).
+const MEMORY_MIB: u64 = 128;
+const BATCHES: u64 = MEMORY_MIB / 16;
+
+/// A VM whose memory workload has written and checks 96 MiB, with
+/// failpoints `failpoints`.
+fn memory_vm(tag: &str, failpoints: &str) -> VmProcess {
+    let memory = format!("{MEMORY_MIB}M");
     let mut vm = VmProcess::start(
         tag,
         VmOpts {
-            memory: "512M",
-            cmdline: "console=ttyS0 workload=memory mem_mib=448",
+            memory: &memory,
+            cmdline: "console=ttyS0 workload=memory mem_mib=96",
+            env: vec![("STASIS_FAILPOINTS".into(), failpoints.into())],
             ..Default::default()
         },
     );
     vm.wait_tagged("MEM", 1, Duration::from_secs(300));
     vm.wait_socket();
     vm
+}
+
+/// Waits until the VMM says it is held at failpoint `name`.
+fn wait_held(vm: &mut VmProcess, name: &str) {
+    let line = format!("STASIS-FAILPOINT {name}");
+    let deadline = std::time::Instant::now() + T;
+    while !vm.stderr().contains(&line) {
+        if let Ok(Some(st)) = vm.child.try_wait() {
+            vm.fail(&format!("the VMM ended ({st}) before reaching {name}"));
+        }
+        assert!(std::time::Instant::now() < deadline, "never held at {name}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Directories next to `dir` other than `dir` itself.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let name = dir.file_name().unwrap();
+    std::fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// `stasis snapshot` of `vm` into `dir`, running in the background.
@@ -125,64 +161,104 @@ fn a_new_snapshot_replaces_an_old_one_atomically() {
     still_running(&mut vm);
 }
 
-#[test]
-fn killing_the_vmm_mid_snapshot_leaves_the_previous_snapshot_intact() {
-    let mut vm = busy_vm("cs-kill");
-    let snaps = Scratch::new("cs-kill-snap");
+/// Takes a first snapshot at a path, then kills the VMM while a second one
+/// to the same path is held at `failpoint`: the first must be there,
+/// unchanged and valid, and restore; the next snapshot to the path cleans
+/// up what the killed one left. `fp` lets the first snapshot through.
+fn kill_while_held(tag: &str, fp: &str, failpoint: &str) {
+    let mut vm = memory_vm(tag, fp);
+    let snaps = Scratch::new(&format!("{tag}-snap"));
     let dir = snaps.join("snap");
     vm.snapshot(&dir, false);
     let before = fingerprint(&dir);
 
     let mut pending = snapshot_in_background(&vm, &dir);
-    std::thread::sleep(Duration::from_millis(40));
+    wait_held(&mut vm, failpoint);
+    // The killed writer's files are there, beside the snapshot.
+    assert!(
+        leftovers(&dir).iter().any(|n| n.starts_with(".snap.tmp-")),
+        "{:?}",
+        leftovers(&dir)
+    );
     vm.signal(libc::SIGKILL);
     vm.wait_exit(Duration::from_secs(10));
-    let client = pending.wait().unwrap();
+    assert!(!pending.wait().unwrap().success());
 
-    // Whatever moment the kill hit, the path holds one complete, valid
-    // snapshot: the old one (killed before the rename) or the new one.
     let out = stasis(&["verify", dir.to_str().unwrap()], &vm.runtime_dir);
     assert!(out.status.success(), "snapshot damaged: {}", err_text(&out));
-    let after = fingerprint(&dir);
-    if !client.success() {
-        assert_eq!(after, before, "a killed snapshot changed the previous one");
-    }
-    // And it restores.
-    let mut r = restore_process("cs-kill-r", &dir, &vm.runtime_dir, &[]);
-    let mem = r.wait_tagged("MEM", 1, Duration::from_secs(300));
-    assert_eq!(num(&mem[0], "bad"), 0, "{}", mem[0]);
-    // The next snapshot to the same path cleans up what the killed one left.
+    assert_eq!(
+        fingerprint(&dir),
+        before,
+        "a killed snapshot changed the previous one"
+    );
+    let mut r = restore_process(&format!("{tag}-r"), &dir, &vm.runtime_dir, &[]);
+    let n = r.tagged("MEM").len();
+    let mem = r.wait_tagged("MEM", n + 1, Duration::from_secs(300));
+    assert_eq!(
+        num(mem.last().unwrap(), "bad"),
+        0,
+        "{}",
+        mem.last().unwrap()
+    );
     r.wait_socket();
     r.snapshot(&dir, true);
     r.wait_exit(T);
-    let leftovers: Vec<String> = std::fs::read_dir(snaps.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "snap")
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(leftovers(&dir), Vec::<String>::new());
+}
+
+#[test]
+fn killing_the_vmm_during_the_memory_copy_leaves_the_previous_snapshot_intact() {
+    // The first snapshot's batches and the second's first one pass; the
+    // second's next batch holds the writer inside its memory copy.
+    kill_while_held(
+        "cs-kill-copy",
+        &format!(
+            "writer.memory_batch={}*sleep(0);writer.memory_batch=hold",
+            BATCHES + 1
+        ),
+        "writer.memory_batch",
+    );
+}
+
+#[test]
+fn killing_the_vmm_just_before_the_rename_leaves_the_previous_snapshot_intact() {
+    // The second snapshot is complete and durable in its temporary
+    // directory, one step from replacing the first.
+    kill_while_held(
+        "cs-kill-rename",
+        "writer.before_rename=1*sleep(0);writer.before_rename=hold",
+        "writer.before_rename",
+    );
 }
 
 #[test]
 fn resume_is_refused_while_a_snapshot_runs() {
-    let mut vm = busy_vm("cs-busy");
+    // Reading the device state takes 3 s: the snapshot holds the paused
+    // VM for that long.
+    let mut vm = memory_vm("cs-busy", "capture.after_irqchip=1*sleep(3000)");
     let snaps = Scratch::new("cs-busy-snap");
     let dir = snaps.join("snap");
     let mut pending = snapshot_in_background(&vm, &dir);
-    // While the snapshot holds the VM, resume (which would let the guest
-    // run during the memory copy) is refused with a clear message.
-    let mut refused = None;
-    while pending.try_wait().unwrap().is_none() {
-        let out = vm.cli(&["resume", &vm.name]);
-        if !out.status.success() {
-            refused = Some(err_text(&out));
+    let client = stasis_api::ApiClient::at(vm.socket());
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let jobs = client.jobs().unwrap();
+        if jobs
+            .iter()
+            .any(|j| j.phase == "saving vCPU and device state")
+        {
             break;
         }
+        assert!(std::time::Instant::now() < deadline, "{jobs:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(pending.wait().unwrap().success(), "snapshot failed");
-    let msg = refused.expect("no resume was attempted while the snapshot ran");
+    // While the snapshot holds the VM, resume (which would let the guest
+    // run during the memory copy) is refused with a clear message.
+    let out = vm.cli(&["resume", &vm.name]);
+    assert!(!out.status.success());
+    let msg = err_text(&out);
     assert!(msg.contains("a snapshot of the VM is in progress"), "{msg}");
+    assert!(pending.wait().unwrap().success(), "snapshot failed");
     let out = stasis(&["verify", dir.to_str().unwrap()], &vm.runtime_dir);
     assert!(out.status.success(), "{}", err_text(&out));
     // Afterwards the VM runs and pause works again.

@@ -362,6 +362,26 @@ pub fn restore_process_with(
     }
 }
 
+/// `TIMER` reports of one CPU: every report after the first (which may
+/// span a pause or the start) shows ticks since the one before, at a rate no higher than `hz` (plus one tick per report
+/// for the interval's edges).
+pub fn timer_runs_at_most_at(reports: &[String], hz: f64) {
+    for w in reports.windows(2).skip(1) {
+        assert!(
+            num(&w[1], "ticks") > num(&w[0], "ticks"),
+            "no timer tick between reports: {} -> {}",
+            w[0],
+            w[1]
+        );
+        let rate = num(&w[1], "hz_x100") as f64 / 100.0;
+        assert!(
+            rate <= hz * 1.5,
+            "timer at {rate} Hz, set to {hz}: {}",
+            w[1]
+        );
+    }
+}
+
 /// A guest's serial output across a suspend and restore, as complete
 /// lines: those before the suspend, and those after it. `before` is the
 /// suspended guest's output, whose last line may have been cut by the
