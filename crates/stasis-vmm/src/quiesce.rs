@@ -1,7 +1,7 @@
 //! One protocol for stopping the world at an instant: every thread that
 //! can change guest-visible state (vCPUs, device I/O threads, host input
-//! feeding the serial port) implements [`Quiesce`], and [`World`] brings
-//! them all to their safe points together ([`quiesce_all`]).
+//! feeding the serial port) implements [`Quiesce`], and [`quiesce_all`]
+//! brings them all to their safe points together.
 //!
 //! A safe point is where nothing the guest can see is half done: a vCPU
 //! parked between two `KVM_RUN`s with no port or MMIO instruction left for

@@ -1,4 +1,5 @@
 //! Pieces shared by the benchmarks.
+#![allow(dead_code)] // each benchmark uses some of these
 
 /// A child VMM that is killed when dropped, also when the benchmark panics.
 pub struct Vmm(pub std::process::Child);

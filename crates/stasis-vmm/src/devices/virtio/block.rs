@@ -8,13 +8,14 @@
 //! request is executed by the device's I/O thread, in batches (see the
 //! module docs of [`super`]).
 //!
+//! Data moves between the image and guest memory without a copy through
+//! the VMM ([`buffers`]: `preadv`/`pwritev` on the request's guest buffers).
+//!
 //! The image is locked with `flock` (exclusive for a writable disk, shared
 //! for a read-only one), so two VMs cannot write one image at once.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use stasis_config::DiskConfig;
@@ -70,8 +71,11 @@ pub const ID_BYTES: usize = 20;
 /// its padding.
 pub const CONFIG_SIZE: usize = 0x3c;
 
-/// Data is moved between the image and guest memory in chunks of this size.
-const CHUNK: usize = 1 << 20;
+mod buffers;
+use buffers::RequestBuffers;
+
+/// Length of a request's header (`struct virtio_blk_outhdr`).
+const HEADER: usize = 16;
 
 /// A virtio-blk disk.
 pub struct Block {
@@ -81,7 +85,7 @@ pub struct Block {
     size: u64,
     readonly: bool,
     config: Vec<u8>,
-    buf: Vec<u8>,
+    bufs: RequestBuffers,
     warnings: super::GuestWarnings,
 }
 
@@ -157,7 +161,7 @@ impl Block {
             size,
             readonly,
             config: config_space(size / SECTOR_SIZE),
-            buf: Vec::new(),
+            bufs: RequestBuffers::default(),
             warnings: Default::default(),
         }
     }
@@ -180,29 +184,27 @@ impl Block {
     /// Executes one request; returns the number of bytes written into the
     /// chain's device-writable part (status byte included).
     fn execute(&mut self, mem: &GuestRam, chain: DescriptorChain<&GuestRam>) -> u32 {
-        let mut reader = match chain.clone().reader(mem) {
-            Ok(r) => r,
-            Err(e) => {
-                self.warnings.warn(
-                    "virtio-blk",
-                    &self.id,
-                    format_args!("bad request chain: {e}"),
-                );
-                return 0;
-            }
-        };
-        let mut data_out = match chain.writer(mem) {
-            Ok(w) => w,
-            Err(e) => {
-                self.warnings.warn(
-                    "virtio-blk",
-                    &self.id,
-                    format_args!("bad request chain: {e}"),
-                );
-                return 0;
-            }
-        };
-        let writable = data_out.available_bytes();
+        let mut bufs = std::mem::take(&mut self.bufs);
+        let written = self.execute_in(&mut bufs, mem, chain);
+        self.bufs = bufs;
+        written
+    }
+
+    fn execute_in(
+        &mut self,
+        bufs: &mut RequestBuffers,
+        mem: &GuestRam,
+        chain: DescriptorChain<&GuestRam>,
+    ) -> u32 {
+        if let Err(e) = bufs.load(mem, chain) {
+            self.warnings.warn(
+                "virtio-blk",
+                &self.id,
+                format_args!("bad request chain: {e}"),
+            );
+            return 0;
+        }
+        let writable = bufs.writable_len();
         if writable == 0 {
             self.warnings.warn(
                 "virtio-blk",
@@ -211,35 +213,33 @@ impl Block {
             );
             return 0;
         }
-        let mut status_out = match data_out.split_at(writable - 1) {
-            Ok(s) => s,
-            Err(_) => return 0,
-        };
-        let mut header = [0u8; 16];
-        let status = if reader.read_exact(&mut header).is_err() {
+        // The status is the last writable byte; data comes before it.
+        let room = writable - 1;
+        let mut header = [0u8; HEADER];
+        let (status, data_written) = if !bufs.read_bytes(0, &mut header) {
             self.warnings.warn(
                 "virtio-blk",
                 &self.id,
                 format_args!("request header too short"),
             );
-            VIRTIO_BLK_S_IOERR
+            (VIRTIO_BLK_S_IOERR, 0)
         } else {
             let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
             let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
             match kind {
-                VIRTIO_BLK_T_IN => self.read(sector, &mut data_out),
-                VIRTIO_BLK_T_OUT => self.write(sector, &mut reader),
-                VIRTIO_BLK_T_FLUSH => self.flush(),
-                VIRTIO_BLK_T_GET_ID => self.get_id(&mut data_out),
-                VIRTIO_BLK_T_DISCARD => self.discard(&mut reader),
+                VIRTIO_BLK_T_IN => self.read(bufs, sector, room),
+                VIRTIO_BLK_T_OUT => (self.write(bufs, sector), 0),
+                VIRTIO_BLK_T_FLUSH => (self.flush(), 0),
+                VIRTIO_BLK_T_GET_ID => self.get_id(bufs, room),
+                VIRTIO_BLK_T_DISCARD => (self.discard(bufs), 0),
                 other => {
                     tracing::debug!("virtio-blk '{}': unsupported request {other}", self.id);
-                    VIRTIO_BLK_S_UNSUPP
+                    (VIRTIO_BLK_S_UNSUPP, 0)
                 }
             }
         };
-        let _ = status_out.write_all(&[status]);
-        (data_out.bytes_written() + status_out.bytes_written()) as u32
+        bufs.write_bytes(room, &[status]);
+        (data_written + 1) as u32
     }
 
     /// Checks that `len` bytes at `sector` are within the disk and whole
@@ -265,51 +265,37 @@ impl Block {
         Some(off)
     }
 
-    fn read(&mut self, sector: u64, out: &mut virtio_queue::Writer) -> u8 {
-        let len = out.available_bytes();
-        let Some(mut off) = self.range(sector, len as u64) else {
-            return VIRTIO_BLK_S_IOERR;
+    /// Reads into the `len` writable bytes before the status; returns
+    /// the status and the bytes written.
+    fn read(&mut self, bufs: &mut RequestBuffers, sector: u64, len: usize) -> (u8, usize) {
+        let Some(off) = self.range(sector, len as u64) else {
+            return (VIRTIO_BLK_S_IOERR, 0);
         };
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            self.buf.resize(n, 0);
-            if let Err(e) = self.file.read_exact_at(&mut self.buf[..n], off) {
+        match bufs.pread(&self.file, 0, len, off) {
+            Ok(()) => (VIRTIO_BLK_S_OK, len),
+            Err(e) => {
                 tracing::warn!("virtio-blk '{}': read at {off:#x}: {e}", self.id);
-                return VIRTIO_BLK_S_IOERR;
+                (VIRTIO_BLK_S_IOERR, 0)
             }
-            if out.write_all(&self.buf[..n]).is_err() {
-                return VIRTIO_BLK_S_IOERR;
-            }
-            off += n as u64;
-            left -= n;
         }
-        VIRTIO_BLK_S_OK
     }
 
-    fn write(&mut self, sector: u64, input: &mut virtio_queue::Reader) -> u8 {
+    /// Writes the readable bytes after the header.
+    fn write(&mut self, bufs: &mut RequestBuffers, sector: u64) -> u8 {
         if self.readonly {
             return VIRTIO_BLK_S_IOERR;
         }
-        let len = input.available_bytes();
-        let Some(mut off) = self.range(sector, len as u64) else {
+        let len = bufs.readable_len() - HEADER;
+        let Some(off) = self.range(sector, len as u64) else {
             return VIRTIO_BLK_S_IOERR;
         };
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            self.buf.resize(n, 0);
-            if input.read_exact(&mut self.buf[..n]).is_err() {
-                return VIRTIO_BLK_S_IOERR;
-            }
-            if let Err(e) = self.file.write_all_at(&self.buf[..n], off) {
+        match bufs.pwrite(&self.file, HEADER, len, off) {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(e) => {
                 tracing::warn!("virtio-blk '{}': write at {off:#x}: {e}", self.id);
-                return VIRTIO_BLK_S_IOERR;
+                VIRTIO_BLK_S_IOERR
             }
-            off += n as u64;
-            left -= n;
         }
-        VIRTIO_BLK_S_OK
     }
 
     fn flush(&mut self) -> u8 {
@@ -325,22 +311,25 @@ impl Block {
         }
     }
 
-    fn get_id(&mut self, out: &mut virtio_queue::Writer) -> u8 {
+    /// Writes the id into the `room` writable bytes before the status
+    /// (truncated to them); returns the status and the bytes written.
+    fn get_id(&mut self, bufs: &RequestBuffers, room: usize) -> (u8, usize) {
         let mut id = [0u8; ID_BYTES];
         let n = self.id.len().min(ID_BYTES);
         id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
-        let room = out.available_bytes().min(ID_BYTES);
-        match out.write_all(&id[..room]) {
-            Ok(()) => VIRTIO_BLK_S_OK,
-            Err(_) => VIRTIO_BLK_S_IOERR,
+        let len = room.min(ID_BYTES);
+        if bufs.write_bytes(0, &id[..len]) {
+            (VIRTIO_BLK_S_OK, len)
+        } else {
+            (VIRTIO_BLK_S_IOERR, 0)
         }
     }
 
-    fn discard(&mut self, input: &mut virtio_queue::Reader) -> u8 {
+    fn discard(&mut self, bufs: &RequestBuffers) -> u8 {
         if self.readonly {
             return VIRTIO_BLK_S_IOERR;
         }
-        let len = input.available_bytes();
+        let len = bufs.readable_len() - HEADER;
         if len == 0 || !len.is_multiple_of(16) || len / 16 > MAX_DISCARD_SEG as usize {
             tracing::debug!(
                 "virtio-blk '{}': discard with {len} bytes of segments",
@@ -349,9 +338,9 @@ impl Block {
             return VIRTIO_BLK_S_UNSUPP;
         }
         let mut segments = Vec::with_capacity(len / 16);
-        for _ in 0..len / 16 {
+        for i in 0..len / 16 {
             let mut seg = [0u8; 16];
-            if input.read_exact(&mut seg).is_err() {
+            if !bufs.read_bytes(HEADER + 16 * i, &mut seg) {
                 return VIRTIO_BLK_S_IOERR;
             }
             let sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));

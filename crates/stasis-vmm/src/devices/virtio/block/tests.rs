@@ -366,3 +366,65 @@ fn requests_are_done_once_across_a_snapshot() {
     wr(&mut t, reg::QUEUE_NOTIFY, 0);
     assert_eq!(used_idx(&vq), 2);
 }
+
+#[test]
+fn any_framing_of_header_data_and_status_works() {
+    let img = TempFile::patterned(1 << 20);
+    let (rig, vq) = Rig::new(&img, false);
+    let mut t = rig.t;
+    // A read of 2 sectors at sector 5: the header split over two
+    // descriptors, the data and the status byte sharing one, the data
+    // starting in another.
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    hdr[8..16].copy_from_slice(&5u64.to_le_bytes());
+    rig.mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+    let bufs = [
+        ro(HDR, 3),
+        ro(HDR + 3, 13),
+        wo(DATA, 100),
+        wo(DATA + 0x1000, 925),
+    ];
+    offer(&vq, 0, &bufs);
+    wr(&mut t, reg::QUEUE_NOTIFY, 0);
+    let (head, len) = used(&vq, 0);
+    assert_eq!((head, len), (0, 1025));
+    let mut got = read_mem(&rig.mem, DATA, 100);
+    got.extend(read_mem(&rig.mem, DATA + 0x1000, 924));
+    assert_eq!(got, file_bytes(&img, 5 * 512, 1024));
+    let status: u8 = rig.mem.read_obj(GuestAddress(DATA + 0x1000 + 924)).unwrap();
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+
+    // A write of 1 sector whose header and data share a descriptor.
+    let pattern: Vec<u8> = (0..512).map(|i| (i * 13 % 251) as u8).collect();
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    hdr[8..16].copy_from_slice(&9u64.to_le_bytes());
+    let mut req = hdr.to_vec();
+    req.extend_from_slice(&pattern);
+    rig.mem.write_slice(&req, GuestAddress(DATA)).unwrap();
+    offer(&vq, 8, &[ro(DATA, 16 + 512), wo(STATUS, 1)]);
+    wr(&mut t, reg::QUEUE_NOTIFY, 0);
+    let (head, len) = used(&vq, 1);
+    assert_eq!((head, len), (8, 1));
+    assert_eq!(
+        rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(file_bytes(&img, 9 * 512, 512), pattern);
+}
+
+#[test]
+fn a_readable_descriptor_after_a_writable_one_is_refused() {
+    let img = TempFile::patterned(64 * 1024);
+    let before = std::fs::read(&img.0).unwrap();
+    let (rig, vq) = Rig::new(&img, false);
+    let mut t = rig.t;
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    rig.mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+    offer(&vq, 0, &[ro(HDR, 16), wo(STATUS, 1), ro(DATA, 512)]);
+    wr(&mut t, reg::QUEUE_NOTIFY, 0);
+    let (head, len) = used(&vq, 0);
+    assert_eq!((head, len), (0, 0));
+    assert_eq!(std::fs::read(&img.0).unwrap(), before);
+}
