@@ -282,38 +282,20 @@ mod tests {
             route("PUT", "/v1/vm/shutdown", b" { }\n"),
             Ok(ApiRequest::Shutdown)
         );
-        assert_eq!(
-            route(
-                "PUT",
-                "/v1/vm/snapshot",
-                br#"{"path": "/s/a", "stop": true}"#
-            ),
-            Ok(ApiRequest::Snapshot(SnapshotRequest {
-                path: "/s/a".into(),
-                stop: true,
-                detach: false
-            }))
-        );
-        assert_eq!(
-            route("PUT", "/v1/vm/snapshot", br#"{"path": "/s/a"}"#),
-            Ok(ApiRequest::Snapshot(SnapshotRequest {
-                path: "/s/a".into(),
-                stop: false,
-                detach: false
-            }))
-        );
-        assert_eq!(
-            route(
-                "PUT",
-                "/v1/vm/snapshot",
-                br#"{"path": "/s/a", "detach": true}"#
-            ),
-            Ok(ApiRequest::Snapshot(SnapshotRequest {
-                path: "/s/a".into(),
-                stop: false,
-                detach: true
-            }))
-        );
+        for (body, stop, detach) in [
+            (&br#"{"path": "/s/a", "stop": true}"#[..], true, false),
+            (br#"{"path": "/s/a"}"#, false, false),
+            (br#"{"path": "/s/a", "detach": true}"#, false, true),
+        ] {
+            assert_eq!(
+                route("PUT", "/v1/vm/snapshot", body),
+                Ok(ApiRequest::Snapshot(SnapshotRequest {
+                    path: "/s/a".into(),
+                    stop,
+                    detach
+                }))
+            );
+        }
         assert_eq!(route("GET", "/v1/jobs", b""), Ok(ApiRequest::ListJobs));
         assert_eq!(route("GET", "/v1/jobs/7", b""), Ok(ApiRequest::GetJob(7)));
         assert_eq!(

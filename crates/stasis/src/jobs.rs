@@ -51,7 +51,7 @@ impl ProgressView {
             let bar = if job.total_bytes > 0 {
                 ProgressBar::new(job.total_bytes).with_style(
                     ProgressStyle::with_template(
-                        "{msg:<30} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                        "{msg} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
                     )
                     .expect("valid template")
                     .progress_chars("=> "),

@@ -37,12 +37,9 @@ impl SignalTarget {
     }
 }
 
-/// Starts the thread that turns a termination signal into an exit reason
-/// for `sink`; returns the handle to redirect it.
-pub fn forward_termination_signals(sink: ExitSink) -> SignalTarget {
-    let target = SignalTarget::default();
-    target.set(sink);
-    let shared = target.clone();
+/// Starts the one thread that takes the (blocked) termination signals and
+/// hands each to `on_signal`.
+fn spawn_signal_thread(on_signal: impl Fn(libc::c_int) + Send + 'static) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -51,12 +48,23 @@ pub fn forward_termination_signals(sink: ExitSink) -> SignalTarget {
             // SAFETY: valid set and out-pointer; the signals are blocked in
             // all threads, so sigwait is the only consumer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                if let Some(sink) = shared.0.lock().expect("signal target lock").as_ref() {
-                    sink.report(ExitReason::Signal(sig));
-                }
+                on_signal(sig);
             }
         })
         .expect("spawn the signal thread");
+}
+
+/// Starts the thread that turns a termination signal into an exit reason
+/// for `sink`; returns the handle to redirect it.
+pub fn forward_termination_signals(sink: ExitSink) -> SignalTarget {
+    let target = SignalTarget::default();
+    target.set(sink);
+    let shared = target.clone();
+    spawn_signal_thread(move |sig| {
+        if let Some(sink) = shared.0.lock().expect("signal target lock").as_ref() {
+            sink.report(ExitReason::Signal(sig));
+        }
+    });
     target
 }
 
@@ -67,17 +75,8 @@ pub fn count_interrupts() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     block_termination_signals();
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = count.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let set = termination_set();
-            let mut sig: libc::c_int = 0;
-            // SAFETY: valid set and out-pointer; the signals are blocked in
-            // all threads, so sigwait is the only consumer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        })
-        .expect("spawn the signal thread");
+    spawn_signal_thread(move |_| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
     count
 }

@@ -76,19 +76,7 @@ pub fn boot_vcpus(
             added.names().join(" ")
         );
     }
-    let layout = save_layout(kvm, &vcpus[0], &applied0, spec.model.is_baseline())?;
-    Ok(VcpuSetup {
-        vcpus,
-        layout,
-        vendor: model_cpuid::vendor(&applied0),
-        cpu: GuestCpuRecord {
-            model: spec.model.name().to_string(),
-            changes: spec.changes.to_strings(),
-            features: FeatureSet::of(&applied0).names(),
-            added_by_host: added.names(),
-            xcr0: model_cpuid::xcr0_mask(&applied0),
-        },
-    })
+    finish(kvm, spec, vcpus, &applied0, &added)
 }
 
 /// How a restore puts the saved vCPUs back on this host: decided by the
@@ -141,17 +129,30 @@ pub fn restore_vcpus(
             .collect();
         added = added.union(&before);
     }
-    let layout = save_layout(kvm, &vcpus[0], &applied0, spec.model.is_baseline())?;
+    finish(kvm, spec, vcpus, &applied0, &added)
+}
+
+/// The set-up of created vCPUs: what their snapshots save, and the record
+/// of the CPU the guest sees (`applied0`: vCPU 0's CPUID as KVM applied it;
+/// `added`: what the host's KVM showed beyond the model).
+fn finish(
+    kvm: &Kvm,
+    spec: &CpuSpec,
+    vcpus: Vec<VcpuFd>,
+    applied0: &[CpuidLeaf],
+    added: &FeatureSet,
+) -> Result<VcpuSetup, VmError> {
+    let layout = save_layout(kvm, &vcpus[0], applied0, spec.model.is_baseline())?;
     Ok(VcpuSetup {
         vcpus,
         layout,
-        vendor: model_cpuid::vendor(&applied0),
+        vendor: model_cpuid::vendor(applied0),
         cpu: GuestCpuRecord {
             model: spec.model.name().to_string(),
             changes: spec.changes.to_strings(),
-            features: FeatureSet::of(&applied0).names(),
+            features: FeatureSet::of(applied0).names(),
             added_by_host: added.names(),
-            xcr0: model_cpuid::xcr0_mask(&applied0),
+            xcr0: model_cpuid::xcr0_mask(applied0),
         },
     })
 }
