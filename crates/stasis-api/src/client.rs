@@ -21,7 +21,8 @@ use crate::http::{self, HttpError};
 use crate::runtime::{self, InvalidVmName};
 use crate::sock::NoSigPipe;
 use crate::types::{
-    ActionResponse, JobAccepted, JobInfo, JobList, PingResponse, SnapshotResponse, VmInfo,
+    ActionResponse, JobAccepted, JobInfo, JobList, PingResponse, SnapshotRequest, SnapshotResponse,
+    VmInfo,
 };
 
 /// How long the client waits for the VM, by default (per read or write).
@@ -186,7 +187,22 @@ impl ApiClient {
     /// large VMs take a while: the client's timeout is raised to at least
     /// an hour for this call.
     pub fn snapshot(&self, path: &str, stop: bool) -> Result<SnapshotResponse, ClientError> {
-        let body = serde_json::json!({ "path": path, "stop": stop });
+        self.take_snapshot(&SnapshotRequest {
+            path: path.to_string(),
+            stop,
+            detach: false,
+            mode: None,
+        })
+    }
+
+    /// `PUT /v1/vm/snapshot` with every field of the request (its `detach`
+    /// is ignored: this waits for the snapshot).
+    pub fn take_snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotResponse, ClientError> {
+        let req = SnapshotRequest {
+            detach: false,
+            ..req.clone()
+        };
+        let body = serde_json::to_value(&req).map_err(|e| self.protocol(e.to_string()))?;
         let client = self
             .clone()
             .with_timeout(self.timeout.max(Duration::from_secs(3600)));
@@ -196,7 +212,22 @@ impl ApiClient {
     /// `PUT /v1/vm/snapshot` with `detach`: starts the snapshot as a job
     /// and returns its id at once.
     pub fn snapshot_detached(&self, path: &str, stop: bool) -> Result<JobAccepted, ClientError> {
-        let body = serde_json::json!({ "path": path, "stop": stop, "detach": true });
+        self.start_snapshot(&SnapshotRequest {
+            path: path.to_string(),
+            stop,
+            detach: true,
+            mode: None,
+        })
+    }
+
+    /// `PUT /v1/vm/snapshot` with `detach` set: starts the snapshot as a
+    /// job and returns its id at once.
+    pub fn start_snapshot(&self, req: &SnapshotRequest) -> Result<JobAccepted, ClientError> {
+        let req = SnapshotRequest {
+            detach: true,
+            ..req.clone()
+        };
+        let body = serde_json::to_value(&req).map_err(|e| self.protocol(e.to_string()))?;
         self.call("PUT", "/v1/vm/snapshot", Some(&body))
     }
 

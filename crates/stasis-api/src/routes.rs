@@ -292,7 +292,8 @@ mod tests {
                 Ok(ApiRequest::Snapshot(SnapshotRequest {
                     path: "/s/a".into(),
                     stop,
-                    detach
+                    detach,
+                    mode: None,
                 }))
             );
         }

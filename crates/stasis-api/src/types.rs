@@ -234,6 +234,12 @@ pub struct SnapshotRequest {
     /// snapshot (`GET /v1/jobs/ID` follows it).
     #[serde(default)]
     pub detach: bool,
+    /// How memory is copied: `background` (copy-on-write while the guest
+    /// runs; refused where the VM cannot), `stop-copy` (the guest stays
+    /// paused while memory is copied) or `auto` (the default: background
+    /// where possible, the response's `mode_note` says why not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// The answer to a request started as a job (`202 Accepted`); its
@@ -290,6 +296,10 @@ pub struct JobInfo {
     pub done_bytes: u64,
     /// Bytes of this phase in all (0 when the phase moves no bytes).
     pub total_bytes: u64,
+    /// Of `done_bytes`, those copied first because the guest was about to
+    /// write them (background snapshots; absent from older servers).
+    #[serde(default)]
+    pub early_bytes: u64,
     /// Bytes per second in this phase so far, in MB/s (0 once finished).
     pub rate_mb_per_s: f64,
     /// Since it started (until it ended, once finished), in ms.
@@ -343,4 +353,29 @@ pub struct SnapshotResponse {
     pub replaced_existing: bool,
     /// Whether the VM was ended afterwards.
     pub stopped: bool,
+    /// How memory was copied: `background` or `stop-copy` (absent from
+    /// older servers, which always stopped the guest while copying).
+    #[serde(default = "stop_copy")]
+    pub mode: String,
+    /// Why the snapshot was not taken in the background although it
+    /// could have been asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode_note: Option<String>,
+    /// Background: time spent write-protecting guest RAM inside the pause.
+    #[serde(default)]
+    pub protect_ms: f64,
+    /// Background: from the resume to the last byte of memory copied.
+    #[serde(default)]
+    pub background_copy_ms: f64,
+    /// Background: bytes copied ahead of their turn because the guest (or
+    /// a device) was about to write them.
+    #[serde(default)]
+    pub early_copied_bytes: u64,
+    /// Background: write-protect faults served.
+    #[serde(default)]
+    pub write_faults: u64,
+}
+
+fn stop_copy() -> String {
+    "stop-copy".to_string()
 }

@@ -27,6 +27,7 @@ mod fsutil;
 pub mod hex_bytes;
 mod inspect;
 mod manifest;
+mod memory_image;
 mod progress;
 mod reader;
 mod section;
@@ -38,16 +39,14 @@ pub use manifest::{
     decode_manifest, encode_manifest, seal_manifest_body, validate_body, CpuInfo, CpuidEntry,
     GuestCpuRecord, Manifest, ManifestBody, MemoryLayout, MemoryRegion, Producer, SectionEntry,
 };
+pub use memory_image::{ChunkSpan, MemoryImage, MemoryRegionSource, MemoryWriteStats};
 pub use progress::{Progress, ProgressSnapshot};
 pub use reader::{BadChunk, BadSection, SnapshotReader, VerifyReport};
 pub use section::{
     check_known, decode_json, decode_section, encode_section, KnownSections, SectionState,
     SectionWarning,
 };
-pub use writer::{
-    remove_stale_temp_dirs, CommitStats, ManifestInput, MemoryRegionSource, MemoryWriteStats,
-    SnapshotWriter,
-};
+pub use writer::{remove_stale_temp_dirs, CommitStats, ManifestInput, SnapshotWriter};
 
 /// The `format` value of every manifest.
 pub const FORMAT_NAME: &str = "stasis-snapshot";

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 pub struct Progress {
     done: AtomicU64,
     total: AtomicU64,
+    early: AtomicU64,
     /// The phase and when it began.
     phase: Mutex<(&'static str, Instant)>,
     cancel: AtomicBool,
@@ -39,6 +40,9 @@ pub struct ProgressSnapshot {
     pub done: u64,
     /// Bytes of this phase in all (0 when unknown).
     pub total: u64,
+    /// Of `done`, bytes copied ahead of their turn because the guest was
+    /// about to write them (background snapshots).
+    pub early: u64,
     /// How long the phase has been going.
     pub phase_elapsed: Duration,
     /// Whether a cancel was asked for.
@@ -53,6 +57,7 @@ impl Progress {
         Self {
             done: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            early: AtomicU64::new(0),
             phase: Mutex::new(("starting", Instant::now())),
             cancel: AtomicBool::new(false),
             committing: AtomicBool::new(false),
@@ -64,6 +69,13 @@ impl Progress {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = (phase, Instant::now());
         self.done.store(0, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
+        self.early.store(0, Ordering::Relaxed);
+    }
+
+    /// `bytes` of the phase's done bytes were copied early, because the
+    /// guest was about to change them.
+    pub fn add_early(&self, bytes: u64) {
+        self.early.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// `bytes` more of the current phase are done.
@@ -105,6 +117,7 @@ impl Progress {
             phase_elapsed: since.elapsed(),
             done: self.done.load(Ordering::Relaxed),
             total: self.total.load(Ordering::Relaxed),
+            early: self.early.load(Ordering::Relaxed),
             cancel_requested: self.cancel.load(Ordering::SeqCst),
             committing: self.committing.load(Ordering::SeqCst),
         }

@@ -5,7 +5,7 @@
 //! last, fsyncs, and then atomically puts the directory in place (see
 //! `docs/FORMAT.md`, "Crash-safe writing").
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -16,109 +16,15 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::crc;
 use crate::error::{io_ctx, Error, Result};
 use crate::fsutil;
 use crate::manifest::{
-    encode_manifest, CpuInfo, ManifestBody, MemoryLayout, MemoryRegion, Producer, SectionEntry,
+    encode_manifest, CpuInfo, ManifestBody, MemoryLayout, Producer, SectionEntry,
 };
+use crate::memory_image::{plan_layout, MemoryImage, MemoryRegionSource, MemoryWriteStats};
 use crate::progress::Progress;
 use crate::section::{check_key, encode_section, SectionState};
-use crate::{
-    CHUNK_SIZE, MANIFEST_FILE, MEMORY_FILE, PAGE_SIZE, REGION_ALIGN, SECTION_ALIGN, STATE_FILE,
-};
-
-/// Chunks handed to a worker thread at a time (8 × 2 MiB = 16 MiB); also
-/// the largest single `pwrite`.
-const BATCH_CHUNKS: usize = 8;
-
-/// One guest RAM region to copy into the memory image.
-///
-/// The bytes are only read during [`SnapshotWriter::write_memory`]. For
-/// guest memory the VM must be paused (no vCPU running, no device DMA) for
-/// the duration of that call, or the image will not be a consistent copy.
-#[derive(Clone, Copy, Debug)]
-pub struct MemoryRegionSource<'a> {
-    name: &'a str,
-    gpa: u64,
-    data: &'a [u8],
-}
-
-impl<'a> MemoryRegionSource<'a> {
-    /// A region named `name` (e.g. `"ram0"`) at guest physical address
-    /// `gpa` whose contents are `data` (length a multiple of 4 KiB).
-    pub fn new(name: &'a str, gpa: u64, data: &'a [u8]) -> MemoryRegionSource<'a> {
-        MemoryRegionSource { name, gpa, data }
-    }
-
-    /// Like [`MemoryRegionSource::new`], from a host mapping of guest memory.
-    ///
-    /// # Safety
-    ///
-    /// `ptr .. ptr + len` must be mapped and readable for the whole lifetime
-    /// `'a`, and must not be written by anyone (vCPUs, devices, other
-    /// threads) while the writer reads it, i.e. during
-    /// [`SnapshotWriter::write_memory`].
-    pub unsafe fn from_raw(
-        name: &'a str,
-        gpa: u64,
-        ptr: *const u8,
-        len: usize,
-    ) -> MemoryRegionSource<'a> {
-        // SAFETY: the caller guarantees the range is mapped, readable and
-        // unchanging for 'a, which is what a shared slice requires.
-        let data = unsafe { std::slice::from_raw_parts(ptr, len) };
-        MemoryRegionSource { name, gpa, data }
-    }
-
-    /// The region's name.
-    pub fn name(&self) -> &str {
-        self.name
-    }
-
-    /// The region's guest physical address.
-    pub fn gpa(&self) -> u64 {
-        self.gpa
-    }
-
-    /// The region's size in bytes.
-    pub fn len(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    /// Whether the region is empty (which `write_memory` rejects).
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-}
-
-/// Figures from [`SnapshotWriter::write_memory`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct MemoryWriteStats {
-    /// Number of regions.
-    pub regions: usize,
-    /// Guest bytes scanned (sum of region sizes).
-    pub guest_bytes: u64,
-    /// Bytes actually written (non-zero pages).
-    pub bytes_written: u64,
-    /// Pages written.
-    pub nonzero_pages: u64,
-    /// Pages left as holes.
-    pub zero_pages: u64,
-    /// Length of the memory file (holes included).
-    pub file_size: u64,
-    /// Worker threads used.
-    pub threads: usize,
-    /// Wall time of the copy (no fsync; that is in `commit`).
-    pub elapsed: Duration,
-}
-
-impl MemoryWriteStats {
-    /// Guest memory scanned per second, in MB/s (10⁶ bytes).
-    pub fn mb_per_s(&self) -> f64 {
-        self.guest_bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-}
+use crate::{MANIFEST_FILE, MEMORY_FILE, SECTION_ALIGN, STATE_FILE};
 
 /// The manifest fields the writer cannot know by itself.
 #[derive(Clone, Debug, Default)]
@@ -228,6 +134,8 @@ pub struct SnapshotWriter {
     /// The memory image created ahead of `write_memory` by
     /// `prepare_memory`, with its length.
     prepared: Option<(File, u64)>,
+    /// `begin_memory` was called.
+    memory_begun: bool,
     threads: usize,
     /// Set when a write failed half-way: the files are inconsistent, so
     /// `commit` refuses.
@@ -286,6 +194,7 @@ impl SnapshotWriter {
             sections: Vec::new(),
             memory: None,
             prepared: None,
+            memory_begun: false,
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
@@ -379,7 +288,8 @@ impl SnapshotWriter {
     }
 
     /// Copies guest memory into `memory.img`, leaving all-zero 4 KiB pages
-    /// as holes, and computes the chunk checksums. Call at most once.
+    /// as holes, and computes the chunk checksums, on up to
+    /// [`set_threads`](Self::set_threads) threads. Call at most once.
     ///
     /// Regions are laid out in the order given, each at a file offset that
     /// is a multiple of 2 MiB. Sizes and guest addresses must be multiples
@@ -389,16 +299,113 @@ impl SnapshotWriter {
     /// guest may run again. Durability (fsync) happens in
     /// [`commit`](Self::commit).
     pub fn write_memory(&mut self, regions: &[MemoryRegionSource<'_>]) -> Result<MemoryWriteStats> {
-        if self.memory.is_some() {
-            return Err(Error::Usage("write_memory called twice".to_string()));
-        }
         let start = Instant::now();
-        let layout = plan_layout(regions)?;
-        let result = self.copy_memory(regions, layout, start);
-        if let Err(e) = &result {
+        let image = self.begin_memory(regions)?;
+        let batches = image.batches();
+        let threads = self.threads.min(batches.len()).max(1);
+        let next = AtomicUsize::new(0);
+        let abort = AtomicBool::new(false);
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let worker = || loop {
+            if abort.load(Ordering::Relaxed) {
+                break;
+            }
+            let b = next.fetch_add(1, Ordering::Relaxed);
+            let Some(batch) = batches.get(b) else { break };
+            stasis_failpoint::hit("writer.memory_batch");
+            let copied = self
+                .progress
+                .check()
+                .and_then(|()| image.copy_chunks(regions, batch.clone()));
+            if let Err(e) = copied {
+                abort.store(true, Ordering::Relaxed);
+                first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+                break;
+            }
+        };
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(worker);
+            }
+            worker();
+        });
+        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             self.failed = Some(e.to_string());
+            return Err(e);
         }
-        result
+        let mut stats = self.finish_memory(image, start)?;
+        stats.threads = threads;
+        Ok(stats)
+    }
+
+    /// Starts the memory image for `regions` (laid out as
+    /// [`write_memory`](Self::write_memory) describes): chunks are then
+    /// copied with [`MemoryImage::copy_chunks`], in any order and from any
+    /// thread, and the image is handed back with
+    /// [`finish_memory`](Self::finish_memory). Call at most once.
+    pub fn begin_memory(&mut self, regions: &[MemoryRegionSource<'_>]) -> Result<Arc<MemoryImage>> {
+        if self.memory.is_some() || self.memory_begun {
+            return Err(Error::Usage(
+                "the memory image was started twice".to_string(),
+            ));
+        }
+        let layout = plan_layout(regions)?;
+        let file = match self.prepared.take() {
+            Some((file, size)) if size == layout.file_size => file,
+            Some((_, size)) => {
+                return Err(Error::Usage(format!(
+                    "the regions need a {}-byte image but prepare_memory made {size}",
+                    layout.file_size
+                )))
+            }
+            None => self.create_memory_file(layout.file_size)?,
+        };
+        self.memory_begun = true;
+        self.progress.phase(
+            "copying memory",
+            regions.iter().map(MemoryRegionSource::len).sum(),
+        );
+        let path = self.tmp_dir.join(MEMORY_FILE);
+        Ok(Arc::new(MemoryImage::new(
+            file,
+            path,
+            layout,
+            self.progress.clone(),
+        )))
+    }
+
+    /// Ends the memory image begun with [`begin_memory`](Self::begin_memory):
+    /// every chunk must have been copied and no other thread may still
+    /// hold `image`. `started` is when the copy began (for the figures).
+    pub fn finish_memory(
+        &mut self,
+        image: Arc<MemoryImage>,
+        started: Instant,
+    ) -> Result<MemoryWriteStats> {
+        let finished = Arc::try_unwrap(image)
+            .map_err(|_| Error::Usage("the memory image is still in use".to_string()))
+            .and_then(MemoryImage::finish);
+        let (file, layout, written) = match finished {
+            Ok(v) => v,
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        let stats =
+            MemoryImage::stats(&layout, layout.regions.len(), written, 1, started.elapsed());
+        tracing::debug!(?stats, "memory image written");
+        self.memory = Some((file, layout));
+        Ok(stats)
+    }
+
+    /// Records that the memory copy failed half way: the snapshot can no
+    /// longer be committed (its temporary directory goes on drop).
+    pub fn fail(&mut self, why: &str) {
+        self.failed.get_or_insert_with(|| why.to_string());
     }
 
     /// Creates the memory image for `regions` ahead of
@@ -410,7 +417,7 @@ impl SnapshotWriter {
     /// of a large snapshot's cost. The regions passed to `write_memory`
     /// must have the same layout. Optional.
     pub fn prepare_memory(&mut self, regions: &[MemoryRegionSource<'_>]) -> Result<()> {
-        if self.memory.is_some() || self.prepared.is_some() {
+        if self.memory.is_some() || self.prepared.is_some() || self.memory_begun {
             return Err(Error::Usage(
                 "prepare_memory after the memory image exists".to_string(),
             ));
@@ -448,98 +455,6 @@ impl SnapshotWriter {
         file.set_len(size)
             .map_err(io_ctx(format!("sizing {}", path.display())))?;
         Ok(file)
-    }
-
-    /// The I/O part of `write_memory`, after the regions were checked.
-    fn copy_memory(
-        &mut self,
-        regions: &[MemoryRegionSource<'_>],
-        layout: MemoryLayout,
-        start: Instant,
-    ) -> Result<MemoryWriteStats> {
-        let path = self.tmp_dir.join(MEMORY_FILE);
-        let file = match self.prepared.take() {
-            Some((file, size)) if size == layout.file_size => file,
-            Some((_, size)) => {
-                return Err(Error::Usage(format!(
-                    "write_memory regions need a {}-byte image but prepare_memory made {size}",
-                    layout.file_size
-                )))
-            }
-            None => self.create_memory_file(layout.file_size)?,
-        };
-
-        let tasks = plan_chunks(&layout);
-        let batches = plan_batches(&tasks);
-        let progress = self.progress.clone();
-        progress.phase(
-            "copying memory",
-            regions.iter().map(MemoryRegionSource::len).sum(),
-        );
-        let threads = self.threads.min(batches.len()).max(1);
-        let next = AtomicUsize::new(0);
-        let abort = AtomicBool::new(false);
-        let results: Mutex<Vec<WorkerResult>> = Mutex::new(Vec::new());
-        let first_error: Mutex<Option<Error>> = Mutex::new(None);
-        let worker = || {
-            let mut out = WorkerResult::default();
-            loop {
-                if abort.load(Ordering::Relaxed) {
-                    break;
-                }
-                let b = next.fetch_add(1, Ordering::Relaxed);
-                let Some(batch) = batches.get(b) else { break };
-                let chunk_tasks = &tasks[batch.clone()];
-                let region = &regions[chunk_tasks[0].region];
-                let placed = &layout.regions[chunk_tasks[0].region];
-                stasis_failpoint::hit("writer.memory_batch");
-                let copied = progress
-                    .check()
-                    .and_then(|()| copy_batch(&file, &path, region, placed, chunk_tasks, &mut out));
-                progress.add(chunk_tasks.iter().map(|t| t.data_len as u64).sum());
-                if let Err(e) = copied {
-                    abort.store(true, Ordering::Relaxed);
-                    first_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e);
-                    break;
-                }
-            }
-            results.lock().unwrap_or_else(|p| p.into_inner()).push(out);
-        };
-        std::thread::scope(|s| {
-            for _ in 1..threads {
-                s.spawn(worker);
-            }
-            worker();
-        });
-        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
-        }
-        let mut layout = layout;
-        let mut written = 0u64;
-        for r in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            layout.nonzero_pages += r.nonzero_pages;
-            written += r.bytes_written;
-            for (i, c) in r.chunk_crcs {
-                layout.chunk_crc32c[i] = c;
-            }
-        }
-        let guest_bytes: u64 = regions.iter().map(|r| r.len()).sum();
-        let stats = MemoryWriteStats {
-            regions: regions.len(),
-            guest_bytes,
-            bytes_written: written,
-            nonzero_pages: layout.nonzero_pages,
-            zero_pages: guest_bytes / PAGE_SIZE - layout.nonzero_pages,
-            file_size: layout.file_size,
-            threads,
-            elapsed: start.elapsed(),
-        };
-        tracing::debug!(?stats, "memory image written");
-        self.memory = Some((file, layout));
-        Ok(stats)
     }
 
     /// Finishes the snapshot: fsyncs the data files, writes and fsyncs
@@ -774,209 +689,9 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Checks the regions and places them in the file: in order, each at the
-/// next multiple of 2 MiB. The chunk list is sized but not filled.
-fn plan_layout(regions: &[MemoryRegionSource<'_>]) -> Result<MemoryLayout> {
-    let mut names = HashSet::new();
-    let mut placed = Vec::with_capacity(regions.len());
-    let mut offset = 0u64;
-    let mut file_size = 0u64;
-    for r in regions {
-        let bad = |detail: String| Error::BadRegion {
-            name: r.name.to_string(),
-            detail,
-        };
-        if r.name.is_empty() || r.name.chars().any(char::is_control) {
-            return Err(bad(
-                "region names must be non-empty, without control characters".into(),
-            ));
-        }
-        if !names.insert(r.name) {
-            return Err(bad("name used twice".into()));
-        }
-        if r.data.is_empty() || r.len() % PAGE_SIZE != 0 {
-            return Err(bad(format!(
-                "size {:#x} is not a non-zero multiple of {PAGE_SIZE}",
-                r.len()
-            )));
-        }
-        if r.gpa % PAGE_SIZE != 0 || r.gpa.checked_add(r.len()).is_none() {
-            return Err(bad(format!(
-                "guest address {:#x} is not page aligned or the region wraps",
-                r.gpa
-            )));
-        }
-        placed.push(MemoryRegion {
-            name: r.name.to_string(),
-            gpa: r.gpa,
-            size: r.len(),
-            file_offset: offset,
-        });
-        file_size = offset + r.len();
-        offset = file_size.div_ceil(REGION_ALIGN) * REGION_ALIGN;
-    }
-    let mut by_gpa: Vec<&MemoryRegion> = placed.iter().collect();
-    by_gpa.sort_by_key(|r| r.gpa);
-    for w in by_gpa.windows(2) {
-        if w[0].gpa + w[0].size > w[1].gpa {
-            return Err(Error::BadRegion {
-                name: w[1].name.clone(),
-                detail: format!("overlaps region '{}' in guest physical memory", w[0].name),
-            });
-        }
-    }
-    Ok(MemoryLayout {
-        page_size: PAGE_SIZE,
-        chunk_size: CHUNK_SIZE,
-        file: MEMORY_FILE.to_string(),
-        file_size,
-        regions: placed,
-        chunk_crc32c: vec![0; file_size.div_ceil(CHUNK_SIZE) as usize],
-        nonzero_pages: 0,
-    })
-}
-
-/// One checksum chunk of the file: region bytes, then zero padding.
-#[derive(Clone, Debug)]
-struct ChunkTask {
-    /// Chunk index in the file.
-    index: usize,
-    /// Region index.
-    region: usize,
-    /// Offset of the chunk's data within the region.
-    data_off: usize,
-    /// Bytes of region data in the chunk.
-    data_len: usize,
-    /// Zero padding after the data, up to the chunk's end.
-    pad: u64,
-}
-
-/// Lists every chunk. Regions start on 2 MiB boundaries, which are chunk
-/// boundaries, so each chunk holds the data of exactly one region followed
-/// by that region's padding, if any.
-fn plan_chunks(layout: &MemoryLayout) -> Vec<ChunkTask> {
-    let mut tasks = Vec::with_capacity(layout.chunk_crc32c.len());
-    for (ri, r) in layout.regions.iter().enumerate() {
-        let mut off = 0u64;
-        while off < r.size {
-            let chunk_start = r.file_offset + off;
-            let chunk_end = (chunk_start + CHUNK_SIZE).min(layout.file_size);
-            let data_len = (r.size - off).min(CHUNK_SIZE);
-            tasks.push(ChunkTask {
-                index: (chunk_start / CHUNK_SIZE) as usize,
-                region: ri,
-                data_off: off as usize,
-                data_len: data_len as usize,
-                pad: chunk_end - chunk_start - data_len,
-            });
-            off += data_len;
-        }
-    }
-    tasks
-}
-
-/// Groups consecutive chunks of one region into batches of up to
-/// `BATCH_CHUNKS`; returns index ranges into the task list.
-fn plan_batches(tasks: &[ChunkTask]) -> Vec<std::ops::Range<usize>> {
-    let mut batches = Vec::new();
-    let mut start = 0;
-    for i in 1..=tasks.len() {
-        if i == tasks.len() || i - start == BATCH_CHUNKS || tasks[i].region != tasks[start].region {
-            if i > start {
-                batches.push(start..i);
-            }
-            start = i;
-        }
-    }
-    batches
-}
-
-#[derive(Default)]
-struct WorkerResult {
-    chunk_crcs: Vec<(usize, u32)>,
-    nonzero_pages: u64,
-    bytes_written: u64,
-}
-
-/// Scans one batch page by page: checksums each chunk (zero runs through
-/// [`crc::append_zeros`]), and writes each run of non-zero pages with one
-/// `pwrite`.
-fn copy_batch(
-    file: &File,
-    path: &Path,
-    src: &MemoryRegionSource<'_>,
-    placed: &MemoryRegion,
-    tasks: &[ChunkTask],
-    out: &mut WorkerResult,
-) -> Result<()> {
-    let page = PAGE_SIZE as usize;
-    let data = src.data;
-    let flush = |from: usize, to: usize, out: &mut WorkerResult| -> Result<()> {
-        let at = placed.file_offset + from as u64;
-        file.write_all_at(&data[from..to], at)
-            .map_err(|e| Error::Io {
-                context: format!("writing {} at offset {at:#x}", path.display()),
-                source: e,
-            })?;
-        out.bytes_written += (to - from) as u64;
-        Ok(())
-    };
-    let mut run: Option<usize> = None;
-    for t in tasks {
-        let mut crc = 0u32;
-        let mut zeros = 0u64;
-        let end = t.data_off + t.data_len;
-        let mut off = t.data_off;
-        while off < end {
-            let p = &data[off..off + page];
-            if crc::is_zero(p) {
-                zeros += PAGE_SIZE;
-                if let Some(s) = run.take() {
-                    flush(s, off, out)?;
-                }
-            } else {
-                if zeros > 0 {
-                    crc = crc::append_zeros(crc, zeros);
-                    zeros = 0;
-                }
-                crc = crc::append(crc, p);
-                out.nonzero_pages += 1;
-                run.get_or_insert(off);
-            }
-            off += page;
-        }
-        out.chunk_crcs
-            .push((t.index, crc::append_zeros(crc, zeros + t.pad)));
-    }
-    if let (Some(s), Some(last)) = (run, tasks.last()) {
-        flush(s, last.data_off + last.data_len, out)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn layout_aligns_regions() {
-        let a = vec![0u8; 4096 * 3];
-        let b = vec![0u8; 3 << 20];
-        let l = plan_layout(&[
-            MemoryRegionSource::new("ram0", 0, &a),
-            MemoryRegionSource::new("ram1", 1 << 32, &b),
-        ])
-        .unwrap();
-        assert_eq!(l.regions[0].file_offset, 0);
-        assert_eq!(l.regions[1].file_offset, 2 << 20);
-        assert_eq!(l.file_size, (2 << 20) + (3 << 20));
-        assert_eq!(l.chunk_crc32c.len(), 3);
-        let tasks = plan_chunks(&l);
-        assert_eq!(tasks.len(), 3);
-        assert_eq!(tasks[0].pad, (2 << 20) - 4096 * 3);
-        assert_eq!(tasks[2].pad, 0);
-        assert_eq!(tasks[2].data_len, 1 << 20);
-    }
 
     #[test]
     fn fallback_replacement_without_rename_exchange() {
@@ -1009,24 +724,5 @@ mod tests {
         assert_eq!(r.body().notes["n"], "new");
         assert_eq!(r.sections()[0].instance, "new");
         fs::remove_dir_all(&base).unwrap();
-    }
-
-    #[test]
-    fn bad_regions_rejected() {
-        let a = vec![0u8; 8192];
-        let odd = vec![0u8; 100];
-        assert!(plan_layout(&[MemoryRegionSource::new("x", 0, &odd)]).is_err());
-        assert!(plan_layout(&[MemoryRegionSource::new("x", 1, &a)]).is_err());
-        let e = plan_layout(&[
-            MemoryRegionSource::new("x", 0, &a),
-            MemoryRegionSource::new("y", 4096, &a),
-        ])
-        .unwrap_err();
-        assert!(e.to_string().contains("overlaps"), "{e}");
-        assert!(plan_layout(&[
-            MemoryRegionSource::new("x", 0, &a),
-            MemoryRegionSource::new("x", 1 << 20, &a),
-        ])
-        .is_err());
     }
 }

@@ -88,6 +88,9 @@ pub struct JobStatus {
     pub done_bytes: u64,
     /// Bytes of this phase in all (0 when the phase moves no bytes).
     pub total_bytes: u64,
+    /// Of `done_bytes`, those copied ahead of their turn because the guest
+    /// was about to write them (a background snapshot's memory copy).
+    pub early_bytes: u64,
     /// Bytes per second in this phase so far, in MB/s (0 once finished).
     pub rate_mb_per_s: f64,
     /// Since it started (until it ended, once finished), in ms.
@@ -157,6 +160,7 @@ impl Job {
             phase: p.phase,
             done_bytes: p.done,
             total_bytes: p.total,
+            early_bytes: p.early,
             rate_mb_per_s,
             elapsed_ms: elapsed.as_secs_f64() * 1e3,
             started_unix_ms: self.started_unix_ms,

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod persist;
 pub mod platform;
 pub mod quiesce;
+pub mod uffd;
 pub mod vm;
 pub mod vm_state;
 

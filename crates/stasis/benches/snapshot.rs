@@ -1,11 +1,16 @@
 //! Snapshot and restore benchmark: prints a table, asserts nothing.
 //!
 //! For each guest size, boots the guest kit's memory workload over (almost)
-//! all of RAM, waits until it has written every page once, then measures:
-//! a live snapshot (guest pause, total time, MB/s, size on disk), and
-//! restores in lazy and eager mode (time from `stasis restore` to the vCPUs
-//! starting, and until the guest has verified and rewritten all its memory
-//! once more). Medians of `STASIS_BENCH_RUNS` runs (default 3).
+//! all of RAM, waits until it has written every page once, then measures,
+//! with the guest still writing all its memory as fast as it can:
+//! a stop-copy snapshot (guest pause, total time to durable), a background
+//! snapshot (guest pause, of it the write-protect time, the copy while the
+//! guest runs, bytes copied early because the guest wrote them, total), and
+//! `dd conv=fdatasync` of the same bytes into the same directory while the
+//! guest still runs (the floor for a durable copy under the same load); then restores in lazy and eager mode (time
+//! from `stasis restore` to the vCPUs starting, and until the guest has
+//! verified and rewritten all its memory once more). Medians of
+//! `STASIS_BENCH_RUNS` runs (default 3).
 //!
 //! ```text
 //! cargo bench -p stasis --bench snapshot                 # 256 MiB, 1 GiB, 4 GiB
@@ -70,6 +75,12 @@ struct Run {
     total_ms: f64,
     mb_s: f64,
     disk_mib: f64,
+    bg_pause_ms: f64,
+    bg_protect_ms: f64,
+    bg_copy_ms: f64,
+    bg_total_ms: f64,
+    bg_early_mib: f64,
+    dd_ms: f64,
     lazy_ready_ms: f64,
     lazy_touch_ms: f64,
     eager_ready_ms: f64,
@@ -136,25 +147,60 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
         .expect("spawn stasis run"));
     // Pass 1 done: every page of the working set has been written.
     wait_mem_lines(&log, 1, Duration::from_secs(900));
-    let snap = work.join("snap");
-    let out = stasis(&runtime)
-        .args(["snapshot", "bench", snap.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(vm);
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let snapshot = |dir: &Path, mode: &str| -> serde_json::Value {
+        let _ = std::fs::remove_dir_all(dir);
+        let out = stasis(&runtime)
+            .args([
+                "snapshot",
+                "bench",
+                dir.to_str().unwrap(),
+                "--json",
+                "--mode",
+                mode,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let stop_copy_dir = work.join("snap-stop-copy");
+    let r = snapshot(&stop_copy_dir, "stop-copy");
     let mut run = Run {
         pause_ms: r["pause_ms"].as_f64().unwrap(),
         total_ms: r["total_ms"].as_f64().unwrap(),
-        disk_mib: du_bytes(&snap) as f64 / (1 << 20) as f64,
+        disk_mib: du_bytes(&stop_copy_dir) as f64 / (1 << 20) as f64,
         ..Default::default()
     };
     run.mb_s = r["memory_bytes"].as_f64().unwrap() / 1e6 / (run.total_ms / 1e3);
+    let snap = work.join("snap");
+    let b = snapshot(&snap, "background");
+    assert_eq!(b["mode"], "background", "{b}");
+    run.bg_pause_ms = b["pause_ms"].as_f64().unwrap();
+    run.bg_protect_ms = b["protect_ms"].as_f64().unwrap();
+    run.bg_copy_ms = b["background_copy_ms"].as_f64().unwrap();
+    run.bg_total_ms = b["total_ms"].as_f64().unwrap();
+    run.bg_early_mib = b["early_copied_bytes"].as_f64().unwrap() / (1 << 20) as f64;
+    // The floor: the same bytes, copied and made durable by dd, in the
+    // same directory (from the page cache: the stop-copy image was just
+    // written), while the guest still runs, as it does during the
+    // background copy (its vCPU keeps one of the host's CPUs busy).
+    let dd_out = work.join("dd.img");
+    let t = Instant::now();
+    let st = Command::new("dd")
+        .arg(format!("if={}", stop_copy_dir.join("memory.img").display()))
+        .arg(format!("of={}", dd_out.display()))
+        .args(["bs=16M", "conv=fdatasync,sparse", "status=none"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    run.dd_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(vm);
+    let _ = std::fs::remove_file(&dd_out);
+    let _ = std::fs::remove_dir_all(&stop_copy_dir);
     (run.lazy_ready_ms, run.lazy_touch_ms) = restore(&snap, &runtime, "lazy", work);
     (run.eager_ready_ms, run.eager_touch_ms) = restore(&snap, &runtime, "eager", work);
     let _ = std::fs::remove_dir_all(&snap);
@@ -178,25 +224,54 @@ fn main() {
     std::fs::create_dir_all(&work.0).unwrap();
     let kernel = stasis_guestkit::write_guest(&work.0).unwrap();
 
-    println!("stasis snapshot/restore benchmark: medians of {runs} run(s); times in ms");
+    println!("stasis snapshot/restore benchmark: medians of {runs} run(s); times in ms; the guest writes all its RAM throughout");
+    let all: Vec<(u64, Vec<Run>)> = sizes
+        .iter()
+        .map(|&mib| {
+            let runs: Vec<Run> = (0..runs).map(|_| one_run(mib, &kernel, &work.0)).collect();
+            (mib, runs)
+        })
+        .collect();
+    let name = |mib: u64| {
+        if mib >= 1024 {
+            format!("{} GiB", mib / 1024)
+        } else {
+            format!("{mib} MiB")
+        }
+    };
+    println!();
     println!(
-        "| guest | pause | snapshot total | MB/s | on disk MiB | lazy: ready | lazy: all RAM touched | eager: ready | eager: all RAM touched |"
+        "| guest | stop-copy: pause | stop-copy: total | background: pause | of it: write-protect | background: copy | copied early MiB | background: total | dd fdatasync | background total / dd | on disk MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for &mib in &sizes {
-        let all: Vec<Run> = (0..runs).map(|_| one_run(mib, &kernel, &work.0)).collect();
-        let m = |f: fn(&Run) -> f64| median(all.iter().map(f).collect());
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (mib, runs) in &all {
+        let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} |",
-            if mib >= 1024 {
-                format!("{} GiB", mib / 1024)
-            } else {
-                format!("{mib} MiB")
-            },
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |",
+            name(*mib),
             m(|r| r.pause_ms),
             m(|r| r.total_ms),
-            m(|r| r.mb_s),
+            m(|r| r.bg_pause_ms),
+            m(|r| r.bg_protect_ms),
+            m(|r| r.bg_copy_ms),
+            m(|r| r.bg_early_mib),
+            m(|r| r.bg_total_ms),
+            m(|r| r.dd_ms),
+            m(|r| r.bg_total_ms / r.dd_ms),
             m(|r| r.disk_mib),
+        );
+    }
+    println!();
+    println!(
+        "| guest | stop-copy MB/s | lazy: ready | lazy: all RAM touched | eager: ready | eager: all RAM touched |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for (mib, runs) in &all {
+        let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        println!(
+            "| {} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} |",
+            name(*mib),
+            m(|r| r.mb_s),
             m(|r| r.lazy_ready_ms),
             m(|r| r.lazy_touch_ms),
             m(|r| r.eager_ready_ms),

@@ -10,7 +10,7 @@ use stasis_api::{
     SnapshotRequest, VmInfo, VmState,
 };
 use stasis_vmm::jobs::{CancelError, FailureKind, JobFailure, Jobs};
-use stasis_vmm::persist::save::{self, SnapshotError, SnapshotOptions};
+use stasis_vmm::persist::save::{self, SnapshotError, SnapshotMode, SnapshotOptions};
 use stasis_vmm::{RunState, VmControl, VmError};
 
 /// Serves one VM's API.
@@ -106,7 +106,8 @@ fn snapshot_failure(e: SnapshotError) -> JobFailure {
         SnapshotError::Format(
             stasis_snapshot::Error::RefuseOverwrite { .. }
             | stasis_snapshot::Error::NoParent { .. },
-        ) => FailureKind::BadRequest,
+        )
+        | SnapshotError::Background(_) => FailureKind::BadRequest,
         _ => FailureKind::Internal,
     };
     JobFailure {
@@ -130,11 +131,17 @@ impl VmApi {
     fn snapshot(&self, req: &SnapshotRequest) -> ApiResponse {
         let control = self.control.clone();
         let (path, stop) = (req.path.clone(), req.stop);
+        let mode = match req.mode.as_deref().map(str::parse::<SnapshotMode>) {
+            None => SnapshotMode::Auto,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return ApiResponse::error(400, e),
+        };
         let started = self
             .jobs
             .start("snapshot", req.path.clone(), move |progress| {
                 let opts = SnapshotOptions {
                     stop,
+                    mode,
                     progress: Some(progress),
                 };
                 // Same field names as stasis_api::SnapshotResponse, which the

@@ -93,6 +93,12 @@ pub struct SnapshotArgs {
     /// End the VM once the snapshot is safely on disk (suspend).
     #[arg(long)]
     pub stop: bool,
+    /// How memory is copied: `background` (the guest runs while its memory
+    /// is copied copy-on-write; refused where the VM cannot), `stop-copy`
+    /// (the guest stays paused while memory is copied), `auto` (background
+    /// where possible, else stop-copy, saying why).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "background", "stop-copy"])]
+    pub mode: String,
     /// Print the API's JSON answer.
     #[arg(long)]
     pub json: bool,

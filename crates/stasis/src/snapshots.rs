@@ -4,7 +4,7 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use stasis_api::{ApiClient, JobState};
+use stasis_api::{ApiClient, JobState, SnapshotRequest};
 use stasis_snapshot::{format_bytes, summary, summary_json, SnapshotReader};
 
 use crate::cli::{InspectArgs, SnapshotArgs, VerifyArgs};
@@ -31,8 +31,14 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
         Err(e) => return fail(e),
     };
     let path = dir.display().to_string();
+    let request = SnapshotRequest {
+        path: path.clone(),
+        stop: args.stop,
+        detach: args.detach,
+        mode: Some(args.mode.clone()),
+    };
     if args.detach {
-        return match client.snapshot_detached(&path, args.stop) {
+        return match client.start_snapshot(&request) {
             Ok(a) if args.json => {
                 println!("{}", serde_json::to_string_pretty(&a).expect("serializes"));
                 0
@@ -50,8 +56,8 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
     // The request waits for the snapshot; meanwhile its job is followed
     // for the progress bar and for Ctrl-C, which cancels it.
     let worker = {
-        let (client, path, stop) = (client.clone(), path.clone(), args.stop);
-        std::thread::spawn(move || client.snapshot(&path, stop))
+        let client = client.clone();
+        std::thread::spawn(move || client.take_snapshot(&request))
     };
     let mut view = ProgressView::new();
     let mut cancel = CancelOnInterrupt::default();
@@ -105,6 +111,23 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
                 "  guest paused {:.1} ms (quiesced in {:.2} ms), total {:.1} ms (fsync {:.1} ms)",
                 r.pause_ms, r.quiesce_ms, r.total_ms, r.sync_ms
             );
+            if r.mode == "background" {
+                println!(
+                    "  background copy: RAM write-protected in {:.2} ms, copied in {:.1} ms while the guest ran; {} copied early ({} write faults)",
+                    r.protect_ms,
+                    r.background_copy_ms,
+                    format_bytes(r.early_copied_bytes),
+                    r.write_faults
+                );
+            } else {
+                println!(
+                    "  stop-copy: the guest was paused while memory was copied{}",
+                    r.mode_note
+                        .as_deref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                );
+            }
             println!(
                 "  memory {} ({} written, zero pages left as holes), state {}, copy {:.0} MB/s",
                 format_bytes(r.memory_bytes),

@@ -26,6 +26,7 @@
 //! configuration; a restore refuses a snapshot whose configuration names
 //! a device without a section.
 
+pub mod background;
 pub mod compat;
 pub mod restore;
 pub mod save;

@@ -1,8 +1,13 @@
 //! Taking a snapshot of a running VM.
 //!
-//! The guest is paused only while its state is read and its memory is
-//! copied into the page cache; fsync, the manifest and the atomic rename
-//! happen after the guest runs again. The caller gets success only once the
+//! Two modes. **Background** (the default for a running VM): the guest is
+//! paused only while its vCPU and device state are read and its RAM is
+//! write-protected; memory is copied while it runs again, a page the guest
+//! is about to change first (see [`super::background`]). **Stop-copy**
+//! (`--stop`, a paused VM, RAM that cannot be write-protected, or asked
+//! for): the guest stays paused while its memory is copied into the page
+//! cache. In both, fsync, the manifest and the atomic rename happen after
+//! the guest runs again. The caller gets success only once the
 //! snapshot is durable, and an older snapshot at the same path survives
 //! any failure (see the format crate's crash-safe commit).
 
@@ -15,14 +20,46 @@ use stasis_snapshot::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::background::{self, BackgroundStats, WriteProtection};
 use super::{CMOS, COM1, SINGLETON};
 use crate::vm::{CapturedState, RunState, VmControl, VmDescription, VmError};
+
+/// How guest memory is copied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotMode {
+    /// Background where the VM allows it (running, anonymous RAM, a
+    /// kernel with userfaultfd write-protect), else stop-copy, saying why.
+    #[default]
+    Auto,
+    /// Copy-on-write while the guest runs; refused where not possible.
+    Background,
+    /// The guest stays paused while memory is copied.
+    StopCopy,
+}
+
+impl std::str::FromStr for SnapshotMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "background" => Ok(Self::Background),
+            "stop-copy" => Ok(Self::StopCopy),
+            _ => Err(format!(
+                "unknown snapshot mode '{s}' (expected background, stop-copy or auto)"
+            )),
+        }
+    }
+}
 
 /// What the caller asks of a snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotOptions {
-    /// End the VM once the snapshot is durable (suspend).
+    /// End the VM once the snapshot is durable (suspend). Implies
+    /// stop-copy: the guest never runs again here.
     pub stop: bool,
+    /// How memory is copied.
+    pub mode: SnapshotMode,
     /// Where to report phases and bytes, and to look for a cancel request.
     /// A cancelled snapshot stops at its next safe point (before the
     /// pause, between memory batches, before the disks are flushed, before
@@ -57,6 +94,21 @@ pub struct SnapshotReport {
     pub replaced_existing: bool,
     /// Whether the VM was stopped afterwards.
     pub stopped: bool,
+    /// How memory was copied: `background` or `stop-copy`.
+    pub mode: &'static str,
+    /// Why a snapshot that could have been taken in the background was
+    /// not (absent when the mode is what was asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode_note: Option<String>,
+    /// Background: time to write-protect guest RAM inside the pause, in ms.
+    pub protect_ms: f64,
+    /// Background: from the resume to the last byte of memory copied, ms.
+    pub background_copy_ms: f64,
+    /// Background: guest bytes copied ahead of their turn because the guest
+    /// or a device was about to write them.
+    pub early_copied_bytes: u64,
+    /// Background: write-protect faults served.
+    pub write_faults: u64,
 }
 
 /// Ways taking a snapshot can fail. The VM keeps running in every case
@@ -75,6 +127,9 @@ pub enum SnapshotError {
     /// The configuration could not be recorded.
     #[error("cannot record the VM configuration: {0}")]
     Config(String),
+    /// A background snapshot was asked for and is not possible.
+    #[error("cannot take a background snapshot: {0}")]
+    Background(String),
 }
 
 impl SnapshotError {
@@ -103,6 +158,41 @@ pub fn cpu_info(description: &VmDescription, state: &CapturedState) -> CpuInfo {
     }
 }
 
+/// How this snapshot copies memory, decided before the pause.
+enum Plan {
+    StopCopy { note: Option<String> },
+    Background(WriteProtection),
+}
+
+/// Chooses the mode: background when asked for or by default where the VM
+/// allows it; RAM is registered for write protection here, before the
+/// pause, because that is the step that can fail.
+fn plan(control: &VmControl, opts: &SnapshotOptions, paused: bool) -> Result<Plan, SnapshotError> {
+    let why_not = if opts.mode == SnapshotMode::StopCopy {
+        return Ok(Plan::StopCopy { note: None });
+    } else if opts.stop {
+        Some("the VM stops after the snapshot (suspend), so it is not resumed".to_string())
+    } else if paused {
+        Some("the VM is paused".to_string())
+    } else {
+        background::unavailable_reason(control.memory())
+    };
+    let why_not = match why_not {
+        Some(w) => w,
+        None => match WriteProtection::register(control.memory()) {
+            Ok(wp) => return Ok(Plan::Background(wp)),
+            Err(e) => format!("cannot register guest RAM with userfaultfd: {e}"),
+        },
+    };
+    if opts.mode == SnapshotMode::Background {
+        return Err(SnapshotError::Background(why_not));
+    }
+    tracing::info!("snapshot copies memory with the guest paused: {why_not}");
+    Ok(Plan::StopCopy {
+        note: (!opts.stop && !paused).then_some(why_not),
+    })
+}
+
 /// Snapshots the VM behind `control` into `dir`.
 pub fn snapshot(
     control: &VmControl,
@@ -122,18 +212,29 @@ pub fn snapshot(
         Err(e) => tracing::warn!("cannot clean up after interrupted snapshots: {e}"),
     }
     // No pause, resume or other snapshot may interleave with this one: the
-    // guest must not run between reading its state and copying its memory.
+    // guest must not run between reading its state and protecting or
+    // copying its memory.
     let op = control.exclusive("snapshot")?;
+    let was_paused = control.state() == RunState::Paused;
+    let plan = plan(control, opts, was_paused)?;
     // Creating the writer first checks the target before the guest pauses;
-    // the memory image is created and cached while the guest still runs.
+    // the memory image is created (and for stop-copy cached) while the
+    // guest still runs.
     let mut writer = SnapshotWriter::create(dir)?;
     writer.set_progress(progress.clone());
-    with_regions(control, |regions| writer.prepare_memory(regions))?;
+    let background_image = match &plan {
+        Plan::StopCopy { .. } => {
+            with_regions(control, |regions| writer.prepare_memory(regions))?;
+            None
+        }
+        Plan::Background(_) => Some(with_regions(control, |regions| {
+            writer.begin_memory(regions)
+        })?),
+    };
     progress.check()?;
     let description = control.description();
     let vm_config = serde_json::to_value(&description.config)
         .map_err(|e| SnapshotError::Config(e.to_string()))?;
-    let was_paused = control.state() == RunState::Paused;
     // The guest stops being able to run at the request: the pause is
     // counted from here.
     let paused_at = Instant::now();
@@ -144,19 +245,61 @@ pub fn snapshot(
             let _ = control.resume_held(&op);
         }
     };
-    let result = write_contents(control, &mut writer, &progress);
-    let (state, mem_stats) = match result {
+    let mut copy = MemoryCopy::default();
+    let result = match plan {
+        Plan::StopCopy { note } => {
+            copy.note = note;
+            write_state(control, &mut writer, &progress).and_then(|state| {
+                let stats = with_regions(control, |regions| writer.write_memory(regions))?;
+                // The last safe point while the guest is paused.
+                progress.check()?;
+                copy.stats = Some(stats);
+                Ok(state)
+            })
+        }
+        Plan::Background(mut wp) => {
+            copy.background = true;
+            write_state(control, &mut writer, &progress).and_then(|state| {
+                copy.protect = wp.protect().map_err(|e| {
+                    SnapshotError::Background(format!("cannot write-protect guest RAM: {e}"))
+                })?;
+                copy.wp = Some(wp);
+                Ok(state)
+            })
+        }
+    };
+    let state = match result {
         Ok(v) => v,
         Err(e) => {
             resume(control);
             return Err(e);
         }
     };
-    // The guest may run again: its memory and state are in the page cache.
+    // The guest may run again: its state is saved, and its memory is in
+    // the page cache (stop-copy) or protected until copied (background).
     if !opts.stop {
         resume(control);
     }
     let pause = paused_at.elapsed();
+    if let (Some(wp), Some(image)) = (copy.wp.take(), background_image) {
+        let copy_start = Instant::now();
+        progress.phase(
+            "copying memory in the background",
+            image.layout().regions.iter().map(|r| r.size).sum(),
+        );
+        let copied = with_regions(control, |regions| {
+            background::copy_in_background(wp, regions, &image, &progress)
+        });
+        match copied {
+            Ok(stats) => copy.background_stats = stats,
+            Err(e) => {
+                writer.fail(&e.to_string());
+                return Err(e.into());
+            }
+        }
+        copy.stats = Some(writer.finish_memory(image, copy_start)?);
+    }
+    let mem_stats = copy.stats.take().expect("memory copied in either mode");
     // Disk writes the guest completed before the snapshot become durable
     // before the snapshot is (a restored guest must never miss them).
     progress.phase("flushing the disks", 0);
@@ -203,6 +346,7 @@ pub fn snapshot(
         });
     }
     drop(op);
+    let bg = copy.background_stats;
     Ok(SnapshotReport {
         path: commit.dir,
         quiesce_ms: quiesce.total_ms,
@@ -219,15 +363,36 @@ pub fn snapshot(
         sync_ms: ms(commit.sync_time),
         replaced_existing: commit.replaced_existing,
         stopped: opts.stop,
+        mode: if copy.background {
+            "background"
+        } else {
+            "stop-copy"
+        },
+        mode_note: copy.note,
+        protect_ms: ms(copy.protect),
+        background_copy_ms: ms(bg.elapsed),
+        early_copied_bytes: bg.early_bytes,
+        write_faults: bg.faults,
     })
 }
 
-/// Writes every section and the memory image while the VM is paused.
-fn write_contents(
+/// What the memory copy of one snapshot did.
+#[derive(Default)]
+struct MemoryCopy {
+    background: bool,
+    note: Option<String>,
+    wp: Option<WriteProtection>,
+    protect: Duration,
+    background_stats: BackgroundStats,
+    stats: Option<stasis_snapshot::MemoryWriteStats>,
+}
+
+/// Reads and writes every vCPU and device section. The VM must be paused.
+fn write_state(
     control: &VmControl,
     writer: &mut SnapshotWriter,
     progress: &Progress,
-) -> Result<(CapturedState, stasis_snapshot::MemoryWriteStats), SnapshotError> {
+) -> Result<CapturedState, SnapshotError> {
     progress.phase("saving vCPU and device state", 0);
     let state = control.capture()?;
     for v in &state.vcpus {
@@ -242,10 +407,7 @@ fn write_contents(
     for v in &state.virtio {
         v.write_to(writer)?;
     }
-    let stats = with_regions(control, |regions| writer.write_memory(regions))?;
-    // The last safe point while the guest is paused.
-    progress.check()?;
-    Ok((state, stats))
+    Ok(state)
 }
 
 /// Runs `f` with guest memory described as the format crate's regions
@@ -258,9 +420,11 @@ fn with_regions<R>(control: &VmControl, f: impl FnOnce(&[MemoryRegionSource]) ->
         .zip(&names)
         .map(|(r, name)| {
             // SAFETY: the region stays mapped while `control` (and so the
-            // VM) lives. Its bytes are only read by `write_memory`, which
-            // runs while the VM is paused: no vCPU runs, and device threads
-            // (virtio-net receive) are paused with the vCPUs.
+            // VM) lives. Its bytes are only read while they cannot change:
+            // by `write_memory` while the VM is paused (no vCPU runs, device
+            // threads are quiesced with the vCPUs), or by the background
+            // copy only for chunks still write-protected (a write to them
+            // blocks in the kernel until they are copied).
             unsafe {
                 MemoryRegionSource::from_raw(name, r.start_addr().0, r.as_ptr(), r.len() as usize)
             }
