@@ -6,8 +6,9 @@
 //! a stop-copy snapshot (guest pause, total time to durable), a background
 //! snapshot (guest pause, of it the write-protect time, the copy while the
 //! guest runs, bytes copied early because the guest wrote them, total), and
-//! `dd conv=fdatasync` of the same bytes into the same directory while the
-//! guest still runs (the floor for a durable copy under the same load); then restores in lazy and eager mode (time
+//! `dd conv=fdatasync` of the same bytes into the same directory, while the
+//! guest still runs (the floor for a durable copy under the same load) and
+//! again once it has ended (the floor on an idle host); then restores in lazy and eager mode (time
 //! from `stasis restore` to the vCPUs starting, and until the guest has
 //! verified and rewritten all its memory once more). Medians of
 //! `STASIS_BENCH_RUNS` runs (default 3).
@@ -80,7 +81,9 @@ struct Run {
     bg_copy_ms: f64,
     bg_total_ms: f64,
     bg_early_mib: f64,
+    bg_sync_ms: f64,
     dd_ms: f64,
+    dd_idle_ms: f64,
     lazy_ready_ms: f64,
     lazy_touch_ms: f64,
     eager_ready_ms: f64,
@@ -184,22 +187,29 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
     run.bg_copy_ms = b["background_copy_ms"].as_f64().unwrap();
     run.bg_total_ms = b["total_ms"].as_f64().unwrap();
     run.bg_early_mib = b["early_copied_bytes"].as_f64().unwrap() / (1 << 20) as f64;
+    run.bg_sync_ms = b["sync_ms"].as_f64().unwrap();
     // The floor: the same bytes, copied and made durable by dd, in the
     // same directory (from the page cache: the stop-copy image was just
     // written), while the guest still runs, as it does during the
     // background copy (its vCPU keeps one of the host's CPUs busy).
-    let dd_out = work.join("dd.img");
-    let t = Instant::now();
-    let st = Command::new("dd")
-        .arg(format!("if={}", stop_copy_dir.join("memory.img").display()))
-        .arg(format!("of={}", dd_out.display()))
-        .args(["bs=16M", "conv=fdatasync,sparse", "status=none"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    run.dd_ms = t.elapsed().as_secs_f64() * 1e3;
+    let dd = || {
+        let dd_out = work.join("dd.img");
+        let t = Instant::now();
+        let st = Command::new("dd")
+            .arg(format!("if={}", stop_copy_dir.join("memory.img").display()))
+            .arg(format!("of={}", dd_out.display()))
+            .args(["bs=16M", "conv=fdatasync,sparse", "status=none"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let _ = std::fs::remove_file(&dd_out);
+        ms
+    };
+    run.dd_ms = dd();
     drop(vm);
-    let _ = std::fs::remove_file(&dd_out);
+    // And with the host otherwise idle.
+    run.dd_idle_ms = dd();
     let _ = std::fs::remove_dir_all(&stop_copy_dir);
     (run.lazy_ready_ms, run.lazy_touch_ms) = restore(&snap, &runtime, "lazy", work);
     (run.eager_ready_ms, run.eager_touch_ms) = restore(&snap, &runtime, "eager", work);
@@ -241,13 +251,13 @@ fn main() {
     };
     println!();
     println!(
-        "| guest | stop-copy: pause | stop-copy: total | background: pause | of it: write-protect | background: copy | copied early MiB | background: total | dd fdatasync | background total / dd | on disk MiB |"
+        "| guest | stop-copy: pause | stop-copy: total | background: pause | of it: write-protect | background: copy | copied early MiB | background: fsync | background: total | dd, guest running | total / dd | dd, host idle | total / idle dd | on disk MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (mib, runs) in &all {
         let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} |",
             name(*mib),
             m(|r| r.pause_ms),
             m(|r| r.total_ms),
@@ -255,9 +265,12 @@ fn main() {
             m(|r| r.bg_protect_ms),
             m(|r| r.bg_copy_ms),
             m(|r| r.bg_early_mib),
+            m(|r| r.bg_sync_ms),
             m(|r| r.bg_total_ms),
             m(|r| r.dd_ms),
             m(|r| r.bg_total_ms / r.dd_ms),
+            m(|r| r.dd_idle_ms),
+            m(|r| r.bg_total_ms / r.dd_idle_ms),
             m(|r| r.disk_mib),
         );
     }

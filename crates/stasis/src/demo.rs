@@ -1,8 +1,9 @@
 //! `stasis demo`: the main job on the built-in default. Boots the heartbeat
 //! guest that ships inside the binary, shows its counter running, pauses
-//! and resumes it, takes a live snapshot as a job through the control API,
-//! suspends it to a snapshot (the VM ends), restores a new VM from the
-//! snapshot alone, and shows the counter going on from where it was.
+//! and resumes it, takes a live background (copy-on-write) snapshot as a
+//! job through the control API, suspends it to a snapshot (the VM ends),
+//! restores a new VM from the snapshot alone, and shows the counter going
+//! on from where it was.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -48,13 +49,33 @@ fn live_snapshot_job(socket: &std::path::Path, dir: &std::path::Path) -> Result<
         }
     };
     println!(
-        "stasis demo: live snapshot as job {} ({}): {}; guest paused {:.1} ms (quiesced in {:.2} ms) and kept running",
+        "stasis demo: live snapshot as job {} ({}): {}; guest paused {:.2} ms (quiesced in {:.2} ms) and kept running",
         accepted.job,
         accepted.location,
         phases.join(" -> "),
         report.pause_ms,
         report.quiesce_ms
     );
+    if report.mode == "background" {
+        println!(
+            "stasis demo: {} snapshot: RAM write-protected in {:.2} ms inside the pause, then {} copied in {:.1} ms while the guest ran ({} first because the guest wrote them)",
+            report.mode,
+            report.protect_ms,
+            stasis_snapshot::format_bytes(report.memory_bytes),
+            report.background_copy_ms,
+            stasis_snapshot::format_bytes(report.early_copied_bytes),
+        );
+    } else {
+        println!(
+            "stasis demo: {} snapshot{}",
+            report.mode,
+            report
+                .mode_note
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+    }
     Ok(())
 }
 
