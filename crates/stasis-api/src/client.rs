@@ -192,6 +192,7 @@ impl ApiClient {
             stop,
             detach: false,
             mode: None,
+            disk_mode: None,
         })
     }
 
@@ -217,6 +218,7 @@ impl ApiClient {
             stop,
             detach: true,
             mode: None,
+            disk_mode: None,
         })
     }
 

@@ -294,6 +294,7 @@ mod tests {
                     stop,
                     detach,
                     mode: None,
+                    disk_mode: None,
                 }))
             );
         }

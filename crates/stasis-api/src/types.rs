@@ -240,6 +240,13 @@ pub struct SnapshotRequest {
     /// where possible, the response's `mode_note` says why not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// What a live snapshot does with each writable disk: `clone` (the
+    /// default: a reflink clone into the snapshot, refused on filesystems
+    /// without reflinks), `copy` (a full copy while the guest is paused)
+    /// or `skip` (unsafe: the disk is not kept). A snapshot with `stop`
+    /// leaves disks in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mode: Option<String>,
 }
 
 /// The answer to a request started as a job (`202 Accepted`); its
@@ -374,6 +381,27 @@ pub struct SnapshotResponse {
     /// Background: write-protect faults served.
     #[serde(default)]
     pub write_faults: u64,
+    /// Time spent on the disks inside the pause (clones, copies), in ms.
+    #[serde(default)]
+    pub disk_ms: f64,
+    /// Bytes of disk images copied inside the pause (`disk_mode` `copy`).
+    #[serde(default)]
+    pub disk_copied_bytes: u64,
+    /// How each writable disk was saved.
+    #[serde(default)]
+    pub disks: Vec<SavedDiskInfo>,
+}
+
+/// How one writable disk was saved with a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDiskInfo {
+    /// The disk's id.
+    pub id: String,
+    /// `clone`, `copy`, `in-place` or `skip`.
+    pub saved: String,
+    /// The image in the snapshot directory (clone, copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 fn stop_copy() -> String {

@@ -24,6 +24,7 @@
 mod crc;
 mod error;
 mod fsutil;
+pub use fsutil::checksum_file;
 pub mod hex_bytes;
 mod inspect;
 mod manifest;

@@ -10,6 +10,7 @@ use stasis_api::{
     SnapshotRequest, VmInfo, VmState,
 };
 use stasis_vmm::jobs::{CancelError, FailureKind, JobFailure, Jobs};
+use stasis_vmm::persist::disks::DiskMode;
 use stasis_vmm::persist::save::{self, SnapshotError, SnapshotMode, SnapshotOptions};
 use stasis_vmm::{RunState, VmControl, VmError};
 
@@ -107,7 +108,8 @@ fn snapshot_failure(e: SnapshotError) -> JobFailure {
             stasis_snapshot::Error::RefuseOverwrite { .. }
             | stasis_snapshot::Error::NoParent { .. },
         )
-        | SnapshotError::Background(_) => FailureKind::BadRequest,
+        | SnapshotError::Background(_)
+        | SnapshotError::DiskRefused(_) => FailureKind::BadRequest,
         _ => FailureKind::Internal,
     };
     JobFailure {
@@ -136,12 +138,18 @@ impl VmApi {
             Some(Ok(m)) => m,
             Some(Err(e)) => return ApiResponse::error(400, e),
         };
+        let disk_mode = match req.disk_mode.as_deref().map(str::parse::<DiskMode>) {
+            None => DiskMode::default(),
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return ApiResponse::error(400, e),
+        };
         let started = self
             .jobs
             .start("snapshot", req.path.clone(), move |progress| {
                 let opts = SnapshotOptions {
                     stop,
                     mode,
+                    disk_mode,
                     progress: Some(progress),
                 };
                 // Same field names as stasis_api::SnapshotResponse, which the

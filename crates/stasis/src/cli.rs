@@ -99,6 +99,13 @@ pub struct SnapshotArgs {
     /// where possible, else stop-copy, saying why).
     #[arg(long, default_value = "auto", value_parser = ["auto", "background", "stop-copy"])]
     pub mode: String,
+    /// What a live snapshot does with each writable disk so that it matches
+    /// memory: `clone` (a reflink clone into the snapshot directory, btrfs
+    /// or xfs; refused elsewhere), `copy` (a full copy made while the guest
+    /// is paused), `skip` (unsafe: the disk is not kept, a restored guest
+    /// finds it as it is then). With --stop disks stay in place.
+    #[arg(long, default_value = "clone", value_parser = ["clone", "copy", "skip"])]
+    pub disk_mode: String,
     /// Print the API's JSON answer.
     #[arg(long)]
     pub json: bool,

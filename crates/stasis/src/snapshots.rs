@@ -36,6 +36,7 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
         stop: args.stop,
         detach: args.detach,
         mode: Some(args.mode.clone()),
+        disk_mode: Some(args.disk_mode.clone()),
     };
     if args.detach {
         return match client.start_snapshot(&request) {
@@ -135,6 +136,22 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
                 format_bytes(r.state_bytes),
                 r.copy_mb_per_s
             );
+            for d in &r.disks {
+                println!(
+                    "  disk {}: {}{}",
+                    d.id,
+                    match d.saved.as_str() {
+                        "clone" => "reflink clone",
+                        "copy" => "full copy made while the guest was paused",
+                        "in-place" => "left in place (the VM ended), identity recorded",
+                        _ => "not kept (--disk-mode=skip)",
+                    },
+                    d.file
+                        .as_deref()
+                        .map(|f| format!(" in {}/{f}", r.path))
+                        .unwrap_or_default()
+                );
+            }
             0
         }
         Err(e) => fail(e),

@@ -175,6 +175,8 @@ fn device_writes_during_a_background_copy_go_through() {
         dir.to_str().unwrap(),
         "--mode",
         "background",
+        "--disk-mode",
+        "skip",
         "--json",
     ]);
     assert!(out.status.success(), "{}", err_text(&out));

@@ -18,6 +18,7 @@
 //! | `virtio-net` | device id | [`crate::devices::virtio::state::VirtioNetState`] |
 //! | `virtio-rng` | device id | [`crate::devices::virtio::state::VirtioRngState`] |
 //! | `virtio-console` | device id | [`crate::devices::virtio::state::VirtioConsoleState`] |
+//! | `disk-image` | disk id | [`disks::DiskImageState`]: how a writable disk was saved (clone, copy, in place, skipped) and the identity a restore checks |
 //!
 //! Each virtio section holds both the device's virtio-mmio transport
 //! (slot, features, status, interrupt status, config space, queues) and
@@ -28,6 +29,7 @@
 
 pub mod background;
 pub mod compat;
+pub mod disks;
 pub mod restore;
 pub mod save;
 

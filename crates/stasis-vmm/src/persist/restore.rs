@@ -158,6 +158,8 @@ pub struct RestorePlan {
     pub check: HostCheck,
 }
 
+use super::disks::{check_restore_image, DiskImageState};
+
 fn known_section(name: &str) -> Option<u32> {
     match name {
         n if n == VcpuState::NAME => Some(VcpuState::VERSION),
@@ -171,6 +173,7 @@ fn known_section(name: &str) -> Option<u32> {
         n if n == VirtioNetState::NAME => Some(VirtioNetState::VERSION),
         n if n == VirtioRngState::NAME => Some(VirtioRngState::VERSION),
         n if n == VirtioConsoleState::NAME => Some(VirtioConsoleState::VERSION),
+        n if n == DiskImageState::NAME => Some(DiskImageState::VERSION),
         _ => None,
     }
 }
@@ -463,6 +466,15 @@ fn read_virtio_states(
                         disk.path.display(),
                         s.size
                     )));
+                }
+                // Snapshots since disks were saved with them say how, and
+                // what the image must be (older ones: size only).
+                if let Some((_, saved)) = reader.read_section::<DiskImageState>(&disk.id)? {
+                    match check_restore_image(&saved, &disk.path, reader.dir()) {
+                        Ok(None) => {}
+                        Ok(Some(warning)) => tracing::warn!("{warning}"),
+                        Err(m) => return Err(err(m)),
+                    }
                 }
                 if disk.readonly != s.readonly {
                     return Err(err(format!(

@@ -21,6 +21,7 @@ use stasis_snapshot::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::background::{self, BackgroundStats, WriteProtection};
+use super::disks::{self, DiskMode, DiskSaveError, PausedDisks, WritableDisk};
 use super::{CMOS, COM1, SINGLETON};
 use crate::vm::{CapturedState, RunState, VmControl, VmDescription, VmError};
 
@@ -60,6 +61,9 @@ pub struct SnapshotOptions {
     pub stop: bool,
     /// How memory is copied.
     pub mode: SnapshotMode,
+    /// What a live snapshot does with writable disks (a snapshot that ends
+    /// the VM leaves them in place).
+    pub disk_mode: DiskMode,
     /// Where to report phases and bytes, and to look for a cancel request.
     /// A cancelled snapshot stops at its next safe point (before the
     /// pause, between memory batches, before the disks are flushed, before
@@ -109,6 +113,24 @@ pub struct SnapshotReport {
     pub early_copied_bytes: u64,
     /// Background: write-protect faults served.
     pub write_faults: u64,
+    /// Time spent on the disks inside the pause (clones, copies), in ms.
+    pub disk_ms: f64,
+    /// Bytes of disk images copied inside the pause (`--disk-mode=copy`).
+    pub disk_copied_bytes: u64,
+    /// How each writable disk was saved.
+    pub disks: Vec<SavedDisk>,
+}
+
+/// How one writable disk was saved with a snapshot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SavedDisk {
+    /// The disk's id.
+    pub id: String,
+    /// `clone`, `copy`, `in-place` or `skip`.
+    pub saved: &'static str,
+    /// The image in the snapshot directory (clone, copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// Ways taking a snapshot can fail. The VM keeps running in every case
@@ -130,6 +152,13 @@ pub enum SnapshotError {
     /// A background snapshot was asked for and is not possible.
     #[error("cannot take a background snapshot: {0}")]
     Background(String),
+    /// A disk cannot be saved the way asked for (checked before the
+    /// pause); the error says what to choose instead.
+    #[error("cannot save {0}")]
+    DiskRefused(DiskSaveError),
+    /// Saving a disk failed (inside the pause or after it).
+    #[error("cannot save {0}")]
+    DiskSave(DiskSaveError),
 }
 
 impl SnapshotError {
@@ -222,6 +251,21 @@ pub fn snapshot(
     // guest still runs.
     let mut writer = SnapshotWriter::create(dir)?;
     writer.set_progress(progress.clone());
+    let writable: Vec<WritableDisk> = control
+        .description()
+        .config
+        .disk
+        .iter()
+        .filter(|d| !d.readonly)
+        .map(|d| WritableDisk {
+            id: d.id.clone(),
+            path: d.path.clone(),
+        })
+        .collect();
+    if !opts.stop {
+        disks::preflight(&writable, opts.disk_mode, writer.temp_dir())
+            .map_err(SnapshotError::DiskRefused)?;
+    }
     let background_image = match &plan {
         Plan::StopCopy { .. } => {
             with_regions(control, |regions| writer.prepare_memory(regions))?;
@@ -246,10 +290,20 @@ pub fn snapshot(
         }
     };
     let mut copy = MemoryCopy::default();
+    let mut paused_disks = PausedDisks::default();
+    let mut save_disks = |writer: &SnapshotWriter| -> Result<(), SnapshotError> {
+        if !opts.stop && !writable.is_empty() {
+            progress.phase("saving the disks", 0);
+            paused_disks = disks::save_in_pause(&writable, opts.disk_mode, writer.temp_dir())
+                .map_err(SnapshotError::DiskSave)?;
+        }
+        Ok(())
+    };
     let result = match plan {
         Plan::StopCopy { note } => {
             copy.note = note;
             write_state(control, &mut writer, &progress).and_then(|state| {
+                save_disks(&writer)?;
                 let stats = with_regions(control, |regions| writer.write_memory(regions))?;
                 // The last safe point while the guest is paused.
                 progress.check()?;
@@ -260,6 +314,7 @@ pub fn snapshot(
         Plan::Background(mut wp) => {
             copy.background = true;
             write_state(control, &mut writer, &progress).and_then(|state| {
+                save_disks(&writer)?;
                 copy.protect = wp.protect().map_err(|e| {
                     SnapshotError::Background(format!("cannot write-protect guest RAM: {e}"))
                 })?;
@@ -317,6 +372,29 @@ pub fn snapshot(
         }
         return Err(e);
     }
+    // What each disk is, for a restore to check: the clones' checksums
+    // (read now, with the guest running), or the in-place images' identity.
+    let records = if opts.stop {
+        disks::in_place_records(&writable)
+    } else {
+        disks::records(&paused_disks)
+    };
+    let records = match records
+        .map_err(SnapshotError::DiskSave)
+        .and_then(|records| {
+            for r in &records {
+                writer.add_section(&r.id, false, r)?;
+            }
+            Ok(records)
+        }) {
+        Ok(r) => r,
+        Err(e) => {
+            if opts.stop {
+                resume(control);
+            }
+            return Err(e);
+        }
+    };
     let input = ManifestInput {
         created_unix_ms: Some(
             SystemTime::now()
@@ -373,6 +451,16 @@ pub fn snapshot(
         background_copy_ms: ms(bg.elapsed),
         early_copied_bytes: bg.early_bytes,
         write_faults: bg.faults,
+        disk_ms: ms(paused_disks.elapsed),
+        disk_copied_bytes: paused_disks.copied_bytes,
+        disks: records
+            .iter()
+            .map(|r| SavedDisk {
+                id: r.id.clone(),
+                saved: r.saved.as_str(),
+                file: r.file.clone(),
+            })
+            .collect(),
     })
 }
 

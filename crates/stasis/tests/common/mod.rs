@@ -425,10 +425,14 @@ impl VmProcess {
 
     /// `stasis snapshot NAME DIR [--stop]`; panics with details on failure.
     pub fn snapshot(&self, dir: &Path, stop: bool) -> serde_json::Value {
+        self.snapshot_with(dir, if stop { &["--stop"] } else { &[] })
+    }
+
+    /// `stasis snapshot NAME DIR --json EXTRA...`; panics with details on
+    /// failure.
+    pub fn snapshot_with(&self, dir: &Path, extra: &[&str]) -> serde_json::Value {
         let mut args = vec!["snapshot", &self.name, dir.to_str().unwrap(), "--json"];
-        if stop {
-            args.push("--stop");
-        }
+        args.extend_from_slice(extra);
         let out = self.cli(&args);
         if !out.status.success() {
             self.fail(&format!("snapshot failed: {}", err_text(&out)));
