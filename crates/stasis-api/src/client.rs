@@ -193,6 +193,7 @@ impl ApiClient {
             detach: false,
             mode: None,
             disk_mode: None,
+            parent: None,
         })
     }
 
@@ -219,6 +220,7 @@ impl ApiClient {
             detach: true,
             mode: None,
             disk_mode: None,
+            parent: None,
         })
     }
 

@@ -295,6 +295,7 @@ mod tests {
                     detach,
                     mode: None,
                     disk_mode: None,
+                    parent: None,
                 }))
             );
         }

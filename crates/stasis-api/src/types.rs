@@ -247,6 +247,11 @@ pub struct SnapshotRequest {
     /// leaves disks in place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mode: Option<String>,
+    /// Take a diff snapshot against this snapshot directory (a full
+    /// snapshot or the newest of a chain): only pages that differ from it
+    /// are stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// The answer to a request started as a job (`202 Accepted`); its
@@ -390,6 +395,9 @@ pub struct SnapshotResponse {
     /// How each writable disk was saved.
     #[serde(default)]
     pub disks: Vec<SavedDiskInfo>,
+    /// A diff snapshot's parent, as its manifest names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// How one writable disk was saved with a snapshot.

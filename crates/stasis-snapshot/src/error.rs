@@ -188,6 +188,15 @@ pub enum Error {
         dir: PathBuf,
     },
 
+    /// A diff snapshot's parent is missing, another snapshot, changed, or
+    /// does not fit.
+    #[error("snapshot {}: its parent {message}", child.display())]
+    Parent {
+        /// The child snapshot.
+        child: PathBuf,
+        /// What is wrong with its parent.
+        message: String,
+    },
     /// The target path's parent directory does not exist.
     #[error("cannot create snapshot {}: parent directory {} does not exist", dir.display(), parent.display())]
     NoParent {

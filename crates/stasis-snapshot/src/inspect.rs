@@ -98,8 +98,15 @@ pub fn summary(reader: &SnapshotReader) -> String {
             let _ = writeln!(s, "  cpu model:      host (recorded before CPU models)");
         }
     }
+    if let Some(id) = &b.snapshot_id {
+        let _ = writeln!(s, "  snapshot id:    {id}");
+    }
     if let Some(p) = &b.parent {
-        let _ = writeln!(s, "  parent:         {p}");
+        let _ = writeln!(
+            s,
+            "  parent:         {} (diff snapshot: id {}, manifest checksum {})",
+            p.path, p.snapshot_id, p.body_crc32c
+        );
     }
     let total_pages = mem.regions.iter().map(|r| r.size).sum::<u64>() / mem.page_size;
     let _ = writeln!(s, "memory ({}):", mem.file);

@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+mod chain;
 mod crc;
 mod error;
 mod fsutil;
@@ -29,18 +30,24 @@ pub mod hex_bytes;
 mod inspect;
 mod manifest;
 mod memory_image;
+mod merge;
+mod page_map;
 mod progress;
 mod reader;
 mod section;
 mod writer;
 
+pub use chain::{parent_path, SnapshotChain, MAX_CHAIN_LEN};
 pub use error::{Error, Result};
 pub use inspect::{format_bytes, format_unix_ms, summary, summary_json, summary_of};
 pub use manifest::{
     decode_manifest, encode_manifest, seal_manifest_body, validate_body, CpuInfo, CpuidEntry,
-    GuestCpuRecord, Manifest, ManifestBody, MemoryLayout, MemoryRegion, Producer, SectionEntry,
+    GuestCpuRecord, Manifest, ManifestBody, MemoryLayout, MemoryRegion, PageMapRef, ParentRef,
+    Producer, SectionEntry,
 };
 pub use memory_image::{ChunkSpan, MemoryImage, MemoryRegionSource, MemoryWriteStats};
+pub use merge::merge_chain;
+pub use page_map::{PageMap, PageSource};
 pub use progress::{Progress, ProgressSnapshot};
 pub use reader::{BadChunk, BadSection, SnapshotReader, VerifyReport};
 pub use section::{
@@ -53,8 +60,12 @@ pub use writer::{remove_stale_temp_dirs, CommitStats, ManifestInput, SnapshotWri
 pub const FORMAT_NAME: &str = "stasis-snapshot";
 /// The `format_version` this build writes.
 pub const FORMAT_VERSION: u32 = 1;
+/// The `format_version` of diff snapshots (a parent and a page map).
+pub const DIFF_FORMAT_VERSION: u32 = 2;
 /// The newest `format_version` this build reads (it reads all older ones).
-pub const MAX_FORMAT_VERSION: u32 = 1;
+pub const MAX_FORMAT_VERSION: u32 = 2;
+/// Name of a diff snapshot's page map file.
+pub const PAGE_MAP_FILE: &str = "page-map.bin";
 
 /// Name of the manifest file.
 pub const MANIFEST_FILE: &str = "manifest.json";

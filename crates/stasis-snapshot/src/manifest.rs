@@ -141,8 +141,36 @@ pub struct MemoryLayout {
     /// CRC-32C of each `chunk_size` bytes of the file (the last possibly
     /// short), holes read as zeros.
     pub chunk_crc32c: Vec<u32>,
-    /// Number of pages that are not all zero (the rest are holes).
+    /// Number of pages that are not all zero (the rest are holes). In a
+    /// diff snapshot: the pages stored in this file.
     pub nonzero_pages: u64,
+    /// Diff snapshots (format version 2): where each page's contents are
+    /// (zero, in this file, or in the parent). Absent from full snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_map: Option<PageMapRef>,
+}
+
+/// The page map file of a diff snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageMapRef {
+    /// File name inside the snapshot directory (`"page-map.bin"`).
+    pub file: String,
+    /// Its length: one 2-bit entry per page of all regions, 4 per byte.
+    pub size: u64,
+    /// CRC-32C of the whole file.
+    pub crc32c: u32,
+}
+
+/// The snapshot a diff snapshot was taken against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's `snapshot_id`.
+    pub snapshot_id: String,
+    /// The parent manifest's `body_crc32c`: the parent must not have
+    /// changed since.
+    pub body_crc32c: String,
+    /// Where it is: relative to this snapshot's directory, or absolute.
+    pub path: String,
 }
 
 /// Where one state section lives in `state.bin`.
@@ -188,9 +216,14 @@ pub struct ManifestBody {
     pub state_file: String,
     /// The state file's length in bytes.
     pub state_size: u64,
-    /// Reserved for diff snapshots and checkpoint trees; `None` for now.
+    /// A random id (32 hex digits) given to every snapshot when written;
+    /// children name their parent by it. Absent from older snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// Diff snapshots (format version 2): the snapshot whose memory pages
+    /// marked "in the parent" come from. `None` for a full snapshot.
     #[serde(default)]
-    pub parent: Option<String>,
+    pub parent: Option<ParentRef>,
     /// Free-form notes.
     #[serde(default)]
     pub notes: BTreeMap<String, String>,
@@ -256,7 +289,12 @@ pub fn encode_manifest(body: &ManifestBody) -> Result<String> {
         .map_err(|e| Error::ManifestBody(format!("cannot serialize: {e}")))?;
     // JSON strings cannot hold a raw newline, so this only re-indents.
     let body_text = pretty.replace('\n', "\n  ");
-    Ok(seal_manifest_body(FORMAT_VERSION, &body_text))
+    let version = if body.parent.is_some() {
+        crate::DIFF_FORMAT_VERSION
+    } else {
+        FORMAT_VERSION
+    };
+    Ok(seal_manifest_body(version, &body_text))
 }
 
 /// Wraps already-serialized body text in the envelope, computing its
@@ -357,12 +395,33 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
     let body: ManifestBody =
         serde_json::from_str(body_raw.get()).map_err(|e| Error::ManifestBody(e.to_string()))?;
     validate_body(&body)?;
+    if body.parent.is_some() && version < u64::from(crate::DIFF_FORMAT_VERSION) {
+        return Err(invalid(
+            "parent",
+            format!(
+                "a version-{version} snapshot cannot have a parent (diff snapshots are version {})",
+                crate::DIFF_FORMAT_VERSION
+            ),
+        ));
+    }
     Ok(Manifest {
         // Checked above: 1 ..= MAX_FORMAT_VERSION.
         format_version: version as u32,
         body_crc32c: recorded,
         body,
     })
+}
+
+/// Checks a snapshot id: 32 lowercase hex digits.
+fn check_snapshot_id(field: &str, id: &str) -> Result<()> {
+    if id.len() != 32
+        || !id
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
+        return Err(invalid(field, "is not 32 lowercase hex digits"));
+    }
+    Ok(())
 }
 
 /// Checks that a file name from the manifest is a plain name inside the
@@ -395,6 +454,50 @@ pub fn validate_body(b: &ManifestBody) -> Result<()> {
     }
     let m = &b.memory;
     check_file_name("memory.file", &m.file)?;
+    if let Some(id) = &b.snapshot_id {
+        check_snapshot_id("snapshot_id", id)?;
+    }
+    match (&b.parent, &m.page_map) {
+        (Some(p), Some(pm)) => {
+            check_snapshot_id("parent.snapshot_id", &p.snapshot_id)?;
+            if p.body_crc32c.len() != 8 || u32::from_str_radix(&p.body_crc32c, 16).is_err() {
+                return Err(invalid("parent.body_crc32c", "is not 8 hex digits"));
+            }
+            if p.path.is_empty() || p.path.len() > 4096 || p.path.contains('\0') {
+                return Err(invalid("parent.path", "must be 1-4096 bytes without NUL"));
+            }
+            check_file_name("memory.page_map.file", &pm.file)?;
+            if [crate::MANIFEST_FILE, m.file.as_str(), b.state_file.as_str()]
+                .contains(&pm.file.as_str())
+            {
+                return Err(invalid("memory.page_map.file", "must be a file of its own"));
+            }
+            let pages: u64 = m.regions.iter().map(|r| r.size / m.page_size.max(1)).sum();
+            if pm.size != pages.div_ceil(4) {
+                return Err(invalid(
+                    "memory.page_map.size",
+                    format!(
+                        "{} bytes, but {pages} pages need {}",
+                        pm.size,
+                        pages.div_ceil(4)
+                    ),
+                ));
+            }
+        }
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(invalid(
+                "memory.page_map",
+                "a diff snapshot needs a page map",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "memory.page_map",
+                "only a diff snapshot (with a parent) has a page map",
+            ))
+        }
+    }
     check_file_name("state_file", &b.state_file)?;
     if m.file == b.state_file
         || m.file == crate::MANIFEST_FILE
@@ -581,10 +684,12 @@ mod tests {
                 regions: vec![],
                 chunk_crc32c: vec![],
                 nonzero_pages: 0,
+                page_map: None,
             },
             sections: vec![],
             state_file: "state.bin".into(),
             state_size: 0,
+            snapshot_id: None,
             parent: None,
             notes: BTreeMap::new(),
         }

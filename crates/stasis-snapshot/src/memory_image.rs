@@ -6,17 +6,20 @@
 //! parallel batches while the guest is paused; a background snapshot copies
 //! them while the guest runs, a chunk the guest is about to write first.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::chain::SnapshotChain;
 use crate::crc;
 use crate::error::{Error, Result};
 use crate::manifest::{MemoryLayout, MemoryRegion};
+use crate::page_map::{PageMap, PageSource};
 use crate::progress::Progress;
 use crate::{CHUNK_SIZE, MEMORY_FILE, PAGE_SIZE, REGION_ALIGN};
 
@@ -171,6 +174,7 @@ pub(crate) fn plan_layout(regions: &[MemoryRegionSource<'_>]) -> Result<MemoryLa
         regions: placed,
         chunk_crc32c: vec![0; file_size.div_ceil(CHUNK_SIZE) as usize],
         nonzero_pages: 0,
+        page_map: None,
     })
 }
 
@@ -319,6 +323,23 @@ pub struct MemoryImage {
     nonzero_pages: AtomicU64,
     bytes_written: AtomicU64,
     progress: Arc<Progress>,
+    diff: Option<DiffBase>,
+}
+
+/// A diff snapshot's parent and where each page went.
+#[derive(Debug)]
+struct DiffBase {
+    chain: Arc<SnapshotChain>,
+    /// First page index of each region in the page map.
+    first_page: Vec<u64>,
+    /// One [`PageSource`] per page.
+    pages: Vec<AtomicU8>,
+}
+
+thread_local! {
+    /// A chunk of the parent's memory, for comparing (one per copying
+    /// thread, reused).
+    static PARENT_CHUNK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl MemoryImage {
@@ -327,7 +348,23 @@ impl MemoryImage {
         path: PathBuf,
         layout: MemoryLayout,
         progress: Arc<Progress>,
+        parent: Option<Arc<SnapshotChain>>,
     ) -> MemoryImage {
+        let diff = parent.map(|chain| {
+            let mut first_page = Vec::new();
+            let mut total = 0;
+            for r in &layout.regions {
+                first_page.push(total);
+                total += r.size / PAGE_SIZE;
+            }
+            DiffBase {
+                chain,
+                first_page,
+                pages: (0..total)
+                    .map(|_| AtomicU8::new(PageSource::Zero as u8))
+                    .collect(),
+            }
+        });
         let tasks = plan_chunks(&layout);
         debug_assert!(tasks.iter().enumerate().all(|(i, t)| t.index == i));
         let n = tasks.len();
@@ -341,6 +378,7 @@ impl MemoryImage {
             nonzero_pages: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             progress,
+            diff,
         }
     }
 
@@ -413,7 +451,14 @@ impl MemoryImage {
             }
         }
         let mut out = WorkerResult::default();
-        copy_batch(&self.file, &self.path, region, placed, tasks, &mut out)?;
+        match &self.diff {
+            None => copy_batch(&self.file, &self.path, region, placed, tasks, &mut out)?,
+            Some(d) => {
+                for t in tasks {
+                    copy_chunk_diff(&self.file, &self.path, region, placed, t, d, &mut out)?;
+                }
+            }
+        }
         for (i, c) in out.chunk_crcs {
             self.crcs[i].store(c, Ordering::Release);
         }
@@ -461,8 +506,9 @@ impl MemoryImage {
         }
     }
 
-    /// The file and its completed layout, once every chunk is copied.
-    pub(crate) fn finish(self) -> Result<(File, MemoryLayout, u64)> {
+    /// The file, its completed layout, the bytes written and (diff) the
+    /// page map, once every chunk is copied.
+    pub(crate) fn finish(self) -> Result<(File, MemoryLayout, u64, Option<PageMap>)> {
         if let Some(i) = self.copied.iter().position(|c| !c.load(Ordering::Acquire)) {
             return Err(Error::Usage(format!(
                 "memory chunk {i} of {} was never copied",
@@ -474,7 +520,19 @@ impl MemoryImage {
             *slot = crc.load(Ordering::Acquire);
         }
         layout.nonzero_pages = self.nonzero_pages.into_inner();
-        Ok((self.file, layout, self.bytes_written.into_inner()))
+        let map = self.diff.map(|d| {
+            let mut map = PageMap::new(d.pages.len() as u64);
+            for (i, s) in d.pages.iter().enumerate() {
+                let src = match s.load(Ordering::Acquire) {
+                    1 => PageSource::Here,
+                    2 => PageSource::Parent,
+                    _ => PageSource::Zero,
+                };
+                map.set(i as u64, src);
+            }
+            map
+        });
+        Ok((self.file, layout, self.bytes_written.into_inner(), map))
     }
 
     /// The layout (checksums not yet filled in).
@@ -507,6 +565,75 @@ impl MemoryImage {
             elapsed,
         }
     }
+}
+
+/// Copies one chunk of a diff snapshot: a zero page is a hole marked
+/// "zero", a page equal to the parent's is a hole marked "in the parent",
+/// any other page is written and marked "here". The checksum covers the
+/// file's bytes (holes as zeros).
+fn copy_chunk_diff(
+    file: &File,
+    path: &Path,
+    src: &MemoryRegionSource<'_>,
+    placed: &MemoryRegion,
+    t: &ChunkTask,
+    diff: &DiffBase,
+    out: &mut WorkerResult,
+) -> Result<()> {
+    let page = PAGE_SIZE as usize;
+    let data = src.data;
+    PARENT_CHUNK.with(|buf| -> Result<()> {
+        let mut parent = buf.borrow_mut();
+        parent.resize(t.data_len, 0);
+        diff.chain
+            .read_range(t.region, t.data_off as u64, &mut parent[..t.data_len])?;
+        let first = diff.first_page[t.region] + (t.data_off / page) as u64;
+        let mut crc = 0u32;
+        let mut zeros = 0u64;
+        let mut run: Option<usize> = None;
+        let flush = |from: usize, to: usize, out: &mut WorkerResult| -> Result<()> {
+            let at = placed.file_offset + from as u64;
+            file.write_all_at(&data[from..to], at)
+                .map_err(|e| Error::Io {
+                    context: format!("writing {} at offset {at:#x}", path.display()),
+                    source: e,
+                })?;
+            out.bytes_written += (to - from) as u64;
+            Ok(())
+        };
+        for k in 0..t.data_len / page {
+            let off = t.data_off + k * page;
+            let p = &data[off..off + page];
+            let state = if crc::is_zero(p) {
+                PageSource::Zero
+            } else if p == &parent[k * page..(k + 1) * page] {
+                PageSource::Parent
+            } else {
+                PageSource::Here
+            };
+            diff.pages[(first + k as u64) as usize].store(state as u8, Ordering::Release);
+            if state == PageSource::Here {
+                if zeros > 0 {
+                    crc = crc::append_zeros(crc, zeros);
+                    zeros = 0;
+                }
+                crc = crc::append(crc, p);
+                out.nonzero_pages += 1;
+                run.get_or_insert(off);
+            } else {
+                zeros += PAGE_SIZE;
+                if let Some(s) = run.take() {
+                    flush(s, off, out)?;
+                }
+            }
+        }
+        if let Some(s) = run {
+            flush(s, t.data_off + t.data_len, out)?;
+        }
+        out.chunk_crcs
+            .push((t.index, crc::append_zeros(crc, zeros + t.pad)));
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -266,12 +266,40 @@ impl SnapshotReader {
         let b = &manifest.body;
         let state = open_data_file(dir, &b.state_file, b.state_size)?;
         let memory = open_data_file(dir, &b.memory.file, b.memory.file_size)?;
+        if let Some(pm) = &b.memory.page_map {
+            open_data_file(dir, &pm.file, pm.size)?;
+        }
         Ok(SnapshotReader {
             dir: dir.to_path_buf(),
             manifest,
             state,
             memory,
         })
+    }
+
+    /// A diff snapshot's page map (checked against its crc32c), or `None`
+    /// for a full snapshot.
+    pub fn page_map(&self) -> Result<Option<crate::page_map::PageMap>> {
+        let Some(pm) = &self.manifest.body.memory.page_map else {
+            return Ok(None);
+        };
+        let path = self.dir.join(&pm.file);
+        let f = open_data_file(&self.dir, &pm.file, pm.size)?;
+        let mut bytes = vec![0u8; pm.size as usize];
+        f.read_exact_at(&mut bytes, 0)
+            .map_err(io_ctx(format!("reading {}", path.display())))?;
+        let crc = crc32c::crc32c(&bytes);
+        if crc != pm.crc32c {
+            return Err(invalid(
+                &pm.file,
+                format!(
+                    "checksum {crc:08x} does not match the manifest's {:08x}",
+                    pm.crc32c
+                ),
+            ));
+        }
+        let pages = self.regions().iter().map(|r| r.size / PAGE_SIZE).sum();
+        crate::page_map::PageMap::from_bytes(bytes, pages).map(Some)
     }
 
     /// The snapshot directory.

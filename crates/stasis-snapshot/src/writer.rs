@@ -16,15 +16,18 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::chain::SnapshotChain;
 use crate::error::{io_ctx, Error, Result};
 use crate::fsutil;
 use crate::manifest::{
-    encode_manifest, CpuInfo, ManifestBody, MemoryLayout, Producer, SectionEntry,
+    encode_manifest, CpuInfo, ManifestBody, MemoryLayout, PageMapRef, ParentRef, Producer,
+    SectionEntry,
 };
 use crate::memory_image::{plan_layout, MemoryImage, MemoryRegionSource, MemoryWriteStats};
+use crate::page_map::PageMap;
 use crate::progress::Progress;
 use crate::section::{check_key, encode_section, SectionState};
-use crate::{MANIFEST_FILE, MEMORY_FILE, SECTION_ALIGN, STATE_FILE};
+use crate::{MANIFEST_FILE, MEMORY_FILE, PAGE_MAP_FILE, SECTION_ALIGN, STATE_FILE};
 
 /// The manifest fields the writer cannot know by itself.
 #[derive(Clone, Debug, Default)]
@@ -35,8 +38,6 @@ pub struct ManifestInput {
     pub vm_config: serde_json::Value,
     /// The CPU and the guest's CPUID.
     pub cpu: CpuInfo,
-    /// Reserved for diff snapshots; keep `None`.
-    pub parent: Option<String>,
     /// Free-form notes.
     pub notes: BTreeMap<String, String>,
 }
@@ -136,6 +137,10 @@ pub struct SnapshotWriter {
     prepared: Option<(File, u64)>,
     /// `begin_memory` was called.
     memory_begun: bool,
+    /// A diff snapshot's parent chain and how the manifest names it.
+    diff_parent: Option<(Arc<SnapshotChain>, ParentRef)>,
+    /// A diff snapshot's page map, once memory is written.
+    page_map: Option<PageMap>,
     threads: usize,
     /// Set when a write failed half-way: the files are inconsistent, so
     /// `commit` refuses.
@@ -195,6 +200,8 @@ impl SnapshotWriter {
             memory: None,
             prepared: None,
             memory_begun: false,
+            diff_parent: None,
+            page_map: None,
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
@@ -341,6 +348,56 @@ impl SnapshotWriter {
         Ok(stats)
     }
 
+    /// Puts a hard link to `src` into the snapshot as `name` (a plain file
+    /// name other than the snapshot's own files), e.g. a disk clone kept
+    /// when a snapshot is rewritten. `src` must be on the same filesystem.
+    pub fn link_file(&mut self, name: &str, src: &Path) -> Result<()> {
+        if name.is_empty()
+            || name.starts_with('.')
+            || name.contains('/')
+            || [MANIFEST_FILE, MEMORY_FILE, STATE_FILE, PAGE_MAP_FILE].contains(&name)
+        {
+            return Err(Error::Usage(format!(
+                "{name:?} cannot be added to a snapshot"
+            )));
+        }
+        let dst = self.tmp_dir.join(name);
+        fs::hard_link(src, &dst).map_err(io_ctx(format!(
+            "linking {} into {}",
+            src.display(),
+            self.tmp_dir.display()
+        )))
+    }
+
+    /// Makes this a diff snapshot of `chain` (its newest snapshot is the
+    /// parent), named in the manifest as `path` (relative to this
+    /// snapshot's directory, or absolute). Call before the memory is
+    /// written: pages equal to the parent's are then not stored.
+    pub fn set_parent(&mut self, chain: Arc<SnapshotChain>, path: &str) -> Result<()> {
+        if self.memory.is_some() || self.memory_begun || self.prepared.is_some() {
+            return Err(Error::Usage(
+                "set_parent after the memory image exists".to_string(),
+            ));
+        }
+        let newest = chain.newest();
+        let Some(id) = newest.body().snapshot_id.clone() else {
+            return Err(Error::Parent {
+                child: self.final_dir.clone(),
+                message: format!(
+                    "{} has no snapshot id (written by an older stasis); take a full snapshot to start a chain",
+                    newest.dir().display()
+                ),
+            });
+        };
+        let link = ParentRef {
+            snapshot_id: id,
+            body_crc32c: format!("{:08x}", newest.manifest().body_crc32c),
+            path: path.to_string(),
+        };
+        self.diff_parent = Some((chain, link));
+        Ok(())
+    }
+
     /// Starts the memory image for `regions` (laid out as
     /// [`write_memory`](Self::write_memory) describes): chunks are then
     /// copied with [`MemoryImage::copy_chunks`], in any order and from any
@@ -363,6 +420,29 @@ impl SnapshotWriter {
             }
             None => self.create_memory_file(layout.file_size)?,
         };
+        let chain = match &self.diff_parent {
+            None => None,
+            Some((chain, _)) => {
+                let theirs = chain.newest().regions();
+                let same = theirs.len() == layout.regions.len()
+                    && theirs.iter().zip(&layout.regions).all(|(a, b)| {
+                        a.name == b.name
+                            && a.gpa == b.gpa
+                            && a.size == b.size
+                            && a.file_offset == b.file_offset
+                    });
+                if !same {
+                    return Err(Error::Parent {
+                        child: self.final_dir.clone(),
+                        message: format!(
+                            "{} has another memory layout (a diff needs the same regions)",
+                            chain.newest().dir().display()
+                        ),
+                    });
+                }
+                Some(chain.clone())
+            }
+        };
         self.memory_begun = true;
         self.progress.phase(
             "copying memory",
@@ -374,6 +454,7 @@ impl SnapshotWriter {
             path,
             layout,
             self.progress.clone(),
+            chain,
         )))
     }
 
@@ -388,7 +469,7 @@ impl SnapshotWriter {
         let finished = Arc::try_unwrap(image)
             .map_err(|_| Error::Usage("the memory image is still in use".to_string()))
             .and_then(MemoryImage::finish);
-        let (file, layout, written) = match finished {
+        let (file, layout, written, page_map) = match finished {
             Ok(v) => v,
             Err(e) => {
                 self.failed = Some(e.to_string());
@@ -399,6 +480,7 @@ impl SnapshotWriter {
             MemoryImage::stats(&layout, layout.regions.len(), written, 1, started.elapsed());
         tracing::debug!(?stats, "memory image written");
         self.memory = Some((file, layout));
+        self.page_map = page_map;
         Ok(stats)
     }
 
@@ -491,8 +573,30 @@ impl SnapshotWriter {
             "fsyncing {}",
             self.tmp_dir.join(MEMORY_FILE).display()
         )))?;
+        let mut layout = layout.clone();
+        // A diff's page map: written and made durable with the data.
+        let parent = match (&self.diff_parent, &self.page_map) {
+            (Some((_, link)), Some(map)) => {
+                let path = self.tmp_dir.join(PAGE_MAP_FILE);
+                let bytes = map.as_bytes();
+                fs::write(&path, bytes)
+                    .and_then(|()| File::open(&path)?.sync_all())
+                    .map_err(io_ctx(format!("writing {}", path.display())))?;
+                layout.page_map = Some(PageMapRef {
+                    file: PAGE_MAP_FILE.to_string(),
+                    size: bytes.len() as u64,
+                    crc32c: crc32c::crc32c(bytes),
+                });
+                Some(link.clone())
+            }
+            (Some(_), None) => {
+                return Err(Error::Usage(
+                    "a diff snapshot needs its memory written".to_string(),
+                ))
+            }
+            _ => None,
+        };
         let sync_time = sync_start.elapsed();
-        let layout = layout.clone();
 
         let body = ManifestBody {
             producer: Producer::this(),
@@ -503,7 +607,8 @@ impl SnapshotWriter {
             sections: self.sections.clone(),
             state_file: STATE_FILE.to_string(),
             state_size: self.state_len,
-            parent: input.parent,
+            snapshot_id: Some(new_snapshot_id()),
+            parent,
             notes: input.notes,
         };
         crate::manifest::validate_body(&body)?;
@@ -680,6 +785,22 @@ pub fn remove_stale_temp_dirs(final_dir: &Path) -> Result<Vec<PathBuf>> {
         removed.push(path);
     }
     Ok(removed)
+}
+
+/// 128 random bits as 32 hex digits (`getrandom`; the clock and the
+/// process id if that fails, which only makes ids guessable, not shared).
+fn new_snapshot_id() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = (t ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn now_unix_ms() -> u64 {

@@ -226,12 +226,12 @@ fn future_format_version() {
     let text = fs::read_to_string(&p).unwrap();
     fs::write(
         &p,
-        text.replacen("\"format_version\": 1", "\"format_version\": 2", 1),
+        text.replacen("\"format_version\": 1", "\"format_version\": 3", 1),
     )
     .unwrap();
     assert_eq!(
         open_err(&dir),
-        "snapshot format version 2 is newer than this stasis supports (max 1); upgrade stasis"
+        "snapshot format version 3 is newer than this stasis supports (max 2); upgrade stasis"
     );
     // The version is checked before the body: a future body that this
     // build cannot even parse still gets the upgrade message.

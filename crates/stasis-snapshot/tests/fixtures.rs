@@ -106,7 +106,6 @@ fn v1_input() -> ManifestInput {
             // Written before CPU models: the field is absent in the file.
             guest: None,
         },
-        parent: None,
         notes: [("purpose".to_string(), "format fixture v1".to_string())].into(),
     }
 }
@@ -219,4 +218,86 @@ fn v1_minimal_fixture_reads() {
     assert!(r.verify(|_, _| {}).unwrap().is_ok());
     let summary = stasis_snapshot::summary(&r);
     assert!(summary.contains("AuthenticAMD"), "{summary}");
+}
+
+/// The diff fixture's memory: the v1 memory with page 2 rewritten, the
+/// first non-zero page cleared, and page 15 filled.
+fn v2_diff_memory() -> Vec<u8> {
+    let mut mem = v1_memory();
+    mem[2 * 4096..3 * 4096].fill(0x5a);
+    let first = V1_NONZERO_PAGES[0];
+    mem[first * 4096..(first + 1) * 4096].fill(0);
+    mem[15 * 4096..16 * 4096].fill(0xc3);
+    mem
+}
+
+/// Writes `tests/fixtures/v2-diff-chain/{base,diff}`: a full snapshot and
+/// a diff (format version 2) against it, when diff snapshots were new.
+/// Never regenerated:
+/// `cargo test -p stasis-snapshot --test fixtures -- --ignored generate`.
+#[test]
+#[ignore = "writes the checked-in fixture; never regenerate it"]
+fn generate_v2_diff_chain_fixture() {
+    let root = fixture("v2-diff-chain");
+    assert!(
+        !root.exists(),
+        "{} exists; fixtures are never regenerated",
+        root.display()
+    );
+    std::fs::create_dir_all(&root).unwrap();
+    let (base, diff) = (root.join("base"), root.join("diff"));
+    let mut w = SnapshotWriter::create(&base).unwrap();
+    w.add_section("0", false, &v1_vcpu()).unwrap();
+    w.write_memory(&[MemoryRegionSource::new("ram0", 0x10_0000, &v1_memory())])
+        .unwrap();
+    w.commit(v1_input()).unwrap();
+    let mut w = SnapshotWriter::create(&diff).unwrap();
+    let chain = stasis_snapshot::SnapshotChain::open(&base).unwrap();
+    w.set_parent(std::sync::Arc::new(chain), "../base").unwrap();
+    w.add_section("0", false, &v1_vcpu()).unwrap();
+    w.write_memory(&[MemoryRegionSource::new(
+        "ram0",
+        0x10_0000,
+        &v2_diff_memory(),
+    )])
+    .unwrap();
+    w.commit(v1_input()).unwrap();
+}
+
+#[test]
+fn v2_diff_chain_fixture_reads() {
+    let root = fixture("v2-diff-chain");
+    let diff = SnapshotReader::open(&root.join("diff")).unwrap();
+    assert_eq!(diff.manifest().format_version, 2);
+    let b = diff.body();
+    let parent = b.parent.as_ref().expect("a diff has a parent");
+    assert_eq!(parent.path, "../base");
+    let base = SnapshotReader::open(&root.join("base")).unwrap();
+    assert_eq!(base.manifest().format_version, 1);
+    assert_eq!(
+        base.body().snapshot_id.as_deref(),
+        Some(parent.snapshot_id.as_str())
+    );
+    assert_eq!(
+        format!("{:08x}", base.manifest().body_crc32c),
+        parent.body_crc32c
+    );
+    let map = diff.page_map().unwrap().unwrap();
+    use stasis_snapshot::PageSource::{Here, Parent, Zero};
+    let first = V1_NONZERO_PAGES[0] as u64;
+    assert_eq!(map.get(2), Here);
+    assert_eq!(map.get(15), Here);
+    assert_eq!(map.get(first), Zero);
+    for p in V1_NONZERO_PAGES.iter().skip(1) {
+        if *p != 2 && *p != 15 {
+            assert_eq!(map.get(*p as u64), Parent, "page {p}");
+        }
+    }
+    assert_eq!(b.memory.nonzero_pages, 2);
+    assert!(diff.verify(|_, _| {}).unwrap().is_ok());
+    let chain = stasis_snapshot::SnapshotChain::open(&root.join("diff")).unwrap();
+    assert_eq!(chain.len(), 2);
+    let mut got = vec![0u8; V1_REGION_SIZE];
+    chain.read_region_into(0, &mut got, true).unwrap();
+    assert_eq!(got, v2_diff_memory());
 }

@@ -146,6 +146,7 @@ fn snapshot_latencies(g: &Guest, work: &Path, n: usize) -> Vec<f64> {
                     detach: false,
                     mode: None,
                     disk_mode: Some("skip".into()),
+                    parent: None,
                 })
                 .expect("snapshot");
             r.quiesce_ms

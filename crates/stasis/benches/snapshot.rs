@@ -10,8 +10,11 @@
 //! guest still runs (the floor for a durable copy under the same load) and
 //! again once it has ended (the floor on an idle host); then restores in lazy and eager mode (time
 //! from `stasis restore` to the vCPUs starting, and until the guest has
-//! verified and rewritten all its memory once more). Medians of
-//! `STASIS_BENCH_RUNS` runs (default 3).
+//! verified and rewritten all its memory once more). Then, on a guest that
+//! wrote all its RAM once and rewrites 10% of it: a full snapshot and a
+//! diff snapshot against it two passes later (size on disk against the
+//! dirtied memory, pause, total). Medians of `STASIS_BENCH_RUNS` runs
+//! (default 3).
 //!
 //! ```text
 //! cargo bench -p stasis --bench snapshot                 # 256 MiB, 1 GiB, 4 GiB
@@ -84,6 +87,11 @@ struct Run {
     bg_sync_ms: f64,
     dd_ms: f64,
     dd_idle_ms: f64,
+    diff_full_ms: f64,
+    diff_ms: f64,
+    diff_pause_ms: f64,
+    diff_stored_mib: f64,
+    diff_dirty_mib: f64,
     lazy_ready_ms: f64,
     lazy_touch_ms: f64,
     eager_ready_ms: f64,
@@ -127,6 +135,72 @@ fn restore(snap: &Path, runtime: &Path, mode: &str, work: &Path) -> (f64, f64) {
     let touched = wait_mem_lines(&log, 2, Duration::from_secs(600)) - t0;
     drop(child);
     (ready.as_secs_f64() * 1e3, touched.as_secs_f64() * 1e3)
+}
+
+/// A guest that wrote all its RAM once and then rewrites 10% of it: a full
+/// snapshot, two passes (every hot page rewritten since), a diff snapshot
+/// against it. Fills the `diff_*` fields.
+fn diff_run(mib: u64, kernel: &Path, work: &Path, run: &mut Run) {
+    let runtime = work.join("run-diff");
+    let log = work.join("serial-diff.log");
+    let _ = std::fs::remove_file(&log);
+    let used = mib - 8;
+    let hot = used / 10;
+    let vm = Vmm(stasis(&runtime)
+        .args([
+            "run",
+            "--name",
+            "bench-diff",
+            "--memory",
+            &format!("{mib}M"),
+        ])
+        .arg("--kernel")
+        .arg(kernel)
+        .args([
+            "--cmdline",
+            &format!(
+                "console=ttyS0 workload=memory mem_mib={used} mem_hot_mib={hot} report_ms=100000"
+            ),
+        ])
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn stasis run"));
+    wait_mem_lines(&log, 1, Duration::from_secs(900));
+    let full = work.join("diff-parent");
+    let child = work.join("diff-child");
+    let take = |dir: &Path, extra: &[&str]| -> serde_json::Value {
+        let _ = std::fs::remove_dir_all(dir);
+        let out = stasis(&runtime)
+            .args(["snapshot", "bench-diff", dir.to_str().unwrap(), "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let f = take(&full, &[]);
+    run.diff_full_ms = f["total_ms"].as_f64().unwrap();
+    let seen = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("MEM "))
+        .count();
+    wait_mem_lines(&log, seen + 2, Duration::from_secs(900));
+    let d = take(&child, &["--parent", full.to_str().unwrap()]);
+    drop(vm);
+    run.diff_ms = d["total_ms"].as_f64().unwrap();
+    run.diff_pause_ms = d["pause_ms"].as_f64().unwrap();
+    run.diff_stored_mib = du_bytes(&child) as f64 / (1 << 20) as f64;
+    run.diff_dirty_mib = hot as f64;
+    let _ = std::fs::remove_dir_all(&child);
+    let _ = std::fs::remove_dir_all(&full);
 }
 
 fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
@@ -214,6 +288,7 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
     (run.lazy_ready_ms, run.lazy_touch_ms) = restore(&snap, &runtime, "lazy", work);
     (run.eager_ready_ms, run.eager_touch_ms) = restore(&snap, &runtime, "eager", work);
     let _ = std::fs::remove_dir_all(&snap);
+    diff_run(mib, kernel, work, &mut run);
     run
 }
 
@@ -272,6 +347,24 @@ fn main() {
             m(|r| r.dd_idle_ms),
             m(|r| r.bg_total_ms / r.dd_idle_ms),
             m(|r| r.disk_mib),
+        );
+    }
+    println!();
+    println!(
+        "| guest | diff at 10% dirty: dirtied MiB | diff on disk MiB | on disk / dirtied | diff pause | diff total | full snapshot total, same guest |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (mib, runs) in &all {
+        let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        println!(
+            "| {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            name(*mib),
+            m(|r| r.diff_dirty_mib),
+            m(|r| r.diff_stored_mib),
+            m(|r| r.diff_stored_mib / r.diff_dirty_mib),
+            m(|r| r.diff_pause_ms),
+            m(|r| r.diff_ms),
+            m(|r| r.diff_full_ms),
         );
     }
     println!();

@@ -106,7 +106,8 @@ fn snapshot_failure(e: SnapshotError) -> JobFailure {
         SnapshotError::Vm(VmError::BadState { .. } | VmError::Busy { .. }) => FailureKind::Conflict,
         SnapshotError::Format(
             stasis_snapshot::Error::RefuseOverwrite { .. }
-            | stasis_snapshot::Error::NoParent { .. },
+            | stasis_snapshot::Error::NoParent { .. }
+            | stasis_snapshot::Error::Parent { .. },
         )
         | SnapshotError::Background(_)
         | SnapshotError::DiskRefused(_) => FailureKind::BadRequest,
@@ -132,7 +133,7 @@ impl VmApi {
     /// be cancelled; without `detach` the request waits for it.
     fn snapshot(&self, req: &SnapshotRequest) -> ApiResponse {
         let control = self.control.clone();
-        let (path, stop) = (req.path.clone(), req.stop);
+        let (path, stop, parent) = (req.path.clone(), req.stop, req.parent.clone());
         let mode = match req.mode.as_deref().map(str::parse::<SnapshotMode>) {
             None => SnapshotMode::Auto,
             Some(Ok(m)) => m,
@@ -150,6 +151,7 @@ impl VmApi {
                     stop,
                     mode,
                     disk_mode,
+                    parent: parent.map(std::path::PathBuf::from),
                     progress: Some(progress),
                 };
                 // Same field names as stasis_api::SnapshotResponse, which the

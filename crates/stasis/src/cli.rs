@@ -38,6 +38,8 @@ pub enum Command {
     Stop(NameArg),
     /// Snapshot a running VM into a directory; it keeps running unless --stop.
     /// Waits with a progress bar (Ctrl-C cancels) unless --detach.
+    /// `stasis snapshot merge DIR` flattens a chain of diff snapshots ending
+    /// at DIR into one full snapshot at DIR.
     Snapshot(SnapshotArgs),
     /// List a VM's jobs (long operations such as snapshots), or show one.
     Jobs(JobsArgs),
@@ -85,7 +87,7 @@ pub struct CpuModelsArgs {
 /// `stasis snapshot NAME DIR`.
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
-    /// The VM's name.
+    /// The VM's name (or `merge`: flatten the chain ending at DIR).
     pub name: String,
     /// The snapshot directory (its parent must exist; an older snapshot
     /// there is replaced atomically).
@@ -106,6 +108,12 @@ pub struct SnapshotArgs {
     /// finds it as it is then). With --stop disks stay in place.
     #[arg(long, default_value = "clone", value_parser = ["clone", "copy", "skip"])]
     pub disk_mode: String,
+    /// Take a diff snapshot against PARENT (a full snapshot or the newest
+    /// of a chain): only the pages that differ from it are stored, and
+    /// `stasis restore DIR` restores the whole chain. Parent and child
+    /// in one directory are named relatively, so they can move together.
+    #[arg(long, value_name = "PARENT")]
+    pub parent: Option<PathBuf>,
     /// Print the API's JSON answer.
     #[arg(long)]
     pub json: bool,

@@ -1,7 +1,8 @@
 //! `stasis demo`: the main job on the built-in default. Boots the heartbeat
 //! guest that ships inside the binary, shows its counter running, pauses
 //! and resumes it, takes a live background (copy-on-write) snapshot as a
-//! job through the control API, suspends it to a snapshot (the VM ends),
+//! job through the control API, a diff snapshot against that one,
+//! suspends it to a snapshot (the VM ends),
 //! restores a new VM from the snapshot alone, and shows the counter going
 //! on from where it was.
 
@@ -19,6 +20,33 @@ use crate::api_glue::VmApi;
 use crate::cli::DemoArgs;
 use crate::run::{api_socket_path, EXIT_START_FAILED};
 use crate::signals;
+
+/// Takes a diff snapshot against `parent` through the API and says how
+/// much it stored.
+fn diff_snapshot(
+    socket: &std::path::Path,
+    parent: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(), String> {
+    let r = ApiClient::at(socket)
+        .take_snapshot(&stasis_api::SnapshotRequest {
+            path: dir.display().to_string(),
+            stop: false,
+            detach: false,
+            mode: None,
+            disk_mode: None,
+            parent: Some(parent.display().to_string()),
+        })
+        .map_err(|e| format!("diff snapshot failed: {e}"))?;
+    println!(
+        "stasis demo: diff snapshot against it ({}): {} stored of {} of guest memory, only the pages that changed (guest paused {:.2} ms)",
+        r.parent.as_deref().unwrap_or("?"),
+        stasis_snapshot::format_bytes(r.memory_written_bytes),
+        stasis_snapshot::format_bytes(r.memory_bytes),
+        r.pause_ms
+    );
+    Ok(())
+}
 
 /// Starts a snapshot of the running VM as a job and follows it to the end.
 fn live_snapshot_job(socket: &std::path::Path, dir: &std::path::Path) -> Result<(), String> {
@@ -235,6 +263,11 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     // snapshot --detach` and `stasis jobs` do it.
     live_snapshot_job(&socket, &dir.join("live-snapshot"))?;
     show(&mut tail, Duration::from_millis(500), &mut last);
+    diff_snapshot(
+        &socket,
+        &dir.join("live-snapshot"),
+        &dir.join("diff-snapshot"),
+    )?;
 
     // 4. Suspend to a snapshot: the VM ends once it is on disk.
     let snap = dir.join("snapshot");

@@ -21,6 +21,9 @@ fn fail(e: impl std::fmt::Display) -> i32 {
 /// `stasis snapshot NAME DIR [--stop] [--detach]`. The path is made
 /// absolute here: the VMM may run in another working directory.
 pub fn snapshot(args: &SnapshotArgs) -> i32 {
+    if args.name == "merge" {
+        return merge(&args.dir);
+    }
     let interrupts = crate::signals::count_interrupts();
     let dir = match std::path::absolute(&args.dir) {
         Ok(d) => d,
@@ -37,6 +40,13 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
         detach: args.detach,
         mode: Some(args.mode.clone()),
         disk_mode: Some(args.disk_mode.clone()),
+        parent: match &args.parent {
+            None => None,
+            Some(p) => match std::path::absolute(p) {
+                Ok(p) => Some(p.display().to_string()),
+                Err(e) => return fail(format!("{}: {e}", p.display())),
+            },
+        },
     };
     if args.detach {
         return match client.start_snapshot(&request) {
@@ -136,6 +146,9 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
                 format_bytes(r.state_bytes),
                 r.copy_mb_per_s
             );
+            if let Some(p) = &r.parent {
+                println!("  diff snapshot: only pages that differ from its parent {p} are stored");
+            }
             for d in &r.disks {
                 println!(
                     "  disk {}: {}{}",
@@ -152,6 +165,26 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
                         .unwrap_or_default()
                 );
             }
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `stasis snapshot merge DIR`: the chain ending at DIR becomes one full
+/// snapshot at DIR (atomically; the other snapshots are untouched).
+fn merge(dir: &std::path::Path) -> i32 {
+    let members = match stasis_snapshot::SnapshotChain::open(dir) {
+        Ok(c) => c.len(),
+        Err(e) => return fail(e),
+    };
+    match stasis_snapshot::merge_chain(dir) {
+        Ok(c) => {
+            println!(
+                "merged a chain of {members} snapshots into a full snapshot at {} (memory image {})",
+                c.dir.display(),
+                format_bytes(c.memory_file_size)
+            );
             0
         }
         Err(e) => fail(e),
@@ -204,13 +237,56 @@ pub fn inspect(args: &InspectArgs) -> i32 {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
+    // A diff snapshot: the chain it restores from, or why it cannot.
+    let chain = reader.body().parent.as_ref().map(|_| {
+        stasis_snapshot::SnapshotChain::open(&args.dir).map(|c| {
+            c.members()
+                .map(|m| {
+                    (
+                        m.dir().display().to_string(),
+                        m.body().snapshot_id.clone().unwrap_or_default(),
+                        if m.body().parent.is_some() {
+                            "diff"
+                        } else {
+                            "full"
+                        },
+                        m.memory_allocated_bytes().unwrap_or(0),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    });
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary_json(&reader)).expect("serializes")
-        );
+        let mut v = summary_json(&reader);
+        match chain {
+            Some(Ok(members)) => {
+                v["chain"] = members
+                    .iter()
+                    .map(|(dir, id, kind, bytes)| {
+                        serde_json::json!({"dir": dir, "snapshot_id": id, "kind": kind, "memory_allocated_bytes": bytes})
+                    })
+                    .collect();
+            }
+            Some(Err(e)) => v["chain_error"] = e.to_string().into(),
+            None => {}
+        }
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
     } else {
         print!("{}", summary(&reader));
+        match chain {
+            Some(Ok(members)) => {
+                println!("chain ({} snapshots, newest first):", members.len());
+                for (dir, id, kind, bytes) in &members {
+                    println!(
+                        "  {kind:4}  {}  {}  {dir}",
+                        &id[..id.len().min(8)],
+                        format_bytes(*bytes)
+                    );
+                }
+            }
+            Some(Err(e)) => println!("chain: broken: {e}"),
+            None => {}
+        }
     }
     0
 }

@@ -191,7 +191,6 @@ pub fn sample_input(note: &str) -> ManifestInput {
                 xcr0: 0x7,
             }),
         },
-        parent: None,
         notes: [("note".to_string(), note.to_string())].into(),
     }
 }

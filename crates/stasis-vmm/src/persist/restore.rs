@@ -150,8 +150,11 @@ pub struct RestorePlan {
     pub state: CapturedState,
     /// Optional sections this stasis does not know (skipped).
     pub warnings: Vec<SectionWarning>,
-    /// The reader (keeps the memory file open).
+    /// The reader of the snapshot restored (its sections).
     pub reader: SnapshotReader,
+    /// It and, for a diff snapshot, its parents back to a full snapshot
+    /// (guest memory is composed from them).
+    pub chain: stasis_snapshot::SnapshotChain,
     /// How the vCPUs go back on this host.
     pub cpu: RestoreCpu,
     /// What the host check found (TSC plan, MSRs left out).
@@ -204,6 +207,9 @@ pub fn prepare_with_progress(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RestorePlan, RestoreError> {
     let reader = SnapshotReader::open(dir)?;
+    // A diff snapshot's parents, each link checked (a missing, changed or
+    // foreign parent is refused by name).
+    let chain = stasis_snapshot::SnapshotChain::open(dir)?;
     let warnings = reader.check_known(&known_section)?;
     let config = saved_config(&reader, overrides)?;
     let vcpus = saved_vcpus(&reader, &config)?;
@@ -225,7 +231,9 @@ pub fn prepare_with_progress(
         // Every section checksum is checked as it is read; this covers
         // the memory image (and warms the page cache that a lazy restore
         // maps).
-        reader.verify(progress)?.into_result()?;
+        for member in chain.members() {
+            member.verify(&mut *progress)?.into_result()?;
+        }
     }
     let vmgenid = match reader.read_section::<VmGenIdState>(SINGLETON)? {
         Some((_, v)) => v,
@@ -248,6 +256,7 @@ pub fn prepare_with_progress(
         state,
         warnings,
         reader,
+        chain,
         cpu,
         check,
     })
@@ -512,7 +521,8 @@ pub fn load_memory(
     mode: RestoreMode,
 ) -> Result<(GuestRam, Duration), RestoreError> {
     let started = Instant::now();
-    let path = plan.reader.memory_file_path();
+    let base = plan.chain.base();
+    let path = base.memory_file_path();
     let err = |message: String| RestoreError::Memory {
         path: path.clone(),
         message,
@@ -520,9 +530,8 @@ pub fn load_memory(
     let mem = match mode {
         RestoreMode::Lazy => {
             let mut regions = Vec::new();
-            for r in plan.reader.regions() {
-                let file = plan
-                    .reader
+            for r in base.regions() {
+                let file = base
                     .memory_file()
                     .try_clone()
                     .map_err(|e| err(e.to_string()))?;
@@ -537,16 +546,27 @@ pub fn load_memory(
                         .ok_or_else(|| err(format!("region {} overflows", r.name)))?,
                 );
             }
-            GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?
+            let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
+            // A chain: the base is mapped; the diffs' pages are copied
+            // over it (copy-on-write of the pages they change only).
+            if plan.chain.len() > 1 {
+                for (i, region) in vm_memory::GuestMemoryBackend::iter(&mem).enumerate() {
+                    // SAFETY: the private mapping was just made by us and
+                    // nothing else refers to it yet.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            region.as_ptr(),
+                            vm_memory::GuestMemoryRegion::len(region) as usize,
+                        )
+                    };
+                    plan.chain.apply_diffs(i, 0, dst)?;
+                }
+            }
+            mem
         }
         RestoreMode::Eager => {
             let mem = memory::allocate(plan.config.memory_mib).map_err(|e| err(e.to_string()))?;
-            for (r, region) in plan
-                .reader
-                .regions()
-                .iter()
-                .zip(vm_memory::GuestMemoryBackend::iter(&mem))
-            {
+            for (i, region) in vm_memory::GuestMemoryBackend::iter(&mem).enumerate() {
                 // SAFETY: the region was just mapped by us, nothing else
                 // refers to it yet, and its length is what we pass.
                 let dst = unsafe {
@@ -555,7 +575,7 @@ pub fn load_memory(
                         vm_memory::GuestMemoryRegion::len(region) as usize,
                     )
                 };
-                plan.reader.read_region_into(r, dst, true)?;
+                plan.chain.read_region_into(i, dst, true)?;
             }
             mem
         }

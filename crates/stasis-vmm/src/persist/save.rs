@@ -64,6 +64,9 @@ pub struct SnapshotOptions {
     /// What a live snapshot does with writable disks (a snapshot that ends
     /// the VM leaves them in place).
     pub disk_mode: DiskMode,
+    /// Take a diff snapshot against this one (a full snapshot or the
+    /// newest of a chain): only pages that differ from it are stored.
+    pub parent: Option<PathBuf>,
     /// Where to report phases and bytes, and to look for a cancel request.
     /// A cancelled snapshot stops at its next safe point (before the
     /// pause, between memory batches, before the disks are flushed, before
@@ -119,6 +122,9 @@ pub struct SnapshotReport {
     pub disk_copied_bytes: u64,
     /// How each writable disk was saved.
     pub disks: Vec<SavedDisk>,
+    /// A diff snapshot's parent, as the manifest names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// How one writable disk was saved with a snapshot.
@@ -187,6 +193,49 @@ pub fn cpu_info(description: &VmDescription, state: &CapturedState) -> CpuInfo {
     }
 }
 
+/// Opens the parent chain of a diff snapshot to be written at `target`,
+/// and how the child's manifest names it: `../NAME` for a sibling
+/// directory (the pair can be moved together), else its absolute path.
+/// Refuses a chain that `target` is part of (writing it would replace a
+/// snapshot the diff depends on).
+fn open_parent(
+    parent: &Path,
+    target: &Path,
+) -> Result<(stasis_snapshot::SnapshotChain, String), SnapshotError> {
+    let chain = stasis_snapshot::SnapshotChain::open(parent)?;
+    let target_abs = std::path::absolute(target).unwrap_or_else(|_| target.to_path_buf());
+    let target_canon = match (target_abs.parent(), target_abs.file_name()) {
+        (Some(p), Some(n)) => std::fs::canonicalize(p)
+            .map(|p| p.join(n))
+            .unwrap_or(target_abs.clone()),
+        _ => target_abs.clone(),
+    };
+    for m in chain.members() {
+        if std::fs::canonicalize(m.dir()).ok().as_deref() == Some(target_canon.as_path()) {
+            return Err(SnapshotError::Format(stasis_snapshot::Error::Parent {
+                child: target.to_path_buf(),
+                message: format!(
+                    "chain includes {} itself: a diff cannot replace a snapshot it depends on",
+                    m.dir().display()
+                ),
+            }));
+        }
+    }
+    let parent_canon = std::fs::canonicalize(parent).map_err(|e| {
+        SnapshotError::Format(stasis_snapshot::Error::Io {
+            context: format!("resolving {}", parent.display()),
+            source: e,
+        })
+    })?;
+    let recorded = match (parent_canon.parent(), parent_canon.file_name()) {
+        (Some(pp), Some(name)) if Some(pp) == target_canon.parent() => {
+            format!("../{}", name.to_string_lossy())
+        }
+        _ => parent_canon.display().to_string(),
+    };
+    Ok((chain, recorded))
+}
+
 /// How this snapshot copies memory, decided before the pause.
 enum Plan {
     StopCopy { note: Option<String> },
@@ -251,6 +300,12 @@ pub fn snapshot(
     // guest still runs.
     let mut writer = SnapshotWriter::create(dir)?;
     writer.set_progress(progress.clone());
+    let mut parent_recorded = None;
+    if let Some(parent) = &opts.parent {
+        let (chain, recorded) = open_parent(parent, dir)?;
+        writer.set_parent(Arc::new(chain), &recorded)?;
+        parent_recorded = Some(recorded);
+    }
     let writable: Vec<WritableDisk> = control
         .description()
         .config
@@ -404,7 +459,6 @@ pub fn snapshot(
         ),
         vm_config,
         cpu: cpu_info(description, &state),
-        parent: None,
         notes: Default::default(),
     };
     let commit = match writer.commit(input) {
@@ -461,6 +515,7 @@ pub fn snapshot(
                 file: r.file.clone(),
             })
             .collect(),
+        parent: parent_recorded,
     })
 }
 

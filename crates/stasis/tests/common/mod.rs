@@ -554,7 +554,6 @@ pub fn rewrite_snapshot(
         created_unix_ms: Some(body.created_unix_ms),
         vm_config: body.vm_config,
         cpu: body.cpu,
-        parent: body.parent,
         notes: body.notes,
     };
     edit_manifest(&mut input);
