@@ -187,7 +187,12 @@ impl SnapshotChain {
                 match map.get(first + i as u64) {
                     PageSource::Parent => i += 1,
                     PageSource::Zero => {
-                        buf[i * page..(i + 1) * page].fill(0);
+                        // Only where not zero already: fresh memory and a
+                        // private mapping stay untouched (unallocated).
+                        let p = &mut buf[i * page..(i + 1) * page];
+                        if !crate::crc::is_zero(p) {
+                            p.fill(0);
+                        }
                         i += 1;
                     }
                     PageSource::Here => {

@@ -472,7 +472,13 @@ pub fn validate_body(b: &ManifestBody) -> Result<()> {
             {
                 return Err(invalid("memory.page_map.file", "must be a file of its own"));
             }
-            let pages: u64 = m.regions.iter().map(|r| r.size / m.page_size.max(1)).sum();
+            let pages = m
+                .regions
+                .iter()
+                .try_fold(0u64, |n, r| n.checked_add(r.size / m.page_size.max(1)));
+            let Some(pages) = pages else {
+                return Err(invalid("memory.regions", "sizes overflow"));
+            };
             if pm.size != pages.div_ceil(4) {
                 return Err(invalid(
                     "memory.page_map.size",

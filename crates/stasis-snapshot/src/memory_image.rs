@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fs::File;
+use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -29,21 +30,39 @@ const BATCH_CHUNKS: usize = 8;
 
 /// One guest RAM region to copy into the memory image.
 ///
-/// The bytes are only read during [`SnapshotWriter::write_memory`]. For
-/// guest memory the VM must be paused (no vCPU running, no device DMA) for
-/// the duration of that call, or the image will not be a consistent copy.
+/// Its bytes are read only while a chunk of it is copied, and only that
+/// chunk's bytes: for guest memory, either the VM is paused for the whole
+/// copy ([`SnapshotWriter::write_memory`]) or each chunk is protected from
+/// writes while it is copied ([`MemoryImage::copy_chunks`]), or the image
+/// will not be a consistent copy. No reference to the whole region is
+/// held, so the rest of it may change meanwhile.
 #[derive(Clone, Copy, Debug)]
 pub struct MemoryRegionSource<'a> {
     name: &'a str,
     gpa: u64,
-    data: &'a [u8],
+    ptr: *const u8,
+    len: usize,
+    _data: PhantomData<&'a [u8]>,
 }
+
+// SAFETY: a source only describes memory; reading it is what `bytes`
+// governs, under the contract of `from_raw` (or of a shared slice for
+// `new`), whichever thread does it.
+unsafe impl Send for MemoryRegionSource<'_> {}
+// SAFETY: as above; `bytes` takes `&self` and only reads.
+unsafe impl Sync for MemoryRegionSource<'_> {}
 
 impl<'a> MemoryRegionSource<'a> {
     /// A region named `name` (e.g. `"ram0"`) at guest physical address
     /// `gpa` whose contents are `data` (length a multiple of 4 KiB).
     pub fn new(name: &'a str, gpa: u64, data: &'a [u8]) -> MemoryRegionSource<'a> {
-        MemoryRegionSource { name, gpa, data }
+        MemoryRegionSource {
+            name,
+            gpa,
+            ptr: data.as_ptr(),
+            len: data.len(),
+            _data: PhantomData,
+        }
     }
 
     /// Like [`MemoryRegionSource::new`], from a host mapping of guest memory.
@@ -51,19 +70,35 @@ impl<'a> MemoryRegionSource<'a> {
     /// # Safety
     ///
     /// `ptr .. ptr + len` must be mapped and readable for the whole lifetime
-    /// `'a`, and must not be written by anyone (vCPUs, devices, other
-    /// threads) while the writer reads it, i.e. during
-    /// [`SnapshotWriter::write_memory`].
+    /// `'a`, and each chunk of it must not be written by anyone (vCPUs,
+    /// devices, other threads) while the writer copies that chunk.
     pub unsafe fn from_raw(
         name: &'a str,
         gpa: u64,
         ptr: *const u8,
         len: usize,
     ) -> MemoryRegionSource<'a> {
-        // SAFETY: the caller guarantees the range is mapped, readable and
-        // unchanging for 'a, which is what a shared slice requires.
-        let data = unsafe { std::slice::from_raw_parts(ptr, len) };
-        MemoryRegionSource { name, gpa, data }
+        MemoryRegionSource {
+            name,
+            gpa,
+            ptr,
+            len,
+            _data: PhantomData,
+        }
+    }
+
+    /// Bytes `off .. off + len` of the region, for the copy of a chunk
+    /// (during which they do not change).
+    fn bytes(&self, off: usize, len: usize) -> &[u8] {
+        assert!(
+            off <= self.len && len <= self.len - off,
+            "outside the region"
+        );
+        // SAFETY: inside the region (checked), which `new` or the caller
+        // of `from_raw` keeps mapped and readable for 'a; the copy of a
+        // chunk is the only reader of these bytes and nobody writes them
+        // meanwhile (the type's contract).
+        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
     }
 
     /// The region's name.
@@ -78,12 +113,12 @@ impl<'a> MemoryRegionSource<'a> {
 
     /// The region's size in bytes.
     pub fn len(&self) -> u64 {
-        self.data.len() as u64
+        self.len as u64
     }
 
     /// Whether the region is empty (which `write_memory` rejects).
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.len == 0
     }
 }
 
@@ -135,7 +170,7 @@ pub(crate) fn plan_layout(regions: &[MemoryRegionSource<'_>]) -> Result<MemoryLa
         if !names.insert(r.name) {
             return Err(bad("name used twice".into()));
         }
-        if r.data.is_empty() || r.len() % PAGE_SIZE != 0 {
+        if r.is_empty() || r.len() % PAGE_SIZE != 0 {
             return Err(bad(format!(
                 "size {:#x} is not a non-zero multiple of {PAGE_SIZE}",
                 r.len()
@@ -252,10 +287,9 @@ fn copy_batch(
     out: &mut WorkerResult,
 ) -> Result<()> {
     let page = PAGE_SIZE as usize;
-    let data = src.data;
     let flush = |from: usize, to: usize, out: &mut WorkerResult| -> Result<()> {
         let at = placed.file_offset + from as u64;
-        file.write_all_at(&data[from..to], at)
+        file.write_all_at(src.bytes(from, to - from), at)
             .map_err(|e| Error::Io {
                 context: format!("writing {} at offset {at:#x}", path.display()),
                 source: e,
@@ -270,7 +304,7 @@ fn copy_batch(
         let end = t.data_off + t.data_len;
         let mut off = t.data_off;
         while off < end {
-            let p = &data[off..off + page];
+            let p = src.bytes(off, page);
             if crc::is_zero(p) {
                 zeros += PAGE_SIZE;
                 if let Some(s) = run.take() {
@@ -581,7 +615,6 @@ fn copy_chunk_diff(
     out: &mut WorkerResult,
 ) -> Result<()> {
     let page = PAGE_SIZE as usize;
-    let data = src.data;
     PARENT_CHUNK.with(|buf| -> Result<()> {
         let mut parent = buf.borrow_mut();
         parent.resize(t.data_len, 0);
@@ -593,7 +626,7 @@ fn copy_chunk_diff(
         let mut run: Option<usize> = None;
         let flush = |from: usize, to: usize, out: &mut WorkerResult| -> Result<()> {
             let at = placed.file_offset + from as u64;
-            file.write_all_at(&data[from..to], at)
+            file.write_all_at(src.bytes(from, to - from), at)
                 .map_err(|e| Error::Io {
                     context: format!("writing {} at offset {at:#x}", path.display()),
                     source: e,
@@ -603,7 +636,7 @@ fn copy_chunk_diff(
         };
         for k in 0..t.data_len / page {
             let off = t.data_off + k * page;
-            let p = &data[off..off + page];
+            let p = src.bytes(off, page);
             let state = if crc::is_zero(p) {
                 PageSource::Zero
             } else if p == &parent[k * page..(k + 1) * page] {

@@ -53,9 +53,6 @@ const CLAIMED: u8 = 1;
 /// A chunk copied and no longer protected.
 const DONE: u8 = 2;
 
-/// The writer copies up to this many consecutive chunks (16 MiB) at once.
-const RUN_CHUNKS: usize = 8;
-
 /// Why the VM's RAM cannot be copied in the background, if it cannot.
 pub fn unavailable_reason(mem: &GuestRam) -> Option<String> {
     if mem.iter().any(|r| r.file_offset().is_some()) {
@@ -234,11 +231,11 @@ impl Copier<'_> {
         self.image.chunk_at(region, addr - r.start)
     }
 
-    /// The writer: every chunk in order, in runs of unclaimed chunks.
+    /// The writer: every batch of chunks in order (the same batches as a
+    /// stop-copy snapshot: up to 16 MiB of one region), each in runs of
+    /// the chunks the fault handler has not claimed.
     fn write_all(&self) {
-        let n = self.image.chunk_count();
-        let mut i = 0;
-        while i < n {
+        for batch in self.image.batches() {
             if self.failed() {
                 return;
             }
@@ -246,27 +243,27 @@ impl Copier<'_> {
                 self.fail(e);
                 return;
             }
-            if !self.claim(i) {
-                i += 1;
-                continue;
-            }
-            let region = self.image.chunk_span(i).region;
-            let mut end = i + 1;
-            while end < n
-                && end - i < RUN_CHUNKS
-                && self.image.chunk_span(end).region == region
-                && self.claim(end)
-            {
-                end += 1;
-            }
+            // Once per batch, as in stop-copy, and before claiming: a test
+            // holding the writer here holds no chunk the guest may write.
             stasis_failpoint::hit("writer.memory_batch");
-            if !self.copy_run(i..end) {
-                return;
+            let mut i = batch.start;
+            while i < batch.end {
+                if !self.claim(i) {
+                    i += 1;
+                    continue;
+                }
+                let mut end = i + 1;
+                while end < batch.end && self.claim(end) {
+                    end += 1;
+                }
+                if !self.copy_run(i..end) {
+                    return;
+                }
+                // The disk works while the copy goes on: the fsync at the
+                // end then waits for the last runs only.
+                self.image.start_writeback(i..end);
+                i = end;
             }
-            // The disk works while the copy goes on: the fsync at the end
-            // then waits for the last runs only.
-            self.image.start_writeback(i..end);
-            i = end;
         }
     }
 
@@ -327,6 +324,15 @@ impl Copier<'_> {
     }
 }
 
+/// Signals the fault handler to stop when dropped.
+struct StopOnDrop<'a>(&'a EventFd);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.write(1);
+    }
+}
+
 /// Copies all of guest memory into `image` while the guest runs. `wp` must
 /// have protected all of RAM while the VM was paused (and the VM resumed
 /// since). Every region's protection is lifted before this returns,
@@ -370,8 +376,11 @@ pub fn copy_in_background(
                 return BackgroundStats::default();
             }
         };
+        // The handler stops however the writer ends, a panic included
+        // (then `wp` lifts all protection as the panic unwinds).
+        let stop_handler = StopOnDrop(&stop);
         copier.write_all();
-        let _ = stop.write(1);
+        drop(stop_handler);
         handler.join().unwrap_or_default()
     });
     let error = copier

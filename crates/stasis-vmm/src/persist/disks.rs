@@ -114,7 +114,9 @@ impl SectionState for DiskImageState {
 }
 
 /// Which file, and which version of it: inode, its generation (where the
-/// filesystem has one) and the last modification time.
+/// filesystem has one), the last modification time and the size. The
+/// device number is kept for information only (it can change across a
+/// reboot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIdentity {
     /// Device number.
@@ -282,8 +284,9 @@ pub fn save_in_pause(
     Ok(out)
 }
 
-/// The sections for the disks saved in the pause: checksums of the clones
-/// and copies are computed here, after the guest runs again.
+/// The sections for the disks saved in the pause: the clones and copies
+/// are made durable (fsync) and checksummed here, after the guest runs
+/// again.
 pub fn records(paused: &PausedDisks) -> Result<Vec<DiskImageState>, DiskSaveError> {
     let mut out = Vec::new();
     for (d, saved, file) in &paused.saved {
@@ -294,6 +297,9 @@ pub fn records(paused: &PausedDisks) -> Result<Vec<DiskImageState>, DiskSaveErro
         };
         let (size, crc32c, name) = match file {
             Some(f) => {
+                File::open(f)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| err(format!("cannot make its saved image durable: {e}")))?;
                 let (size, crc) = stasis_snapshot::checksum_file(f)
                     .map_err(|e| err(format!("cannot checksum its saved image: {e}")))?;
                 (size, Some(crc), Some(file_name(&d.id)))
@@ -363,24 +369,30 @@ pub fn check_restore_image(
             let same_path = std::fs::canonicalize(path).ok()
                 == std::fs::canonicalize(&saved.source_path).ok();
             let have = FileIdentity::of(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            if have.dev == want.dev && have.ino == want.ino {
-                if have != want {
-                    return Err(format!(
-                        "{} changed since the snapshot (modified at {} ns, generation {}; the snapshot recorded {} ns, generation {})",
-                        path.display(),
-                        have.mtime_ns,
-                        have.generation,
-                        want.mtime_ns,
-                        want.generation
-                    ));
-                }
+            // The device number is not compared: it can change across a
+            // reboot or remount (btrfs gives one per mount) while the file
+            // stays the same.
+            let same_file = have.ino == want.ino && have.generation == want.generation;
+            let unchanged = have.mtime_ns == want.mtime_ns && have.size == want.size;
+            if same_file && unchanged {
                 Ok(None)
-            } else if same_path {
+            } else if same_path && !same_file {
                 Err(format!(
-                    "{} is another file than the snapshot's disk (inode {} instead of {})",
+                    "{} is another file than the snapshot's disk (inode {}, generation {}; the snapshot recorded inode {}, generation {})",
                     path.display(),
                     have.ino,
-                    want.ino
+                    have.generation,
+                    want.ino,
+                    want.generation
+                ))
+            } else if same_path || same_file {
+                Err(format!(
+                    "{} changed since the snapshot (modified at {} ns, {} bytes; the snapshot recorded {} ns, {} bytes)",
+                    path.display(),
+                    have.mtime_ns,
+                    have.size,
+                    want.mtime_ns,
+                    want.size
                 ))
             } else {
                 Ok(Some(format!(

@@ -210,6 +210,17 @@ pub fn prepare_with_progress(
     // A diff snapshot's parents, each link checked (a missing, changed or
     // foreign parent is refused by name).
     let chain = stasis_snapshot::SnapshotChain::open(dir)?;
+    // Both must be the same snapshot (another may have replaced it between
+    // the two opens): state and memory must never come from two.
+    let (a, b) = (reader.manifest(), chain.newest().manifest());
+    if a.body_crc32c != b.body_crc32c || a.body.snapshot_id != b.body.snapshot_id {
+        return Err(RestoreError::Format(stasis_snapshot::Error::Usage(
+            format!(
+                "the snapshot at {} was replaced while it was being opened; try again",
+                dir.display()
+            ),
+        )));
+    }
     let warnings = reader.check_known(&known_section)?;
     let config = saved_config(&reader, overrides)?;
     let vcpus = saved_vcpus(&reader, &config)?;
