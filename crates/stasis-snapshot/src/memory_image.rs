@@ -275,6 +275,26 @@ struct WorkerResult {
     bytes_written: u64,
 }
 
+/// Writes region bytes `run` (a run of pages to store) at their place in
+/// the file.
+fn write_run(
+    file: &File,
+    path: &Path,
+    src: &MemoryRegionSource<'_>,
+    placed: &MemoryRegion,
+    run: std::ops::Range<usize>,
+    out: &mut WorkerResult,
+) -> Result<()> {
+    let at = placed.file_offset + run.start as u64;
+    file.write_all_at(src.bytes(run.start, run.len()), at)
+        .map_err(|e| Error::Io {
+            context: format!("writing {} at offset {at:#x}", path.display()),
+            source: e,
+        })?;
+    out.bytes_written += run.len() as u64;
+    Ok(())
+}
+
 /// Scans one batch page by page: checksums each chunk (zero runs through
 /// [`crc::append_zeros`]), and writes each run of non-zero pages with one
 /// `pwrite`.
@@ -287,15 +307,8 @@ fn copy_batch(
     out: &mut WorkerResult,
 ) -> Result<()> {
     let page = PAGE_SIZE as usize;
-    let flush = |from: usize, to: usize, out: &mut WorkerResult| -> Result<()> {
-        let at = placed.file_offset + from as u64;
-        file.write_all_at(src.bytes(from, to - from), at)
-            .map_err(|e| Error::Io {
-                context: format!("writing {} at offset {at:#x}", path.display()),
-                source: e,
-            })?;
-        out.bytes_written += (to - from) as u64;
-        Ok(())
+    let flush = |from: usize, to: usize, out: &mut WorkerResult| {
+        write_run(file, path, src, placed, from..to, out)
     };
     let mut run: Option<usize> = None;
     for t in tasks {
@@ -624,15 +637,8 @@ fn copy_chunk_diff(
         let mut crc = 0u32;
         let mut zeros = 0u64;
         let mut run: Option<usize> = None;
-        let flush = |from: usize, to: usize, out: &mut WorkerResult| -> Result<()> {
-            let at = placed.file_offset + from as u64;
-            file.write_all_at(src.bytes(from, to - from), at)
-                .map_err(|e| Error::Io {
-                    context: format!("writing {} at offset {at:#x}", path.display()),
-                    source: e,
-                })?;
-            out.bytes_written += (to - from) as u64;
-            Ok(())
+        let flush = |from: usize, to: usize, out: &mut WorkerResult| {
+            write_run(file, path, src, placed, from..to, out)
         };
         for k in 0..t.data_len / page {
             let off = t.data_off + k * page;

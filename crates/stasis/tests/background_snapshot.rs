@@ -76,16 +76,7 @@ fn memory_exact_at_pause(tag: &str, mib: u64, vcpus: u32) {
     });
     vm.wait_socket();
     let dir = vm.scratch.join("snap");
-    let out = vm.cli(&[
-        "snapshot",
-        &vm.name,
-        dir.to_str().unwrap(),
-        "--mode",
-        "background",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", err_text(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = vm.snapshot_with(&dir, &["--mode", "background"]);
     assert_eq!(report["mode"], "background", "{report}");
     assert_eq!(report["memory_bytes"].as_u64(), Some(mib << 20), "{report}");
     // The guest ran and wrote while memory was copied: the fault handler
@@ -169,18 +160,7 @@ fn device_writes_during_a_background_copy_go_through() {
     vm.wait_tagged("DISK", 2, T);
     vm.wait_socket();
     let dir = s.join("snap");
-    let out = vm.cli(&[
-        "snapshot",
-        &vm.name,
-        dir.to_str().unwrap(),
-        "--mode",
-        "background",
-        "--disk-mode",
-        "skip",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", err_text(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = vm.snapshot_with(&dir, &["--mode", "background", "--disk-mode", "skip"]);
     assert_eq!(report["mode"], "background", "{report}");
     assert!(report["write_faults"].as_u64().unwrap() > 0, "{report}");
     // I/O goes on: more passes, every block verified.
