@@ -197,13 +197,48 @@ pub fn verify(args: &VerifyArgs) -> i32 {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
+    // A diff snapshot is only as good as its chain: every member is
+    // verified, and a broken link is an error.
+    let chain = match reader.body().parent {
+        None => None,
+        Some(_) => match stasis_snapshot::SnapshotChain::open(&args.dir) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                verify_one(&reader);
+                return fail(e);
+            }
+        },
+    };
+    let ok = match &chain {
+        None => verify_one(&reader),
+        // Every member is verified (and reported), not just up to the first bad one.
+        Some(c) => c.members().filter(|m| !verify_one(m)).count() == 0,
+    };
+    if let Some(c) = &chain {
+        println!(
+            "{}: chain of {} snapshots {}",
+            args.dir.display(),
+            c.len(),
+            if ok { "OK" } else { "DAMAGED" }
+        );
+    }
+    if ok {
+        0
+    } else {
+        EXIT_SNAPSHOT_FAILED
+    }
+}
+
+/// Verifies one snapshot's checksums and says so; false if damaged.
+fn verify_one(reader: &SnapshotReader) -> bool {
+    let dir = reader.dir();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last = 0u64;
     let report = reader.verify(|done, total| {
         let pct = done * 100 / total.max(1);
         if tty && pct != last {
             last = pct;
-            eprint!("\rverifying: {pct:3}%");
+            eprint!("\rverifying {}: {pct:3}%", dir.display());
             let _ = std::io::stderr().flush();
         }
     });
@@ -214,20 +249,23 @@ pub fn verify(args: &VerifyArgs) -> i32 {
         Ok(r) if r.is_ok() => {
             println!(
                 "{}: OK ({} sections, {} memory chunks, {:.0} MB/s)",
-                args.dir.display(),
+                dir.display(),
                 reader.sections().len(),
                 reader.body().memory.chunk_crc32c.len(),
                 r.mb_per_s()
             );
-            0
+            true
         }
         Ok(r) => {
             for p in r.problems() {
-                eprintln!("stasis: {}: {p}", args.dir.display());
+                eprintln!("stasis: {}: {p}", dir.display());
             }
-            EXIT_SNAPSHOT_FAILED
+            false
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            eprintln!("stasis: {}: {e}", dir.display());
+            false
+        }
     }
 }
 

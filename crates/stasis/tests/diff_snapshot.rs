@@ -120,6 +120,10 @@ fn a_chain_of_five_diffs_restores_merges_and_refuses_broken_parents() {
     let out = stasis(&["inspect", last.to_str().unwrap()], &vm.runtime_dir);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("chain (6 snapshots, newest first)"), "{text}");
+    let out = stasis(&["verify", last.to_str().unwrap()], &vm.runtime_dir);
+    assert!(out.status.success(), "{}", err_text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("chain of 6 snapshots OK"), "{said}");
 
     restore_verifies(
         "diff-chain-lazy",
@@ -155,6 +159,9 @@ fn a_chain_of_five_diffs_restores_merges_and_refuses_broken_parents() {
         "{}",
         err_text(&out)
     );
+    let out = stasis(&["verify", last.to_str().unwrap()], &vm.runtime_dir);
+    assert_eq!(out.status.code(), Some(1), "{}", err_text(&out));
+    assert!(err_text(&out).contains("s2"), "{}", err_text(&out));
     std::fs::write(&mem2, &saved).unwrap();
 
     // Merged: one full snapshot, the same memory, and it restores.
