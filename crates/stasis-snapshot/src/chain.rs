@@ -60,7 +60,9 @@ pub fn parent_path(child: &Path, recorded: &str) -> PathBuf {
     out
 }
 
-fn same_layout(a: &[MemoryRegion], b: &[MemoryRegion]) -> bool {
+/// Whether two snapshots lay out the same regions the same way (a diff
+/// and its parent must).
+pub(crate) fn same_layout(a: &[MemoryRegion], b: &[MemoryRegion]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
             x.name == y.name && x.gpa == y.gpa && x.size == y.size && x.file_offset == y.file_offset

@@ -275,29 +275,85 @@ struct WorkerResult {
     bytes_written: u64,
 }
 
-/// Writes region bytes `run` (a run of pages to store) at their place in
-/// the file.
-fn write_run(
-    file: &File,
-    path: &Path,
-    src: &MemoryRegionSource<'_>,
-    placed: &MemoryRegion,
-    run: std::ops::Range<usize>,
-    out: &mut WorkerResult,
-) -> Result<()> {
-    let at = placed.file_offset + run.start as u64;
-    file.write_all_at(src.bytes(run.start, run.len()), at)
-        .map_err(|e| Error::Io {
-            context: format!("writing {} at offset {at:#x}", path.display()),
-            source: e,
-        })?;
-    out.bytes_written += run.len() as u64;
-    Ok(())
+/// Writes the pages of one region that are stored, in runs (one `pwrite`
+/// per run of consecutive stored pages), and checksums each chunk over the
+/// file's bytes (pages left as holes count as zeros, through
+/// [`crc::append_zeros`]). Shared by full and diff copies, which differ
+/// only in which pages they store.
+struct PageWriter<'a, 's> {
+    file: &'a File,
+    path: &'a Path,
+    src: &'a MemoryRegionSource<'s>,
+    placed: &'a MemoryRegion,
+    /// Start of the open run of stored pages.
+    run: Option<usize>,
+    /// Checksum of the chunk so far, and zero bytes not yet added to it.
+    crc: u32,
+    zeros: u64,
 }
 
-/// Scans one batch page by page: checksums each chunk (zero runs through
-/// [`crc::append_zeros`]), and writes each run of non-zero pages with one
-/// `pwrite`.
+impl<'a, 's> PageWriter<'a, 's> {
+    fn new(
+        file: &'a File,
+        path: &'a Path,
+        src: &'a MemoryRegionSource<'s>,
+        placed: &'a MemoryRegion,
+    ) -> Self {
+        PageWriter {
+            file,
+            path,
+            src,
+            placed,
+            run: None,
+            crc: 0,
+            zeros: 0,
+        }
+    }
+
+    /// The page at region offset `off` is stored (it holds `page`).
+    fn store(&mut self, off: usize, page: &[u8], out: &mut WorkerResult) {
+        if self.zeros > 0 {
+            self.crc = crc::append_zeros(self.crc, self.zeros);
+            self.zeros = 0;
+        }
+        self.crc = crc::append(self.crc, page);
+        out.nonzero_pages += 1;
+        self.run.get_or_insert(off);
+    }
+
+    /// The page at region offset `off` is a hole.
+    fn hole(&mut self, off: usize, out: &mut WorkerResult) -> Result<()> {
+        self.zeros += PAGE_SIZE;
+        self.flush(off, out)
+    }
+
+    /// Ends chunk `t`: its checksum, padding included.
+    fn end_chunk(&mut self, t: &ChunkTask, out: &mut WorkerResult) {
+        out.chunk_crcs
+            .push((t.index, crc::append_zeros(self.crc, self.zeros + t.pad)));
+        self.crc = 0;
+        self.zeros = 0;
+    }
+
+    /// Writes the open run, which ends at region offset `end`.
+    fn flush(&mut self, end: usize, out: &mut WorkerResult) -> Result<()> {
+        let Some(start) = self.run.take() else {
+            return Ok(());
+        };
+        let at = self.placed.file_offset + start as u64;
+        self.file
+            .write_all_at(self.src.bytes(start, end - start), at)
+            .map_err(|e| Error::Io {
+                context: format!("writing {} at offset {at:#x}", self.path.display()),
+                source: e,
+            })?;
+        out.bytes_written += (end - start) as u64;
+        Ok(())
+    }
+}
+
+/// Scans one batch page by page: checksums each chunk, leaves zero pages
+/// as holes and writes each run of non-zero pages with one `pwrite`.
 fn copy_batch(
     file: &File,
     path: &Path,
@@ -307,40 +363,22 @@ fn copy_batch(
     out: &mut WorkerResult,
 ) -> Result<()> {
     let page = PAGE_SIZE as usize;
-    let flush = |from: usize, to: usize, out: &mut WorkerResult| {
-        write_run(file, path, src, placed, from..to, out)
-    };
-    let mut run: Option<usize> = None;
+    let mut w = PageWriter::new(file, path, src, placed);
     for t in tasks {
-        let mut crc = 0u32;
-        let mut zeros = 0u64;
-        let end = t.data_off + t.data_len;
-        let mut off = t.data_off;
-        while off < end {
+        for off in (t.data_off..t.data_off + t.data_len).step_by(page) {
             let p = src.bytes(off, page);
             if crc::is_zero(p) {
-                zeros += PAGE_SIZE;
-                if let Some(s) = run.take() {
-                    flush(s, off, out)?;
-                }
+                w.hole(off, out)?;
             } else {
-                if zeros > 0 {
-                    crc = crc::append_zeros(crc, zeros);
-                    zeros = 0;
-                }
-                crc = crc::append(crc, p);
-                out.nonzero_pages += 1;
-                run.get_or_insert(off);
+                w.store(off, p, out);
             }
-            off += page;
         }
-        out.chunk_crcs
-            .push((t.index, crc::append_zeros(crc, zeros + t.pad)));
+        w.end_chunk(t, out);
     }
-    if let (Some(s), Some(last)) = (run, tasks.last()) {
-        flush(s, last.data_off + last.data_len, out)?;
+    match tasks.last() {
+        Some(last) => w.flush(last.data_off + last.data_len, out),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Where one chunk's guest bytes are: `len` bytes at `offset` into region
@@ -634,12 +672,7 @@ fn copy_chunk_diff(
         diff.chain
             .read_range(t.region, t.data_off as u64, &mut parent[..t.data_len])?;
         let first = diff.first_page[t.region] + (t.data_off / page) as u64;
-        let mut crc = 0u32;
-        let mut zeros = 0u64;
-        let mut run: Option<usize> = None;
-        let flush = |from: usize, to: usize, out: &mut WorkerResult| {
-            write_run(file, path, src, placed, from..to, out)
-        };
+        let mut w = PageWriter::new(file, path, src, placed);
         for k in 0..t.data_len / page {
             let off = t.data_off + k * page;
             let p = src.bytes(off, page);
@@ -652,26 +685,13 @@ fn copy_chunk_diff(
             };
             diff.pages[(first + k as u64) as usize].store(state as u8, Ordering::Release);
             if state == PageSource::Here {
-                if zeros > 0 {
-                    crc = crc::append_zeros(crc, zeros);
-                    zeros = 0;
-                }
-                crc = crc::append(crc, p);
-                out.nonzero_pages += 1;
-                run.get_or_insert(off);
+                w.store(off, p, out);
             } else {
-                zeros += PAGE_SIZE;
-                if let Some(s) = run.take() {
-                    flush(s, off, out)?;
-                }
+                w.hole(off, out)?;
             }
         }
-        if let Some(s) = run {
-            flush(s, t.data_off + t.data_len, out)?;
-        }
-        out.chunk_crcs
-            .push((t.index, crc::append_zeros(crc, zeros + t.pad)));
-        Ok(())
+        w.end_chunk(t, out);
+        w.flush(t.data_off + t.data_len, out)
     })
 }
 

@@ -424,13 +424,7 @@ impl SnapshotWriter {
             None => None,
             Some((chain, _)) => {
                 let theirs = chain.newest().regions();
-                let same = theirs.len() == layout.regions.len()
-                    && theirs.iter().zip(&layout.regions).all(|(a, b)| {
-                        a.name == b.name
-                            && a.gpa == b.gpa
-                            && a.size == b.size
-                            && a.file_offset == b.file_offset
-                    });
+                let same = crate::chain::same_layout(theirs, &layout.regions);
                 if !same {
                     return Err(Error::Parent {
                         child: self.final_dir.clone(),
