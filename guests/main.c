@@ -183,6 +183,7 @@ static void parse_cmdline(u32 cpu)
             { "mmio_addr", &cfg.mmio_addr }, { "regs_hold_ms", &cfg.regs_hold_ms },
             { "regs_inject", &cfg.regs_inject },
             { "mem_inject", &cfg.mem_inject }, { "mem_hot_mib", &cfg.mem_hot_mib },
+            { "touch_hot_mib", &cfg.touch_hot_mib },
             { "disk_index", &cfg.disk_index }, { "disk_slot", &cfg.disk_slot },
             { "disk_blocks", &cfg.disk_blocks }, { "disk_start", &cfg.disk_start },
             { "disk_verify_only", &cfg.disk_verify_only }, { "disk_pass_ms", &cfg.disk_pass_ms },
@@ -460,7 +461,7 @@ static int known_workload(const char *w)
     return streq(w, "heartbeat") || streq(w, "memory") || streq(w, "registers") ||
            streq(w, "timer") || streq(w, "action") || streq(w, "disk") || streq(w, "net") ||
            streq(w, "rng") || streq(w, "diskbench") || streq(w, "cpuid") ||
-           streq(w, "serial");
+           streq(w, "serial") || streq(w, "touch");
 }
 
 static void detect_tsc(void)

@@ -673,6 +673,87 @@ static __attribute__((noreturn)) void cpuid_workload(u32 cpu)
 
 /* ---------------------------------------------------------------- dispatch */
 
+/* touch: the guest side of restore benchmarks. Writes one word into every
+ * page of its working set (mem_mib, over all RAM ranges), says
+ * TOUCH-READY, then waits for a restore (the restore counter after the VM
+ * generation ID changes). After each restore it reads the first word of
+ * every page of the hot set (the last touch_hot_mib MiB of the working
+ * set), then of every page, then writes every page, and prints how long
+ * each took by its TSC and how many pages held a wrong word. BSP only. */
+static u64 touch_word(u64 addr, u64 round)
+{
+    return addr ^ (round * 0x9E3779B97F4A7C15ul) ^ 0x544F554348000000ul;
+}
+
+static u64 touch_page_addr(u64 idx)
+{
+    for (u32 r = 0; r < cfg.nranges; r++) {
+        if (idx < cfg.range_pages[r])
+            return cfg.range_start[r] + (idx << 12);
+        idx -= cfg.range_pages[r];
+    }
+    return 0;
+}
+
+static __attribute__((noreturn)) void touch(u32 cpu)
+{
+    struct line l;
+    if (cpu != cfg.bsp)
+        halt_forever();
+    u64 avail = 0;
+    for (u32 i = 0; i < cfg.nranges; i++)
+        avail += cfg.range_pages[i];
+    u64 npages = cfg.mem_mib << 8;
+    if (npages > avail)
+        npages = avail;
+    u64 nhot = cfg.touch_hot_mib << 8;
+    if (nhot > npages)
+        nhot = npages;
+    static u64 round;                   /* survives snapshots: guest RAM */
+    for (u64 i = 0; i < npages; i++) {
+        u64 a = touch_page_addr(i);
+        *(volatile u64 *)phys(a) = touch_word(a, round);
+    }
+    l_init(&l, "TOUCH-READY");
+    l_kv(&l, "pages", npages);
+    l_kx(&l, "first_page_hex", touch_page_addr(0));
+    l_kv(&l, "hot_pages", nhot);
+    l_emit(&l, cpu);
+    const volatile u64 *restores = (const volatile u64 *)phys(VMGENID_ADDR + 16);
+    for (;;) {
+        u64 seen = *restores;
+        while (*restores == seen)
+            cpu_relax();
+        u64 t0 = rdtsc(), bad = 0;
+        for (u64 i = npages - nhot; i < npages; i++) {
+            u64 a = touch_page_addr(i);
+            bad += *(volatile u64 *)phys(a) != touch_word(a, round);
+        }
+        u64 t1 = rdtsc();
+        for (u64 i = 0; i < npages; i++) {
+            u64 a = touch_page_addr(i);
+            bad += *(volatile u64 *)phys(a) != touch_word(a, round);
+        }
+        u64 t2 = rdtsc();
+        round++;
+        for (u64 i = 0; i < npages; i++) {
+            u64 a = touch_page_addr(i);
+            *(volatile u64 *)phys(a) = touch_word(a, round);
+        }
+        u64 t3 = rdtsc();
+        u64 khz = cfg.tsc_khz ? cfg.tsc_khz : 1;
+        l_init(&l, "TOUCH");
+        l_kv(&l, "restores", *restores);
+        l_kv(&l, "pages", npages);
+        l_kv(&l, "hot_pages", nhot);
+        l_kv(&l, "hot_us", (t1 - t0) * 1000 / khz);
+        l_kv(&l, "read_us", (t2 - t1) * 1000 / khz);
+        l_kv(&l, "write_us", (t3 - t2) * 1000 / khz);
+        l_kv(&l, "bad", bad);
+        l_emit(&l, cpu);
+    }
+}
+
 void run_workload(u32 cpu)
 {
     struct line l;
@@ -694,6 +775,8 @@ void run_workload(u32 cpu)
         serial_workload(cpu);
     if (streq(w, "action"))
         action(cpu);
+    if (streq(w, "touch"))
+        touch(cpu);
     if (streq(w, "disk") || streq(w, "net") || streq(w, "rng") || streq(w, "diskbench")) {
         if (cpu != cfg.bsp)
             halt_forever();             /* one driver per device: the BSP */

@@ -38,5 +38,6 @@ pub use runtime::{
 pub use server::{ApiHandler, ApiServer, ApiServerHandle, ServerError};
 pub use types::{
     ActionResponse, CpuInfo, DeviceInfo, EmptyRequest, ErrorBody, JobAccepted, JobInfo, JobList,
-    JobState, PingResponse, SavedDiskInfo, SnapshotRequest, SnapshotResponse, VmInfo, VmState,
+    JobState, MemoryFillInfo, PingResponse, SavedDiskInfo, SnapshotRequest, SnapshotResponse,
+    VmInfo, VmState,
 };

@@ -73,6 +73,36 @@ pub struct VmInfo {
     /// The guest's CPU: model and features. Absent from older servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuInfo>,
+    /// A VM restored in background mode: how far its memory is filled.
+    /// Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_fill: Option<MemoryFillInfo>,
+}
+
+/// How far a background restore has filled guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFillInfo {
+    /// Whether all memory is resident (the fill is over).
+    pub resident: bool,
+    /// Bytes of guest memory.
+    pub total_bytes: u64,
+    /// Bytes filled from the snapshot so far (blocks of zeros excluded).
+    pub filled_bytes: u64,
+    /// Page faults the guest (or a device, or KVM) took on memory not
+    /// yet filled.
+    pub faults: u64,
+    /// 2 MiB blocks filled because a fault asked for them.
+    pub fault_fills: u64,
+    /// Blocks of a recorded working set filled first.
+    pub prefetched_blocks: u64,
+    /// Blocks left to the kernel because they hold only zeros.
+    pub zero_blocks: u64,
+    /// Microseconds from the start of the fill until all was resident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_us: Option<u64>,
+    /// Why the fill failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The CPU a VM's guest sees, as `GET /v1/vm` reports it.
@@ -162,6 +192,7 @@ mod tests {
             stasis_version: "0.1.0".into(),
             devices: Vec::new(),
             cpu: None,
+            memory_fill: None,
         }
     }
 

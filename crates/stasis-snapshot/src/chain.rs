@@ -163,8 +163,13 @@ impl SnapshotChain {
         false
     }
 
+    /// Every member with its page map (none for the base), newest first.
+    pub(crate) fn layers(&self) -> &[(SnapshotReader, Option<PageMap>)] {
+        &self.members
+    }
+
     /// First page index of region `region` in the page maps.
-    fn first_page(&self, region: usize) -> u64 {
+    pub(crate) fn first_page(&self, region: usize) -> u64 {
         self.base().regions()[..region]
             .iter()
             .map(|r| r.size / PAGE_SIZE)

@@ -206,6 +206,15 @@ pub enum Error {
         parent: PathBuf,
     },
 
+    /// A memory chunk read for a restore does not match its checksum.
+    #[error("{}: {chunk}", path.display())]
+    ChunkChecksum {
+        /// The memory file.
+        path: PathBuf,
+        /// The chunk, where it is, and both checksums.
+        chunk: crate::BadChunk,
+    },
+
     /// `verify` found damage; each line names a section or a memory chunk.
     #[error("snapshot verification failed:\n{}", problems.join("\n"))]
     VerifyFailed {

@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+mod blocks;
 mod chain;
 mod crc;
 mod error;
@@ -35,8 +36,10 @@ mod page_map;
 mod progress;
 mod reader;
 mod section;
+mod working_set;
 mod writer;
 
+pub use blocks::FILL_BLOCK;
 pub use chain::{parent_path, SnapshotChain, MAX_CHAIN_LEN};
 pub use error::{Error, Result};
 pub use inspect::{format_bytes, format_unix_ms, summary, summary_json, summary_of};
@@ -53,6 +56,9 @@ pub use reader::{BadChunk, BadSection, SnapshotReader, VerifyReport};
 pub use section::{
     check_known, decode_json, decode_section, encode_section, KnownSections, SectionState,
     SectionWarning,
+};
+pub use working_set::{
+    read_working_set, write_working_set, WorkingSet, WORKING_SET_FILE, WORKING_SET_VERSION,
 };
 pub use writer::{remove_stale_temp_dirs, CommitStats, ManifestInput, SnapshotWriter};
 

@@ -691,7 +691,7 @@ impl SnapshotReader {
     }
 
     /// Names the region (and guest range) a chunk's data belongs to.
-    fn describe_chunk(
+    pub(crate) fn describe_chunk(
         &self,
         index: u64,
         start: u64,

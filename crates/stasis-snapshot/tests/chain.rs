@@ -5,12 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use common::*;
 use stasis_snapshot::{
-    encode_manifest, merge_chain, ManifestBody, MemoryRegionSource, PageSource, SnapshotChain,
-    SnapshotReader, SnapshotWriter,
+    encode_manifest, merge_chain, ManifestBody, PageSource, SnapshotChain, SnapshotReader,
 };
 
 const PAGES: usize = 2048;
@@ -26,15 +24,7 @@ fn base_memory() -> Vec<u8> {
 }
 
 fn write(dir: &Path, mem: &[u8], parent: Option<(&Path, &str)>) {
-    let mut w = SnapshotWriter::create(dir).unwrap();
-    if let Some((p, recorded)) = parent {
-        w.set_parent(Arc::new(SnapshotChain::open(p).unwrap()), recorded)
-            .unwrap();
-    }
-    w.add_section("0", false, &sample_vcpu(0)).unwrap();
-    w.write_memory(&[MemoryRegionSource::new("ram0", 0, mem)])
-        .unwrap();
-    w.commit(sample_input("chain")).unwrap();
+    write_member(dir, mem, 0, parent);
 }
 
 fn composed(dir: &Path) -> Vec<u8> {

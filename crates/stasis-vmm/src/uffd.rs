@@ -22,6 +22,10 @@ pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// write to a never-touched page faults too.
 pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 
+/// Feature: `UFFDIO_MOVE` (Linux 6.8): pages, huge pages whole, are moved
+/// from another anonymous mapping instead of copied.
+pub const FEATURE_MOVE: u64 = 1 << 16;
+
 /// Registration mode: missing-page faults.
 pub const REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// Registration mode: write-protect faults.
@@ -66,6 +70,18 @@ struct UffdioWriteprotect {
     mode: u64,
 }
 
+/// `struct uffdio_copy` and `struct uffdio_move` (same layout: dst, src,
+/// len, mode, then the bytes done or a negative error).
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopyOrMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    done: i64,
+}
+
 /// The kernel's `struct uffd_msg` (32 bytes), page-fault view.
 #[repr(C)]
 #[derive(Default, Clone, Copy)]
@@ -90,6 +106,8 @@ const UFFDIO_REGISTER: u64 = ioc(READ_WRITE, 0x00, std::mem::size_of::<UffdioReg
 const UFFDIO_UNREGISTER: u64 = ioc(READ, 0x01, std::mem::size_of::<UffdioRange>());
 const UFFDIO_WAKE: u64 = ioc(READ, 0x02, std::mem::size_of::<UffdioRange>());
 const UFFDIO_WRITEPROTECT: u64 = ioc(READ_WRITE, 0x06, std::mem::size_of::<UffdioWriteprotect>());
+const UFFDIO_COPY: u64 = ioc(READ_WRITE, 0x03, std::mem::size_of::<UffdioCopyOrMove>());
+const UFFDIO_MOVE: u64 = ioc(READ_WRITE, 0x05, std::mem::size_of::<UffdioCopyOrMove>());
 
 /// A page fault reported by the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +245,57 @@ impl Userfaultfd {
         )
     }
 
+    /// Copies `len` bytes from `src` (any readable memory of this process)
+    /// into the missing pages at `dst` in a registered range, and wakes
+    /// the threads that faulted there. The pages become ordinary (4 KiB)
+    /// anonymous pages.
+    pub fn copy(&self, dst: u64, src: u64, len: u64) -> io::Result<()> {
+        self.copy_or_move(UFFDIO_COPY, "UFFDIO_COPY", dst, src, len)
+    }
+
+    /// Moves the pages at `src` (a private anonymous mapping of this
+    /// process, populated, not shared) to the missing pages at `dst` in a
+    /// registered range, and wakes the threads that faulted there. A
+    /// transparent huge page moves whole when both addresses are 2 MiB
+    /// aligned and `len` covers it: no copy, and the guest keeps a huge
+    /// page. `src` is left unpopulated. Needs [`FEATURE_MOVE`].
+    pub fn move_pages(&self, dst: u64, src: u64, len: u64) -> io::Result<()> {
+        self.copy_or_move(UFFDIO_MOVE, "UFFDIO_MOVE", dst, src, len)
+    }
+
+    fn copy_or_move(
+        &self,
+        request: u64,
+        what: &str,
+        dst: u64,
+        src: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let mut arg = UffdioCopyOrMove {
+                dst: dst + done,
+                src: src + done,
+                len: len - done,
+                mode: 0,
+                done: 0,
+            };
+            match ioctl(self.fd.as_raw_fd(), request, &mut arg, what) {
+                Ok(()) => return Ok(()),
+                // Stopped part way (the kernel asks to come back, e.g. the
+                // page tables changed meanwhile): go on from there.
+                Err(_) if arg.done > 0 => done += arg.done as u64,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Wakes the threads waiting on faults in a range.
     pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
         let mut range = UffdioRange { start, len };
@@ -292,6 +361,9 @@ mod tests {
         assert_eq!(UFFDIO_UNREGISTER, 0x8010aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010aa02);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018aa06);
+        assert_eq!(UFFDIO_COPY, 0xc028aa03);
+        // Linux 6.8's header (newer than this host's libc headers).
+        assert_eq!(UFFDIO_MOVE, 0xc028aa05);
         assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
         assert_eq!(std::mem::offset_of!(UffdMsg, flags), 8);
         assert_eq!(std::mem::offset_of!(UffdMsg, address), 16);

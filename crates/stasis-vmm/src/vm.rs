@@ -39,6 +39,7 @@ use crate::devices::vmgenid::{VmGenId, VmGenIdState};
 use crate::exit::{ExitReason, ExitSink};
 use crate::layout;
 use crate::memory::{self, GuestRam, MemoryError};
+use crate::persist::fill::{FillStatus, MemoryFill};
 use crate::platform::{self, PlatformError};
 use crate::quiesce::{self, Quiesce, QuiesceReport};
 use crate::vm_state::{self, ClockState, IrqchipState, PitState, VmStateError};
@@ -230,6 +231,9 @@ pub struct CapturedState {
 /// the memory it maps.
 pub struct VmShared {
     vm: VmFd,
+    /// A background restore still filling `mem` (its threads stop before
+    /// the memory goes).
+    fill: Option<MemoryFill>,
     mem: GuestRam,
     uart: Arc<Mutex<Uart>>,
     serial_input: Arc<SerialInput>,
@@ -446,6 +450,21 @@ impl VmControl {
         Ok(())
     }
 
+    /// A background restore's fill of guest memory: what it has done.
+    /// `None` if memory was complete from the start.
+    pub fn memory_fill(&self) -> Option<FillStatus> {
+        self.shared.fill.as_ref().map(|f| f.status())
+    }
+
+    /// Waits until guest memory is all resident (at once unless a
+    /// background restore is still filling it).
+    pub fn wait_memory_resident(&self) -> Result<(), String> {
+        match &self.shared.fill {
+            Some(f) => f.wait_resident(),
+            None => Ok(()),
+        }
+    }
+
     /// A sink through which others (the signal thread) can end the VM.
     pub fn exit_sink(&self) -> ExitSink {
         self.exit.clone()
@@ -459,8 +478,11 @@ pub enum VmSource<'a> {
     /// A restore: memory prepared by the caller (mapped from or filled from
     /// a snapshot) and the captured state.
     Restore {
-        /// Guest memory with the snapshot's contents.
+        /// Guest memory with the snapshot's contents (or being filled
+        /// with them by `fill`).
         memory: GuestRam,
+        /// A background fill of `memory` under way.
+        fill: Option<MemoryFill>,
         /// The state to put back.
         state: &'a CapturedState,
         /// How the vCPUs go back on this host.
@@ -556,6 +578,7 @@ impl Vm {
     pub fn restore(
         config: &VmConfig,
         memory: GuestRam,
+        fill: Option<MemoryFill>,
         state: &CapturedState,
         cpu: &RestoreCpu,
     ) -> Result<Self, VmError> {
@@ -566,7 +589,15 @@ impl Vm {
                 config.vcpus
             )));
         }
-        Self::build(config, VmSource::Restore { memory, state, cpu })
+        Self::build(
+            config,
+            VmSource::Restore {
+                memory,
+                fill,
+                state,
+                cpu,
+            },
+        )
     }
 
     fn build(config: &VmConfig, source: VmSource) -> Result<Self, VmError> {
@@ -604,9 +635,18 @@ impl Vm {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
+        let mut restore_fill = None;
         let (mem, saved, restore_cpu) = match source {
             VmSource::Boot => (memory::allocate(config.memory_mib)?, None, None),
-            VmSource::Restore { memory, state, cpu } => (memory, Some(state), Some(cpu)),
+            VmSource::Restore {
+                memory,
+                fill,
+                state,
+                cpu,
+            } => {
+                restore_fill = fill;
+                (memory, Some(state), Some(cpu))
+            }
         };
         memory::register(&vm, &mem)?;
         let boot = match saved {
@@ -676,6 +716,7 @@ impl Vm {
         };
         let shared = Arc::new(VmShared {
             vm,
+            fill: restore_fill,
             mem,
             uart,
             serial_input,
@@ -872,6 +913,12 @@ impl Vm {
         self.control
             .state
             .store(RunState::Running as u8, Ordering::SeqCst);
+        // The background fill starts with the guest (until now only
+        // faults were served), so that it does not compete with building
+        // the VM for the host's CPUs.
+        if let Some(fill) = &self.control.shared.fill {
+            fill.begin_background();
+        }
         Ok(())
     }
 

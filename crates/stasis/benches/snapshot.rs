@@ -21,48 +21,17 @@
 //! STASIS_BENCH_SIZES=256,1024 STASIS_BENCH_RUNS=5 cargo bench -p stasis --bench snapshot
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{median, runs, Vmm};
-
-const STASIS: &str = env!("CARGO_BIN_EXE_stasis");
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{median, runs, size_name, sizes, spawn_restore, stasis, wait_line, Dir, Vmm};
 
 /// Waits until the serial log has `n` complete `MEM ` lines; returns when.
 fn wait_mem_lines(log: &Path, n: usize, timeout: Duration) -> Instant {
-    let end = Instant::now() + timeout;
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.lines().filter(|l| l.starts_with("MEM ")).count() >= n {
-            return Instant::now();
-        }
-        assert!(
-            !text.contains("GUEST-ERROR") && !text.contains("MEM-BAD"),
-            "guest reported an error:\n{text}"
-        );
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {n} MEM lines in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn stasis(runtime: &Path) -> Command {
-    let mut c = Command::new(STASIS);
-    c.env("STASIS_RUNTIME_DIR", runtime);
-    c
+    wait_line(log, "MEM ", n, timeout, &["GUEST-ERROR", "MEM-BAD"]);
+    Instant::now()
 }
 
 fn du_bytes(dir: &Path) -> u64 {
@@ -104,31 +73,13 @@ fn restore(snap: &Path, runtime: &Path, mode: &str, work: &Path) -> (f64, f64) {
     let log = work.join(format!("serial-{mode}.log"));
     let _ = std::fs::remove_file(&log);
     let t0 = Instant::now();
-    let mut child = Vmm(stasis(runtime)
-        .args([
-            "restore",
-            snap.to_str().unwrap(),
-            "--mode",
-            mode,
-            "--no-verify",
-        ])
-        .args(["--name", &format!("bench-{mode}")])
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn stasis restore"));
-    let stderr = child.0.stderr.take().unwrap();
-    let mut ready = None;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        if line.contains(" running: ") {
-            ready = Some(t0.elapsed());
-            break;
-        }
-    }
-    let ready = ready.unwrap_or_else(|| panic!("restore ({mode}) did not start"));
+    let (child, ready) = spawn_restore(
+        runtime,
+        snap,
+        &["--mode", mode, "--no-verify"],
+        &format!("bench-{mode}"),
+        &log,
+    );
     // The first MEM line after restore ends the pass that was under way; the
     // second ends a full pass: the guest has verified and rewritten every
     // page since the restore.
@@ -299,11 +250,7 @@ fn main() {
         println!("snapshot benchmark: run with `cargo bench -p stasis --bench snapshot`");
         return;
     }
-    let sizes: Vec<u64> = std::env::var("STASIS_BENCH_SIZES")
-        .unwrap_or_else(|_| "256,1024,4096".into())
-        .split(',')
-        .map(|s| s.trim().parse().expect("STASIS_BENCH_SIZES: MiB list"))
-        .collect();
+    let sizes = sizes();
     let runs = runs();
     let work = Dir(std::env::temp_dir().join(format!("stasis-bench-{}", std::process::id())));
     std::fs::create_dir_all(&work.0).unwrap();
@@ -317,13 +264,7 @@ fn main() {
             (mib, runs)
         })
         .collect();
-    let name = |mib: u64| {
-        if mib >= 1024 {
-            format!("{} GiB", mib / 1024)
-        } else {
-            format!("{mib} MiB")
-        }
-    };
+    let name = size_name;
     println!();
     println!(
         "| guest | stop-copy: pause | stop-copy: total | background: pause | of it: write-protect | background: copy | copied early MiB | background: fsync | background: total | dd, guest running | total / dd | dd, host idle | total / idle dd | on disk MiB |"

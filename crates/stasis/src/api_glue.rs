@@ -7,7 +7,7 @@ use std::path::Path;
 
 use stasis_api::{
     ActionResponse, ApiHandler, ApiRequest, ApiResponse, CpuInfo, DeviceInfo, JobAccepted,
-    SnapshotRequest, VmInfo, VmState,
+    MemoryFillInfo, SnapshotRequest, VmInfo, VmState,
 };
 use stasis_vmm::jobs::{CancelError, FailureKind, JobFailure, Jobs};
 use stasis_vmm::persist::disks::DiskMode;
@@ -85,6 +85,17 @@ impl VmApi {
                 added_by_host: d.cpu.added_by_host.clone(),
                 xcr0: d.cpu.xcr0,
                 tsc_khz: d.tsc_khz,
+            }),
+            memory_fill: self.control.memory_fill().map(|f| MemoryFillInfo {
+                resident: f.resident,
+                total_bytes: f.total_bytes,
+                filled_bytes: f.filled_bytes,
+                faults: f.faults,
+                fault_fills: f.fault_fills,
+                prefetched_blocks: f.prefetched_blocks,
+                zero_blocks: f.zero_blocks,
+                resident_us: f.resident_ms.map(|ms| (ms * 1e3) as u64),
+                error: f.error,
             }),
         }
     }

@@ -162,14 +162,31 @@ pub struct RestoreArgs {
     /// A new serial destination: stdout, null, file:PATH, socket:PATH.
     #[arg(long)]
     pub serial: Option<SerialConfig>,
-    /// lazy: map the memory image copy-on-write (fast, pages load on
-    /// first touch); eager: copy it into memory first.
-    #[arg(long, default_value = "lazy")]
+    /// background: the guest starts at once and its memory is filled
+    /// behind it (pages it touches first, then the rest; huge pages);
+    /// eager: copy all memory first, then start; lazy: map the image
+    /// copy-on-write (starts at once, every first write copies 4 KiB).
+    #[arg(long, default_value = "background")]
     pub mode: stasis_vmm::persist::restore::RestoreMode,
-    /// Do not check the memory image's checksums before starting (section
-    /// checksums are always checked).
+    /// Do not check the memory image's checksums (section checksums are
+    /// always checked). Without this, background restores check each chunk
+    /// as they read it; lazy and eager ones check the whole image first.
     #[arg(long)]
     pub no_verify: bool,
+    /// Background mode: record the snapshot's working set. For MS
+    /// milliseconds (default 1000) only memory the guest touches is
+    /// filled, in the order it touches it; that order is stored beside the
+    /// snapshot (working-set.bin) and later restores fill it first.
+    #[arg(long, value_name = "MS", num_args = 0..=1, default_missing_value = "1000")]
+    pub record_working_set: Option<u64>,
+    /// Background mode: ignore a recorded working set (fill in address
+    /// order).
+    #[arg(long, conflicts_with = "record_working_set")]
+    pub ignore_working_set: bool,
+    /// Background mode: threads filling memory besides the one serving
+    /// the guest's faults (default: one per host CPU, at most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub fill_threads: Option<u16>,
     /// Restore even if this host's TSC runs at another rate than the
     /// guest's and KVM cannot scale it (guest time then drifts).
     #[arg(long)]

@@ -66,6 +66,23 @@ fn print_info(i: &VmInfo) {
     println!("pid:         {}", i.pid);
     println!("vcpus:       {}", i.vcpus);
     println!("memory:      {} MiB", i.memory_mib);
+    if let Some(f) = &i.memory_fill {
+        match (&f.error, f.resident) {
+            (Some(e), _) => println!("             restore failed: {e}"),
+            (None, true) => println!(
+                "             restored in the background, resident after {:.1} ms ({} MiB filled, {} blocks for guest faults)",
+                f.resident_us.unwrap_or(0) as f64 / 1e3,
+                f.filled_bytes >> 20,
+                f.fault_fills
+            ),
+            (None, false) => println!(
+                "             being filled in the background: {} of {} MiB ({} blocks for guest faults so far)",
+                f.filled_bytes >> 20,
+                f.total_bytes >> 20,
+                f.fault_fills
+            ),
+        }
+    }
     println!("kernel:      {}", i.kernel);
     println!("boot:        {}", i.boot_protocol);
     if let Some(c) = &i.cpu {

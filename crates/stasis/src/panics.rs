@@ -55,3 +55,19 @@ fn on_panic(info: &std::panic::PanicHookInfo<'_>) {
     }
     std::process::exit(EXIT_INTERNAL_ERROR);
 }
+
+/// Ends the process at once from any thread, as a panic would, but for a
+/// failure that is not a bug (restored memory found damaged while the
+/// guest runs): names the VM, removes its files, exits with `code`.
+pub fn fatal_exit(message: &str, code: i32) -> ! {
+    let current = CURRENT.lock().ok().and_then(|g| g.clone());
+    let name = current
+        .as_ref()
+        .map(|(n, _)| format!("VM '{n}'"))
+        .unwrap_or_else(|| "the VM".into());
+    eprintln!("stasis: {name} ended: {message} (exit status {code})");
+    for p in current.map(|(_, f)| f).unwrap_or_default() {
+        let _ = std::fs::remove_file(p);
+    }
+    std::process::exit(code);
+}

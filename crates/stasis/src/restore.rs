@@ -1,8 +1,14 @@
 //! `stasis restore DIR`: start a VM from a snapshot, in the foreground.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use stasis_api::ApiServer;
-use stasis_vmm::persist::restore::{self, RestoreOverrides};
-use stasis_vmm::Vm;
+use stasis_vmm::persist::load::EXIT_MEMORY_DAMAGED;
+use stasis_vmm::persist::restore::{
+    self, LoadOptions, RestoreMode, RestoreOverrides, WorkingSetUse,
+};
+use stasis_vmm::VmControl;
 
 use crate::cli::RestoreArgs;
 use crate::run::{api_socket_path, serve, EXIT_START_FAILED};
@@ -22,7 +28,6 @@ pub fn restore(args: RestoreArgs) -> i32 {
 
 fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
     let overrides = RestoreOverrides {
-        skip_memory_verify: args.no_verify,
         allow_tsc_mismatch: args.allow_tsc_mismatch,
         name: args.name.clone(),
         api_socket: args.api_socket.clone(),
@@ -35,9 +40,40 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
         taps: args.taps.clone(),
         console_outputs: args.console_paths.clone(),
     };
+    if args.mode != RestoreMode::Background
+        && (args.record_working_set.is_some()
+            || args.ignore_working_set
+            || args.fill_threads.is_some())
+    {
+        return Err(format!(
+            "--record-working-set, --ignore-working-set and --fill-threads are for --mode background (not {})",
+            args.mode
+        ));
+    }
     let started = std::time::Instant::now();
-    // Verifying a large memory image takes a while: show progress on a
-    // terminal.
+    let plan = restore::prepare(&args.dir, &overrides).map_err(|e| e.to_string())?;
+    for w in &plan.warnings {
+        eprintln!("stasis: warning: {w}");
+    }
+    let working_set = match (args.record_working_set, args.ignore_working_set) {
+        (Some(ms), _) => WorkingSetUse::Record(Duration::from_millis(ms)),
+        (None, true) => WorkingSetUse::Ignore,
+        (None, false) => WorkingSetUse::Use,
+    };
+    let socket = api_socket_path(&plan.config)?;
+    let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+    crate::panics::install(&plan.config.name, vec![socket.clone()]);
+    let options = LoadOptions {
+        mode: args.mode,
+        skip_verify: args.no_verify,
+        working_set,
+        fill_threads: args.fill_threads.map(usize::from),
+        on_fatal: Some(Arc::new(|message: String| {
+            crate::panics::fatal_exit(&message, EXIT_MEMORY_DAMAGED)
+        })),
+    };
+    // Verifying a large memory image (lazy, eager) takes a while: show
+    // progress on a terminal.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_pct = u64::MAX;
     let mut progress = |done: u64, total: u64| {
@@ -50,27 +86,70 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
             }
         }
     };
-    let plan = restore::prepare_with_progress(&args.dir, &overrides, &mut progress)
-        .map_err(|e| e.to_string())?;
-    for w in &plan.warnings {
-        eprintln!("stasis: warning: {w}");
+    let loaded = restore::load_memory(&plan, &options, &mut progress).map_err(|e| e.to_string())?;
+    for n in &loaded.notes {
+        eprintln!("stasis: warning: {n}");
     }
-    let socket = api_socket_path(&plan.config)?;
-    let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
-    crate::panics::install(&plan.config.name, vec![socket.clone()]);
-    let (memory, load) = restore::load_memory(&plan, args.mode).map_err(|e| e.to_string())?;
-    let vm =
-        Vm::restore(&plan.config, memory, &plan.state, &plan.cpu).map_err(|e| e.to_string())?;
+    let (load_time, working_set_blocks) = (loaded.elapsed, loaded.working_set_blocks);
+    let vm = plan.build_vm(loaded).map_err(|e| e.to_string())?;
     let gen = vm.control().vmgenid().generation();
+    let how = match (args.mode, &working_set) {
+        (RestoreMode::Background, WorkingSetUse::Record(d)) => format!(
+            "background memory, recording the working set for {} ms",
+            d.as_millis()
+        ),
+        (RestoreMode::Background, _) if working_set_blocks > 0 => format!(
+            "background memory, working set of {} MiB first",
+            working_set_blocks as u64 * (stasis_snapshot::FILL_BLOCK >> 20)
+        ),
+        (mode, _) => format!("{mode} memory"),
+    };
     eprintln!(
-        "stasis: restored '{}' from {} ({:?} memory, loaded in {:.1} ms, ready in {:.1} ms, generation {gen})",
+        "stasis: restored '{}' from {} ({how}, loaded in {:.1} ms, ready in {:.1} ms, generation {gen})",
         plan.config.name,
         args.dir.display(),
-        args.mode,
-        load.as_secs_f64() * 1e3,
+        load_time.as_secs_f64() * 1e3,
         started.elapsed().as_secs_f64() * 1e3,
     );
+    if args.mode == RestoreMode::Background {
+        report_resident(vm.control(), plan.config.name.clone());
+    }
     let cfg = plan.config.clone();
     drop(plan);
     serve(vm, &cfg, server, "running")
+}
+
+/// Says on standard error when a background restore's memory is all
+/// there, and what it took.
+fn report_resident(control: VmControl, name: String) {
+    let spawned = std::thread::Builder::new()
+        .name("restore-report".into())
+        .spawn(move || {
+            if control.wait_memory_resident().is_err() {
+                return;
+            }
+            let Some(s) = control.memory_fill() else {
+                return;
+            };
+            let mut extra = String::new();
+            if s.prefetched_blocks > 0 {
+                extra += &format!(", {} working-set blocks first", s.prefetched_blocks);
+            }
+            if let Some(n) = s.working_set_recorded {
+                extra += &format!(", working set of {n} blocks recorded");
+            }
+            eprintln!(
+                "stasis: memory of '{name}' resident: {} of {} MiB filled in {:.1} ms ({} blocks for {} guest faults, {} of zeros left to the kernel, placed by {}{extra})",
+                s.filled_bytes >> 20,
+                s.total_bytes >> 20,
+                s.resident_ms.unwrap_or(0.0),
+                s.fault_fills,
+                s.faults,
+                s.zero_blocks,
+                s.placement,
+            );
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the restore report thread: {e}");
+    }
 }

@@ -144,10 +144,7 @@ fn background_snapshot_is_the_guest_at_the_pause_1g_2cpus() {
 fn device_writes_during_a_background_copy_go_through() {
     let s = Scratch::new("bg-disk");
     let img = s.join("d0.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    sparse_file(&img, 8 << 20);
     let mut vm = VmProcess::start(
         "bg-disk",
         VmOpts {
@@ -181,7 +178,7 @@ fn background_mode_on_file_backed_ram_is_refused_or_falls_back() {
     let s = Scratch::new("bg-lazy-snap");
     let first = s.join("first");
     vm.suspend_to(&first);
-    let mut r = restore_process("bg-lazy-r", &first, &vm.runtime_dir, &[]);
+    let mut r = restore_process("bg-lazy-r", &first, &vm.runtime_dir, &["--mode", "lazy"]);
     r.wait_tagged("HB", 2, T);
     r.wait_socket();
     let second = s.join("second");

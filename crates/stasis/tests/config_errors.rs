@@ -142,3 +142,39 @@ fn print_config_shows_the_merged_toml() {
     assert!(text.contains("memory = 1024"), "{text}");
     assert!(text.contains("vcpus = 2"), "{text}");
 }
+
+#[test]
+fn background_restore_options_with_another_mode_are_refused() {
+    let s = Scratch::new("cfg-restore-mode");
+    for extra in [
+        &["--record-working-set"][..],
+        &["--ignore-working-set"],
+        &["--fill-threads", "2"],
+    ] {
+        let mut args = vec!["restore", "/nonexistent/snapshot", "--mode", "lazy"];
+        args.extend_from_slice(extra);
+        let out = stasis(&args, &s.join("run"));
+        let err = err_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(
+            err.contains("are for --mode background (not lazy)"),
+            "{err}"
+        );
+    }
+    // And clap refuses nonsense before that.
+    let out = stasis(
+        &["restore", "/nonexistent/snapshot", "--fill-threads", "0"],
+        &s.join("run"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", err_text(&out));
+    let out = stasis(
+        &[
+            "restore",
+            "/x",
+            "--record-working-set",
+            "--ignore-working-set",
+        ],
+        &s.join("run"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", err_text(&out));
+}

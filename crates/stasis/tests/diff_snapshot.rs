@@ -152,10 +152,22 @@ fn a_chain_of_five_diffs_restores_merges_and_refuses_broken_parents() {
     let mut damaged = saved.clone();
     damaged[at] ^= 0xFF;
     std::fs::write(&mem2, &damaged).unwrap();
-    let out = stasis(&["restore", last.to_str().unwrap()], &vm.runtime_dir);
+    let out = stasis(
+        &["restore", last.to_str().unwrap(), "--mode", "eager"],
+        &vm.runtime_dir,
+    );
     assert_eq!(out.status.code(), Some(1), "{}", err_text(&out));
     assert!(
         err_text(&out).contains("s2") && err_text(&out).contains("verification failed"),
+        "{}",
+        err_text(&out)
+    );
+    // A background restore reads the chain through its fault handler and
+    // fillers, checking each chunk as read: the damaged one ends the VM.
+    let out = stasis(&["restore", last.to_str().unwrap()], &vm.runtime_dir);
+    assert_eq!(out.status.code(), Some(8), "{}", err_text(&out));
+    assert!(
+        err_text(&out).contains("s2/memory.img: memory chunk"),
         "{}",
         err_text(&out)
     );

@@ -11,10 +11,7 @@ const T: Duration = Duration::from_secs(90);
 
 fn image(s: &Scratch, name: &str, mib: u64) -> PathBuf {
     let p = s.join(name);
-    std::fs::File::create(&p)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
+    sparse_file(&p, mib << 20);
     p
 }
 
@@ -183,19 +180,7 @@ fn disk_io_survives_a_snapshot_taken_mid_flight() {
 fn net_exchanges_frames_before_and_after_restore() {
     let s = Scratch::new("vio-netsr");
     let ns = NetNs::new("netsr", &["ntap0"], &s);
-    let mut vm = VmProcess::start(
-        "vio-netsr",
-        VmOpts {
-            cmdline: "console=ttyS0 workload=net net_ms=20 report_ms=200",
-            extra: vec!["--net".into(), "id=n0,tap=ntap0".into()],
-            netns: Some(ns.name.clone()),
-            ..Default::default()
-        },
-    );
-    vm.wait_until("replies before the snapshot", T, |ls| {
-        ls.iter()
-            .any(|l| l.starts_with("NET ") && num(l, "replies") >= 5)
-    });
+    let mut vm = net_guest("vio-netsr", &ns, "ntap0", "64M");
     vm.wait_socket();
     let before = vm.tagged("NET").pop().unwrap();
     let snap = s.join("snap");

@@ -81,6 +81,7 @@ impl TestVm {
             stasis_version: "0.1.0".into(),
             devices: Vec::new(),
             cpu: None,
+            memory_fill: None,
         }
     }
 }

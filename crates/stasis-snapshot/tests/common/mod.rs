@@ -231,3 +231,20 @@ pub fn flip_byte(path: &Path, offset: u64) {
     b[0] ^= 0x10;
     f.write_all_at(&b, offset).unwrap();
 }
+
+/// Writes a snapshot of one region `ram0` at guest address `gpa` holding
+/// `mem`, as a diff of `parent` (its path and the path recorded) if given.
+pub fn write_member(dir: &Path, mem: &[u8], gpa: u64, parent: Option<(&Path, &str)>) {
+    let mut w = SnapshotWriter::create(dir).unwrap();
+    if let Some((p, recorded)) = parent {
+        w.set_parent(
+            std::sync::Arc::new(stasis_snapshot::SnapshotChain::open(p).unwrap()),
+            recorded,
+        )
+        .unwrap();
+    }
+    w.add_section("0", false, &sample_vcpu(0)).unwrap();
+    w.write_memory(&[stasis_snapshot::MemoryRegionSource::new("ram0", gpa, mem)])
+        .unwrap();
+    w.commit(sample_input("member")).unwrap();
+}

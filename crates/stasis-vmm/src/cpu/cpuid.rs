@@ -135,10 +135,22 @@ pub fn probe_host(kvm: &Kvm, vcpus: u32) -> Result<HostCpu, CpuidError> {
     let vcpu = vm.create_vcpu(0).map_err(CpuidError::Probe)?;
     let offer = set_for_vcpu(&vcpu, &base, 0, vcpus.max(1))?;
     let msrs = state::readable_msrs(kvm, &vcpu).map_err(CpuidError::Probe)?;
+    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+    // Tearing a VM down takes KVM several milliseconds (on this kind of
+    // host over ten): the scratch VM goes on a thread of its own, off the
+    // path to a running guest.
+    let scratch = (vcpu, vm);
+    if std::thread::Builder::new()
+        .name("kvm-probe-drop".into())
+        .spawn(move || drop(scratch))
+        .is_err()
+    {
+        tracing::debug!("could not drop the probe VM on a thread; dropped here");
+    }
     Ok(HostCpu {
         vendor: model_cpuid::vendor(&offer),
         brand: host_brand(&offer),
-        tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
+        tsc_khz,
         tsc_scaling: kvm.check_extension(kvm_ioctls::Cap::TscControl),
         xsave_size: state::XsaveIo::for_host(kvm).size(),
         max_vcpus: kvm.get_max_vcpus(),

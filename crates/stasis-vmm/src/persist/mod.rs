@@ -30,6 +30,8 @@
 pub mod background;
 pub mod compat;
 pub mod disks;
+pub mod fill;
+pub mod load;
 pub mod restore;
 pub mod save;
 

@@ -2,16 +2,17 @@
 //!
 //! [`prepare`] does every check that can fail before anything is created
 //! (manifest, sections, configuration, CPU compatibility, memory layout);
-//! [`load_memory`] maps or copies the memory image; [`crate::Vm::restore`]
-//! builds the VM from both. A snapshot is never modified by restoring it.
+//! [`load_memory`] maps, copies or starts filling guest memory (see
+//! `super::load`); [`crate::Vm::restore`] builds the VM from both. A
+//! snapshot is never modified by restoring it (a recorded working set is
+//! a file of its own beside it).
+
+pub use super::load::{load_memory, LoadOptions, LoadedMemory, RestoreMode, WorkingSetUse};
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use stasis_config::{SerialConfig, VmConfig};
 use stasis_snapshot::{SectionState, SectionWarning, SnapshotReader};
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use super::compat::HostCheck;
 use super::{CMOS, COM1, SINGLETON};
@@ -24,43 +25,13 @@ use crate::devices::virtio::state::{
 };
 use crate::devices::vmgenid::{VmGenId, VmGenIdState};
 use crate::layout;
-use crate::memory::{self, GuestRam};
 use crate::vm::CapturedState;
 use crate::vm_state::{ClockState, IrqchipState, PitState};
-
-/// How guest memory comes back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RestoreMode {
-    /// Map the memory image copy-on-write (`MAP_PRIVATE`): restore time does
-    /// not grow with memory size; pages are read when the guest touches
-    /// them. Several VMs can share one snapshot this way.
-    #[default]
-    Lazy,
-    /// Copy the memory image into fresh (huge-page backed) memory first.
-    Eager,
-}
-
-impl std::str::FromStr for RestoreMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "lazy" => Ok(Self::Lazy),
-            "eager" => Ok(Self::Eager),
-            o => Err(format!(
-                "unknown restore mode '{o}' (expected lazy or eager)"
-            )),
-        }
-    }
-}
 
 /// What differs on the host the snapshot is restored on, and how careful
 /// to be.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOverrides {
-    /// Skip checking the memory image's checksums (faster lazy restores of
-    /// large VMs, at the price of running a guest on damaged memory).
-    pub skip_memory_verify: bool,
     /// Restore on a host whose TSC runs at another rate and cannot scale
     /// the guest's (guest time then drifts).
     pub allow_tsc_mismatch: bool,
@@ -154,11 +125,25 @@ pub struct RestorePlan {
     pub reader: SnapshotReader,
     /// It and, for a diff snapshot, its parents back to a full snapshot
     /// (guest memory is composed from them).
-    pub chain: stasis_snapshot::SnapshotChain,
+    pub chain: std::sync::Arc<stasis_snapshot::SnapshotChain>,
     /// How the vCPUs go back on this host.
     pub cpu: RestoreCpu,
     /// What the host check found (TSC plan, MSRs left out).
     pub check: HostCheck,
+}
+
+impl RestorePlan {
+    /// Builds the VM from this plan and the memory [`load_memory`] gave
+    /// for it (see [`crate::Vm::restore`]).
+    pub fn build_vm(&self, memory: LoadedMemory) -> Result<crate::Vm, crate::VmError> {
+        crate::Vm::restore(
+            &self.config,
+            memory.memory,
+            memory.fill,
+            &self.state,
+            &self.cpu,
+        )
+    }
 }
 
 use super::disks::{check_restore_image, DiskImageState};
@@ -191,20 +176,13 @@ fn required<T: SectionState>(reader: &SnapshotReader, instance: &str) -> Result<
     }
 }
 
-/// Opens and checks the snapshot in `dir` for a restore on this host.
+/// Opens and checks the snapshot in `dir` for a restore on this host: the
+/// manifest, every section (their checksums), the configuration, the CPU;
+/// guest memory is checked by [`load_memory`], when and as the restore
+/// mode reads it.
 pub fn prepare(
     dir: &std::path::Path,
     overrides: &RestoreOverrides,
-) -> Result<RestorePlan, RestoreError> {
-    prepare_with_progress(dir, overrides, &mut |_, _| {})
-}
-
-/// [`prepare`], reporting the memory verification's progress as
-/// `(bytes done, bytes in all)`.
-pub fn prepare_with_progress(
-    dir: &std::path::Path,
-    overrides: &RestoreOverrides,
-    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RestorePlan, RestoreError> {
     let reader = SnapshotReader::open(dir)?;
     // A diff snapshot's parents, each link checked (a missing, changed or
@@ -238,14 +216,6 @@ pub fn prepare_with_progress(
             "the guest's TSC ran at {saved_khz} kHz and this host's runs at {host_khz} kHz without scaling; restoring anyway (--allow-tsc-mismatch): time the guest derives from its TSC will drift"
         );
     }
-    if !overrides.skip_memory_verify {
-        // Every section checksum is checked as it is read; this covers
-        // the memory image (and warms the page cache that a lazy restore
-        // maps).
-        for member in chain.members() {
-            member.verify(&mut *progress)?.into_result()?;
-        }
-    }
     let vmgenid = match reader.read_section::<VmGenIdState>(SINGLETON)? {
         Some((_, v)) => v,
         None => VmGenId::new().save(),
@@ -267,7 +237,7 @@ pub fn prepare_with_progress(
         state,
         warnings,
         reader,
-        chain,
+        chain: std::sync::Arc::new(chain),
         cpu,
         check,
     })
@@ -524,74 +494,6 @@ fn read_virtio_states(
         out.push(state);
     }
     Ok(out)
-}
-
-/// Guest memory for a restore, with how long loading it took.
-pub fn load_memory(
-    plan: &RestorePlan,
-    mode: RestoreMode,
-) -> Result<(GuestRam, Duration), RestoreError> {
-    let started = Instant::now();
-    let base = plan.chain.base();
-    let path = base.memory_file_path();
-    let err = |message: String| RestoreError::Memory {
-        path: path.clone(),
-        message,
-    };
-    let mem = match mode {
-        RestoreMode::Lazy => {
-            let mut regions = Vec::new();
-            for r in base.regions() {
-                let file = base
-                    .memory_file()
-                    .try_clone()
-                    .map_err(|e| err(e.to_string()))?;
-                let mapping = MmapRegionBuilder::new(r.size as usize)
-                    .with_file_offset(FileOffset::new(file, r.file_offset))
-                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                    .build()
-                    .map_err(|e| err(format!("mmap of region {}: {e}", r.name)))?;
-                regions.push(
-                    GuestRegionMmap::new(mapping, GuestAddress(r.gpa))
-                        .ok_or_else(|| err(format!("region {} overflows", r.name)))?,
-                );
-            }
-            let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
-            // A chain: the base is mapped; the diffs' pages are copied
-            // over it (copy-on-write of the pages they change only).
-            if plan.chain.len() > 1 {
-                for (i, region) in vm_memory::GuestMemoryBackend::iter(&mem).enumerate() {
-                    // SAFETY: the private mapping was just made by us and
-                    // nothing else refers to it yet.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            region.as_ptr(),
-                            vm_memory::GuestMemoryRegion::len(region) as usize,
-                        )
-                    };
-                    plan.chain.apply_diffs(i, 0, dst)?;
-                }
-            }
-            mem
-        }
-        RestoreMode::Eager => {
-            let mem = memory::allocate(plan.config.memory_mib).map_err(|e| err(e.to_string()))?;
-            for (i, region) in vm_memory::GuestMemoryBackend::iter(&mem).enumerate() {
-                // SAFETY: the region was just mapped by us, nothing else
-                // refers to it yet, and its length is what we pass.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        region.as_ptr(),
-                        vm_memory::GuestMemoryRegion::len(region) as usize,
-                    )
-                };
-                plan.chain.read_region_into(i, dst, true)?;
-            }
-            mem
-        }
-    };
-    Ok((mem, started.elapsed()))
 }
 
 #[cfg(test)]

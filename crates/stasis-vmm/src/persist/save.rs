@@ -165,6 +165,10 @@ pub enum SnapshotError {
     /// Saving a disk failed (inside the pause or after it).
     #[error("cannot save {0}")]
     DiskSave(DiskSaveError),
+    /// The VM was restored in the background and its memory could not be
+    /// filled.
+    #[error("guest memory is not all there: {0}")]
+    MemoryFill(String),
 }
 
 impl SnapshotError {
@@ -289,6 +293,12 @@ pub fn snapshot(
         }
         Err(e) => tracing::warn!("cannot clean up after interrupted snapshots: {e}"),
     }
+    // A VM restored in the background: its memory is registered with the
+    // restore's userfaultfd until it is all there (a fraction of a second
+    // per GiB); the snapshot reads or protects it after that.
+    control
+        .wait_memory_resident()
+        .map_err(SnapshotError::MemoryFill)?;
     // No pause, resume or other snapshot may interleave with this one: the
     // guest must not run between reading its state and protecting or
     // copying its memory.

@@ -1,6 +1,106 @@
 //! Pieces shared by the benchmarks.
 #![allow(dead_code)] // each benchmark uses some of these
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A scratch directory, removed when dropped.
+pub struct Dir(pub PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `stasis` (the binary under benchmark) with its runtime directory.
+pub fn stasis(runtime: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stasis"));
+    c.env("STASIS_RUNTIME_DIR", runtime);
+    c
+}
+
+/// `STASIS_BENCH_SIZES` (MiB, comma separated), default 256, 1024, 4096.
+pub fn sizes() -> Vec<u64> {
+    std::env::var("STASIS_BENCH_SIZES")
+        .unwrap_or_else(|_| "256,1024,4096".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("STASIS_BENCH_SIZES: MiB list"))
+        .collect()
+}
+
+/// A guest size for a table: `256 MiB`, `4 GiB`.
+pub fn size_name(mib: u64) -> String {
+    if mib >= 1024 {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+/// Waits for the `n`-th complete line starting with `tag` in the serial
+/// log `log` and returns it; panics on any of `errors` in the log, or after
+/// `timeout`.
+pub fn wait_line(
+    log: &Path,
+    tag: &str,
+    n: usize,
+    timeout: std::time::Duration,
+    errors: &[&str],
+) -> String {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(l) = complete.lines().filter(|l| l.starts_with(tag)).nth(n - 1) {
+            return l.to_string();
+        }
+        if let Some(e) = errors.iter().find(|e| text.contains(*e)) {
+            panic!("guest reported {e}:\n{text}");
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {n} {tag:?} lines in {}",
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Spawns `stasis restore SNAP ARGS --name NAME --serial file:LOG` and
+/// waits until it says the VM runs; returns the VMM and the time from the
+/// spawn to that line. Its standard error is drained from then on.
+pub fn spawn_restore(
+    runtime: &Path,
+    snap: &Path,
+    args: &[&str],
+    name: &str,
+    log: &Path,
+) -> (Vmm, std::time::Duration) {
+    use std::io::{BufRead, BufReader};
+    let t0 = std::time::Instant::now();
+    let mut child = Vmm(stasis(runtime)
+        .arg("restore")
+        .arg(snap)
+        .args(args)
+        .args(["--name", name])
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn stasis restore"));
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let running = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains(" running: "))
+        .map(|_| t0.elapsed())
+        .unwrap_or_else(|| panic!("stasis restore {args:?} did not start"));
+    std::thread::spawn(move || for _ in lines {});
+    (child, running)
+}
+
 /// A child VMM that is killed when dropped, also when the benchmark panics.
 pub struct Vmm(pub std::process::Child);
 

@@ -290,6 +290,37 @@ impl Drop for VmProcess {
     }
 }
 
+/// The guest kit's `net` workload on tap `tap` of `ns` (the VMM runs in
+/// the namespace), started and waited for until at least 5 frames were
+/// answered.
+pub fn net_guest(tag: &str, ns: &NetNs, tap: &str, memory: &str) -> VmProcess {
+    let mut vm = VmProcess::start(
+        tag,
+        VmOpts {
+            memory,
+            cmdline: "console=ttyS0 workload=net net_ms=20 report_ms=200",
+            extra: vec!["--net".into(), format!("id=n0,tap={tap}")],
+            netns: Some(ns.name.clone()),
+            ..Default::default()
+        },
+    );
+    vm.wait_until(
+        "replies before the snapshot",
+        Duration::from_secs(90),
+        |ls| {
+            ls.iter()
+                .any(|l| l.starts_with("NET ") && num(l, "replies") >= 5)
+        },
+    );
+    vm
+}
+
+/// Creates (or truncates) `path` as a sparse file of `bytes` bytes: a
+/// blank disk image.
+pub fn sparse_file(path: &Path, bytes: u64) {
+    std::fs::File::create(path).unwrap().set_len(bytes).unwrap();
+}
+
 /// Runs `stasis` with `args` and no VM.
 pub fn stasis(args: &[&str], runtime_dir: &Path) -> Output {
     Command::new(stasis_bin())
