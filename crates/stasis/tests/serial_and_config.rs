@@ -104,8 +104,12 @@ fn a_vm_runs_from_a_toml_config_file() {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         let text = std::fs::read_to_string(&serial).unwrap_or_default();
-        let boot = text.lines().find(|l| l.starts_with("STASIS-GUEST boot"));
-        let cpus: std::collections::BTreeSet<u64> = text
+        // Complete lines only: the guest may be half way through one.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let boot = complete
+            .lines()
+            .find(|l| l.starts_with("STASIS-GUEST boot"));
+        let cpus: std::collections::BTreeSet<u64> = complete
             .lines()
             .filter(|l| l.starts_with("HB "))
             .map(|l| num(l, "cpu"))
