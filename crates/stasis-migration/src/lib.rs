@@ -1,0 +1,64 @@
+//! The stasis migration protocol (docs/MIGRATION.md), on its own: no KVM,
+//! no VM, only bytes. The VM core feeds it pages and state sections and
+//! reads them back on the other side; this crate frames them, negotiates
+//! the protocol version, and refuses anything malformed with an error that
+//! names what is wrong, never allocating more than a frame's bounded size.
+//!
+//! * [`frame`]: a stream is a preamble, then frames (kind, length, payload,
+//!   CRC-32C);
+//! * [`message`]: what the frames carry (handshake, VM description,
+//!   memory batches, state sections, switchover);
+//! * [`negotiate`]: which protocol version two sides speak.
+//!
+//! Written here rather than taken from a crate: the protocol is stasis's
+//! own (QEMU's and Cloud Hypervisor's streams are theirs), and a framing
+//! this small is less code than adapting a general-purpose one.
+
+pub mod error;
+pub mod frame;
+pub mod message;
+
+pub use error::{Error, Result};
+pub use frame::{FrameKind, FrameReader, FrameWriter, MAX_PAYLOAD, PREAMBLE};
+pub use message::{
+    BatchBuilder, Hello, MemoryBatch, Message, PageEntry, Refusal, Section, VmDescription, Welcome,
+    MAX_BATCH_PAGES, PAGE_SIZE,
+};
+
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest protocol version this build still speaks. A receiver always
+/// accepts at least the version before its newest one, once there is one.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Picks the protocol version for a peer that speaks `peer_min..=peer_max`:
+/// the newest both speak, or an error naming both ranges.
+pub fn negotiate(peer_min: u32, peer_max: u32) -> Result<u32> {
+    let lo = peer_min.max(MIN_PROTOCOL_VERSION);
+    let hi = peer_max.min(PROTOCOL_VERSION);
+    if peer_min > peer_max || lo > hi {
+        return Err(Error::NoCommonVersion {
+            ours: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            theirs: (peer_min, peer_max),
+        });
+    }
+    Ok(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_common_version_is_chosen_or_both_ranges_are_named() {
+        assert_eq!(negotiate(1, 1).unwrap(), 1);
+        assert_eq!(negotiate(1, 7).unwrap(), PROTOCOL_VERSION);
+        let e = negotiate(2, 3).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "no protocol version in common: this side speaks 1..=1, the peer 2..=3"
+        );
+        assert!(negotiate(3, 2).is_err(), "an empty range");
+        assert!(negotiate(0, 0).is_err());
+    }
+}
