@@ -294,8 +294,9 @@ fn a_recorded_working_set_is_filled_first() {
 
 #[test]
 fn a_vm_restored_in_the_background_is_snapshotted_once_resident() {
-    // The fillers start 2 s late: the snapshot asked for at once waits for
-    // the memory, then takes a background snapshot as of any VM.
+    // The fillers start 5 s late (ample for the first status request on a
+    // loaded host): the snapshot asked for at once waits for the memory,
+    // then takes a background snapshot as of any VM.
     let s = Scratch::new("bgr-snap");
     let dir = s.join("snap");
     let vm = memory_snapshot("bgr-snap", 1, &dir);
@@ -305,7 +306,7 @@ fn a_vm_restored_in_the_background_is_snapshotted_once_resident() {
         &dir,
         &vm.runtime_dir,
         &[],
-        &[("STASIS_FAILPOINTS", "restore.background_fill=sleep(2000)")],
+        &[("STASIS_FAILPOINTS", "restore.background_fill=sleep(5000)")],
     );
     r.wait_socket();
     assert_eq!(info(&r)["memory_fill"]["resident"], false);
