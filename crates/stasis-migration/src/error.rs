@@ -73,6 +73,12 @@ pub enum Error {
         /// Theirs.
         theirs: (u32, u32),
     },
+    /// The peer refused (versions, the VM, ...) and said why.
+    #[error("the destination refused: {reason}")]
+    Refused {
+        /// Its reason.
+        reason: String,
+    },
     /// The peer sent a frame that does not belong at this point.
     #[error("expected {expected}, the peer sent {got}")]
     Unexpected {

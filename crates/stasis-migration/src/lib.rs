@@ -8,7 +8,9 @@
 //!   CRC-32C);
 //! * [`message`]: what the frames carry (handshake, VM description,
 //!   memory batches, state sections, switchover);
-//! * [`negotiate`]: which protocol version two sides speak.
+//! * [`negotiate`]: which protocol version two sides speak;
+//! * [`handshake`]: the opening of a migration on either side (versions,
+//!   then the VM), before any memory moves.
 //!
 //! Written here rather than taken from a crate: the protocol is stasis's
 //! own (QEMU's and Cloud Hypervisor's streams are theirs), and a framing
@@ -16,6 +18,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod handshake;
 pub mod message;
 
 pub use error::{Error, Result};
