@@ -37,7 +37,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{median, runs, size_name, sizes, spawn_restore, stasis, wait_line, Dir, Vmm};
+use common::{median, runs, setup, size_name, sizes, spawn_restore, stasis, wait_line, Vmm};
 
 fn field(line: &str, key: &str) -> f64 {
     line.split_whitespace()
@@ -230,19 +230,13 @@ const HOT_MODES: [(&str, &[&str]); 4] = [
 ];
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("restore benchmark: run with `cargo bench -p stasis --bench restore`");
+    let Some((work, kernel)) = setup("restore") else {
         return;
-    }
+    };
     let sizes = sizes();
     let runs = runs();
     let parts = std::env::var("STASIS_BENCH_PARTS").unwrap_or_else(|_| "modes,hot".into());
-    let work =
-        Dir(std::env::temp_dir().join(format!("stasis-restore-bench-{}", std::process::id())));
-    std::fs::create_dir_all(&work.0).unwrap();
-    let kernel = stasis_guestkit::write_guest(&work.0).unwrap();
     let snap = work.0.join("snap");
-    let name = size_name;
     println!("stasis restore benchmark: medians of {runs} run(s); ms; snapshot in the page cache");
     for &mib in &sizes {
         let mut floor = Vec::new();
@@ -278,7 +272,7 @@ fn main() {
         println!();
         println!(
             "### {} (floor {floor:.0} ms: page-cache read of the image {read:.0} ms + populating as much fresh memory {zero:.0} ms)",
-            name(mib)
+            size_name(mib)
         );
         println!();
         println!("| mode | spawn → running | then read all | then write all | running + resident | resident / floor |");

@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{median, runs, size_name, sizes, spawn_restore, stasis, wait_line, Dir, Vmm};
+use common::{median, runs, setup, size_name, sizes, spawn_restore, stasis, wait_line, Vmm};
 
 /// Waits until the serial log has `n` complete `MEM ` lines; returns when.
 fn wait_mem_lines(log: &Path, n: usize, timeout: Duration) -> Instant {
@@ -244,17 +244,11 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` runs us too:
-    // only do the work when asked to benchmark.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("snapshot benchmark: run with `cargo bench -p stasis --bench snapshot`");
+    let Some((work, kernel)) = setup("snapshot") else {
         return;
-    }
+    };
     let sizes = sizes();
     let runs = runs();
-    let work = Dir(std::env::temp_dir().join(format!("stasis-bench-{}", std::process::id())));
-    std::fs::create_dir_all(&work.0).unwrap();
-    let kernel = stasis_guestkit::write_guest(&work.0).unwrap();
 
     println!("stasis snapshot/restore benchmark: medians of {runs} run(s); times in ms; the guest writes all its RAM throughout");
     let all: Vec<(u64, Vec<Run>)> = sizes
@@ -264,7 +258,6 @@ fn main() {
             (mib, runs)
         })
         .collect();
-    let name = size_name;
     println!();
     println!(
         "| guest | stop-copy: pause | stop-copy: total | background: pause | of it: write-protect | background: copy | copied early MiB | background: fsync | background: total | dd, guest running | total / dd | dd, host idle | total / idle dd | on disk MiB |"
@@ -274,7 +267,7 @@ fn main() {
         let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
         println!(
             "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} |",
-            name(*mib),
+            size_name(*mib),
             m(|r| r.pause_ms),
             m(|r| r.total_ms),
             m(|r| r.bg_pause_ms),
@@ -299,7 +292,7 @@ fn main() {
         let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
         println!(
             "| {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0} |",
-            name(*mib),
+            size_name(*mib),
             m(|r| r.diff_dirty_mib),
             m(|r| r.diff_stored_mib),
             m(|r| r.diff_stored_mib / r.diff_dirty_mib),
@@ -317,7 +310,7 @@ fn main() {
         let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
         println!(
             "| {} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} |",
-            name(*mib),
+            size_name(*mib),
             m(|r| r.mb_s),
             m(|r| r.lazy_ready_ms),
             m(|r| r.lazy_touch_ms),

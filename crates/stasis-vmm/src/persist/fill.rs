@@ -37,7 +37,6 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use stasis_snapshot::{SnapshotChain, WorkingSet, FILL_BLOCK};
@@ -161,11 +160,10 @@ struct Outcome {
 }
 
 /// A running background fill of guest memory. Dropping it stops the
-/// threads (memory not yet filled stays registered: drop it only with the
-/// VM).
+/// threads and unregisters the memory, filled or not: drop it only with
+/// the VM.
 pub struct MemoryFill {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
 }
 
 /// A 2 MiB-aligned private anonymous buffer that blocks are read into
@@ -296,22 +294,19 @@ impl MemoryFill {
         if n == 0 {
             shared.finish();
         }
-        let mut threads = Vec::new();
-        let s = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("restore-faults".into())
-                .spawn(move || s.serve_faults())?,
-        );
+        // Not joined (see Drop): each holds the shared state it needs.
+        let fill = MemoryFill { shared };
+        let s = fill.shared.clone();
+        std::thread::Builder::new()
+            .name("restore-faults".into())
+            .spawn(move || s.serve_faults())?;
         for i in 0..options.fillers.max(1) {
-            let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("restore-fill-{i}"))
-                    .spawn(move || s.fill_in_order(i == 0))?,
-            );
+            let s = fill.shared.clone();
+            std::thread::Builder::new()
+                .name(format!("restore-fill-{i}"))
+                .spawn(move || s.fill_in_order(i == 0))?;
         }
-        Ok(MemoryFill { shared, threads })
+        Ok(fill)
     }
 
     /// Lets the filler threads begin (the guest starts): until then only
@@ -376,7 +371,6 @@ impl Drop for MemoryFill {
                 let _ = self.shared.uffd.unregister(host, len);
             }
         }
-        self.threads.clear();
     }
 }
 

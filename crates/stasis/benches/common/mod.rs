@@ -13,6 +13,21 @@ impl Drop for Dir {
     }
 }
 
+/// The start of a benchmark's `main`: `None` (after saying how to run it)
+/// unless `cargo bench` asked for it (`cargo test --benches` runs benches
+/// too); otherwise a scratch directory `stasis-<tag>-<pid>` and the guest
+/// kit's kernel written into it.
+pub fn setup(tag: &str) -> Option<(Dir, PathBuf)> {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("{tag} benchmark: run with `cargo bench -p stasis --bench {tag}`");
+        return None;
+    }
+    let work = Dir(std::env::temp_dir().join(format!("stasis-{tag}-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&work.0).unwrap();
+    let kernel = stasis_guestkit::write_guest(&work.0).unwrap();
+    Some((work, kernel))
+}
+
 /// `stasis` (the binary under benchmark) with its runtime directory.
 pub fn stasis(runtime: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_stasis"));
