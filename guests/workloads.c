@@ -248,7 +248,9 @@ static __attribute__((noreturn)) void memory(u32 cpu)
                     l_emit(&l, cpu);
                     last_report = t;
                 }
-                if (!per_page || t - t0 >= done * per_page)
+                /* mem_fill: the first pass writes at full speed (RAM
+                 * filled), the later ones at mem_rate. */
+                if (!per_page || (cfg.mem_fill && pass == 1) || t - t0 >= done * per_page)
                     break;
                 cpu_relax();
             }

@@ -21,8 +21,8 @@ use crate::http::{self, HttpError};
 use crate::runtime::{self, InvalidVmName};
 use crate::sock::NoSigPipe;
 use crate::types::{
-    ActionResponse, JobAccepted, JobInfo, JobList, PingResponse, SnapshotRequest, SnapshotResponse,
-    VmInfo,
+    ActionResponse, JobAccepted, JobInfo, JobList, MigrateRequest, PingResponse, SnapshotRequest,
+    SnapshotResponse, VmInfo,
 };
 
 /// How long the client waits for the VM, by default (per read or write).
@@ -233,6 +233,17 @@ impl ApiClient {
         };
         let body = serde_json::to_value(&req).map_err(|e| self.protocol(e.to_string()))?;
         self.call("PUT", "/v1/vm/snapshot", Some(&body))
+    }
+
+    /// `PUT /v1/vm/migrate`: migrates the VM and waits until it runs on the
+    /// destination (the answer is the migration report), or with
+    /// `detach` starts the job and answers with its id.
+    pub fn migrate(&self, req: &MigrateRequest) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_value(req).map_err(|e| self.protocol(e.to_string()))?;
+        let client = self
+            .clone()
+            .with_timeout(self.timeout.max(Duration::from_secs(3600)));
+        client.call("PUT", "/v1/vm/migrate", Some(&body))
     }
 
     /// `GET /v1/jobs`: the VM's jobs, newest first.

@@ -38,6 +38,6 @@ pub use runtime::{
 pub use server::{ApiHandler, ApiServer, ApiServerHandle, ServerError};
 pub use types::{
     ActionResponse, CpuInfo, DeviceInfo, EmptyRequest, ErrorBody, JobAccepted, JobInfo, JobList,
-    JobState, MemoryFillInfo, PingResponse, SavedDiskInfo, SnapshotRequest, SnapshotResponse,
-    VmInfo, VmState,
+    JobState, MemoryFillInfo, MigrateRequest, PingResponse, SavedDiskInfo, SnapshotRequest,
+    SnapshotResponse, VmInfo, VmState,
 };

@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::http;
-use crate::types::{ActionResponse, EmptyRequest, ErrorBody, SnapshotRequest, VmState};
+use crate::types::{
+    ActionResponse, EmptyRequest, ErrorBody, MigrateRequest, SnapshotRequest, VmState,
+};
 
 /// The parameter placeholder a path may end with.
 const PARAM: &str = "{id}";
@@ -38,6 +40,11 @@ pub enum ApiRequest {
     /// or with `detach` start it as a job (`202` with a
     /// [`JobAccepted`](crate::types::JobAccepted)).
     Snapshot(SnapshotRequest),
+    /// `PUT /v1/vm/migrate`: send the VM to another stasis as a job; the
+    /// answer is the job's result (a migration report) once the VM runs
+    /// there, or with `detach` a `202` with a
+    /// [`JobAccepted`](crate::types::JobAccepted).
+    Migrate(MigrateRequest),
     /// `GET /v1/jobs`: the VM's jobs, newest first
     /// ([`JobList`](crate::types::JobList)).
     ListJobs,
@@ -166,6 +173,11 @@ const ENDPOINTS: &[Endpoint] = &[
         method: "PUT",
         path: "/v1/vm/snapshot",
         parse: |body, _| json_body::<SnapshotRequest>(body).map(ApiRequest::Snapshot),
+    },
+    Endpoint {
+        method: "PUT",
+        path: "/v1/vm/migrate",
+        parse: |body, _| json_body::<MigrateRequest>(body).map(ApiRequest::Migrate),
     },
     Endpoint {
         method: "GET",
@@ -299,6 +311,19 @@ mod tests {
                 }))
             );
         }
+        match route(
+            "PUT",
+            "/v1/vm/migrate",
+            br#"{"destination": "tcp:10.0.0.2:4444", "mode": "warm"}"#,
+        ) {
+            Ok(ApiRequest::Migrate(m)) => {
+                assert_eq!(m.destination, "tcp:10.0.0.2:4444");
+                assert_eq!(m.mode.as_deref(), Some("warm"));
+                assert!(!m.insecure && !m.detach && m.psk_file.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(route("PUT", "/v1/vm/migrate", br#"{"dest": "x"}"#).is_err());
         assert_eq!(route("GET", "/v1/jobs", b""), Ok(ApiRequest::ListJobs));
         assert_eq!(route("GET", "/v1/jobs/7", b""), Ok(ApiRequest::GetJob(7)));
         assert_eq!(

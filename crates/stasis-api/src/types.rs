@@ -285,6 +285,44 @@ pub struct SnapshotRequest {
     pub parent: Option<String>,
 }
 
+/// The body of `PUT /v1/vm/migrate`: send the running VM to a `stasis
+/// receive` elsewhere. The VM ends here once the destination runs it; any
+/// failure before that leaves it running here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Where the receiver listens: `tcp:HOST:PORT`.
+    pub destination: String,
+    /// `live` (the default: pre-copy while the guest runs) or `warm` (the
+    /// guest is paused for the whole transfer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Live: the longest pause to aim for, in ms (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u64>,
+    /// Live: pre-copy rounds before giving up (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+    /// Live: seconds of pre-copy before giving up (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_time_s: Option<u64>,
+    /// Live: slow the vCPUs down when the guest dirties memory faster than
+    /// it can be sent (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_converge: Option<bool>,
+    /// A file with the key shared with the receiver (`--psk`); read by
+    /// the VMM, which must be able to open it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psk_file: Option<String>,
+    /// Send without authentication, to a receiver on a loopback address
+    /// started with `--insecure`.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Answer at once with `202` and a job id.
+    #[serde(default)]
+    pub detach: bool,
+}
+
 /// The answer to a request started as a job (`202 Accepted`); its
 /// `Location` header names the job too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,6 +398,10 @@ pub struct JobInfo {
     /// The error once it failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Figures of the job's own kind: for a migration its round, rate,
+    /// dirty rate, expected downtime and bytes remaining.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 /// What `GET /v1/jobs` returns.

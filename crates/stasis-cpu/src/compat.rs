@@ -195,9 +195,8 @@ pub fn check(saved: &SavedCpu<'_>, host: &HostCpu, allow_tsc_mismatch: bool) -> 
             max: host.max_vcpus,
         });
     }
-    let Some(first) = vcpus.first() else {
-        return report;
-    };
+    // The CPU record alone (a migration checks it before any vCPU state
+    // exists): its model's features; with vCPUs, theirs too.
     let mut unknown = Vec::new();
     let mut required = FeatureSet::of(saved.cpuid);
     for name in saved.features {
@@ -230,6 +229,9 @@ pub fn check(saved: &SavedCpu<'_>, host: &HostCpu, allow_tsc_mismatch: bool) -> 
             components: xsave::component_names(lacking_xcr0),
         });
     }
+    let Some(first) = vcpus.first() else {
+        return report;
+    };
     let longest = vcpus.iter().map(|v| v.xsave_len).max().unwrap_or(0);
     if longest > host.xsave_size.max(xsave::KVM_XSAVE_SIZE) {
         p.push(Problem::XsaveSize {

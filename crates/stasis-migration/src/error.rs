@@ -73,6 +73,9 @@ pub enum Error {
         /// Theirs.
         theirs: (u32, u32),
     },
+    /// Authentication failed or the two sides disagree on it.
+    #[error("authentication failed: {0}")]
+    Auth(String),
     /// The peer refused (versions, the VM, ...) and said why.
     #[error("the destination refused: {reason}")]
     Refused {

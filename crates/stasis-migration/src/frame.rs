@@ -101,10 +101,13 @@ pub struct FrameWriter<W: Write> {
 }
 
 impl<W: Write> FrameWriter<W> {
-    /// Starts a stream: writes the preamble.
+    /// Starts a stream: writes the preamble and flushes it (the peer
+    /// reads it before it sends anything, so it must not wait in a
+    /// buffer).
     pub fn start(mut inner: W) -> Result<Self> {
         inner
             .write_all(&PREAMBLE)
+            .and_then(|()| inner.flush())
             .map_err(io_ctx("sending the preamble"))?;
         Ok(FrameWriter {
             inner,

@@ -10,22 +10,26 @@
 //!   memory batches, state sections, switchover);
 //! * [`negotiate`]: which protocol version two sides speak;
 //! * [`handshake`]: the opening of a migration on either side (versions,
-//!   then the VM), before any memory moves.
+//!   then the VM), before any memory moves;
+//! * [`auth`]: under the frames, who the peer is (a pre-shared key) and
+//!   an encrypted, tamper-evident stream.
 //!
 //! Written here rather than taken from a crate: the protocol is stasis's
 //! own (QEMU's and Cloud Hypervisor's streams are theirs), and a framing
 //! this small is less code than adapting a general-purpose one.
 
+pub mod auth;
 pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
 
+pub use auth::{secure, Auth, ChannelReader, ChannelWriter, Key, Role};
 pub use error::{Error, Result};
 pub use frame::{FrameKind, FrameReader, FrameWriter, MAX_PAYLOAD, PREAMBLE};
 pub use message::{
-    BatchBuilder, Hello, MemoryBatch, Message, PageEntry, Refusal, Section, VmDescription, Welcome,
-    MAX_BATCH_PAGES, PAGE_SIZE,
+    is_zero, BatchBuilder, Hello, MemoryBatch, Message, PageEntry, Refusal, RoundEnd, Section,
+    VmDescription, Welcome, MAX_BATCH_PAGES, PAGE_SIZE,
 };
 
 /// The newest protocol version this build speaks.

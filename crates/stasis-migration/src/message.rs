@@ -122,11 +122,23 @@ impl<'a> MemoryBatch<'a> {
     }
 }
 
+/// Whether `bytes` are all zero (word at a time; this crate is built
+/// optimised even in test builds, so the VM side uses this too).
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any bytes are a valid u64 pattern; align_to splits at
+        // the aligned middle.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
 /// Builds memory batch payloads: pages of zeros are sent as an entry only.
 #[derive(Debug, Default)]
 pub struct BatchBuilder {
     entries: Vec<u64>,
     data: Vec<u8>,
+    zero_pages: u64,
 }
 
 impl BatchBuilder {
@@ -139,13 +151,20 @@ impl BatchBuilder {
     /// `true` when the batch is full and should be sent.
     pub fn add(&mut self, gpa: u64, page: &[u8; PAGE_SIZE]) -> bool {
         debug_assert_eq!(gpa % PAGE_SIZE as u64, 0);
-        if page.iter().all(|&b| b == 0) {
+        if is_zero(page) {
+            self.zero_pages += 1;
             self.entries.push(gpa | ENTRY_ZERO);
         } else {
             self.entries.push(gpa);
             self.data.extend_from_slice(page);
         }
         self.is_full()
+    }
+
+    /// Pages of zeros added since the builder was made (they travel as an
+    /// entry only).
+    pub fn zero_pages(&self) -> u64 {
+        self.zero_pages
     }
 
     /// Whether no more pages fit.

@@ -54,8 +54,8 @@ pub use page_map::{PageMap, PageSource};
 pub use progress::{Progress, ProgressSnapshot};
 pub use reader::{BadChunk, BadSection, SnapshotReader, VerifyReport};
 pub use section::{
-    check_known, decode_json, decode_section, encode_section, KnownSections, SectionState,
-    SectionWarning,
+    add_section, check_known, decode_json, decode_section, encode_section, read_section,
+    KnownSections, SectionSet, SectionSink, SectionSource, SectionState, SectionWarning,
 };
 pub use working_set::{
     read_working_set, write_working_set, WorkingSet, WORKING_SET_FILE, WORKING_SET_VERSION,

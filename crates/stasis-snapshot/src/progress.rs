@@ -23,6 +23,9 @@ pub struct Progress {
     phase: Mutex<(&'static str, Instant)>,
     cancel: AtomicBool,
     committing: AtomicBool,
+    /// Figures particular to the operation (a migration's round, dirty
+    /// rate, expected downtime), as JSON for the job's status.
+    detail: Mutex<Option<serde_json::Value>>,
 }
 
 impl Default for Progress {
@@ -61,6 +64,7 @@ impl Progress {
             phase: Mutex::new(("starting", Instant::now())),
             cancel: AtomicBool::new(false),
             committing: AtomicBool::new(false),
+            detail: Mutex::new(None),
         }
     }
 
@@ -107,6 +111,19 @@ impl Progress {
         // A cancel that raced in after the check is refused by
         // request_cancel (it sees `committing`), and this one lost.
         Ok(())
+    }
+
+    /// Sets the operation's own figures (shown as a job's `detail`).
+    pub fn set_detail(&self, detail: serde_json::Value) {
+        *self.detail.lock().unwrap_or_else(|p| p.into_inner()) = Some(detail);
+    }
+
+    /// The operation's own figures, if it has any.
+    pub fn detail(&self) -> Option<serde_json::Value> {
+        self.detail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The current state.

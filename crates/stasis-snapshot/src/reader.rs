@@ -725,3 +725,13 @@ impl SnapshotReader {
         }
     }
 }
+
+impl crate::section::SectionSource for SnapshotReader {
+    fn entries(&self) -> &[SectionEntry] {
+        self.sections()
+    }
+
+    fn payload(&self, entry: &SectionEntry) -> Result<Vec<u8>> {
+        self.section_bytes(entry)
+    }
+}

@@ -248,3 +248,195 @@ pub(crate) fn check_key(name: &str, instance: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Where a VM's state sections go: a snapshot's `state.bin`
+/// ([`crate::SnapshotWriter`]) or a migration stream. A VM's state is
+/// serialised once, by the code that owns each section, whatever it goes
+/// to.
+pub trait SectionSink {
+    /// Adds a section whose payload is already encoded.
+    fn add_raw_section(
+        &mut self,
+        name: &str,
+        instance: &str,
+        version: u32,
+        optional: bool,
+        bytes: &[u8],
+    ) -> Result<()>;
+}
+
+/// Adds `state` to `sink` as section `T::NAME`/`instance`, version
+/// `T::VERSION`.
+pub fn add_section<T: SectionState>(
+    sink: &mut dyn SectionSink,
+    instance: &str,
+    optional: bool,
+    state: &T,
+) -> Result<()> {
+    let bytes = encode_section(state)?;
+    sink.add_raw_section(T::NAME, instance, T::VERSION, optional, &bytes)
+}
+
+/// Where a VM's state sections come from: a snapshot
+/// ([`crate::SnapshotReader`]) or the sections a migration received
+/// ([`SectionSet`]).
+pub trait SectionSource {
+    /// Every section, in the order written.
+    fn entries(&self) -> &[SectionEntry];
+    /// A section's payload, its checksum checked.
+    fn payload(&self, entry: &SectionEntry) -> Result<Vec<u8>>;
+}
+
+/// Reads and decodes section `T::NAME`/`instance` from `source`, upgrading
+/// an older version through [`SectionState::upgrade`]: the version stored
+/// and the state, or `None` when there is no such section.
+pub fn read_section<T: SectionState, S: SectionSource + ?Sized>(
+    source: &S,
+    instance: &str,
+) -> Result<Option<(u32, T)>> {
+    let Some(entry) = source
+        .entries()
+        .iter()
+        .find(|s| s.name == T::NAME && s.instance == instance)
+    else {
+        return Ok(None);
+    };
+    if entry.version > T::VERSION {
+        return Err(Error::SectionTooNew {
+            name: entry.name.clone(),
+            instance: entry.instance.clone(),
+            version: entry.version,
+            max: T::VERSION,
+        });
+    }
+    let bytes = source.payload(entry)?;
+    let state = decode_section::<T>(instance, entry.version, &bytes)?;
+    Ok(Some((entry.version, state)))
+}
+
+/// Sections held in memory, as a migration receives them; bounded in
+/// count and in bytes, names checked as a snapshot's are.
+#[derive(Debug, Default)]
+pub struct SectionSet {
+    entries: Vec<SectionEntry>,
+    payloads: Vec<Vec<u8>>,
+    bytes: u64,
+}
+
+impl SectionSet {
+    /// The most sections a set holds.
+    pub const MAX_SECTIONS: usize = 4096;
+    /// The most payload bytes a set holds in all.
+    pub const MAX_BYTES: u64 = 256 << 20;
+
+    /// An empty set.
+    pub fn new() -> SectionSet {
+        SectionSet::default()
+    }
+
+    /// Payload bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl SectionSink for SectionSet {
+    fn add_raw_section(
+        &mut self,
+        name: &str,
+        instance: &str,
+        version: u32,
+        optional: bool,
+        bytes: &[u8],
+    ) -> Result<()> {
+        check_key(name, instance)?;
+        let refuse = |detail: String| {
+            Err(Error::BadSection {
+                name: name.to_string(),
+                instance: instance.to_string(),
+                detail,
+            })
+        };
+        if self
+            .entries
+            .iter()
+            .any(|s| s.name == name && s.instance == instance)
+        {
+            return refuse("sent twice".into());
+        }
+        if self.entries.len() >= Self::MAX_SECTIONS {
+            return refuse(format!("more than {} sections", Self::MAX_SECTIONS));
+        }
+        if self.bytes + bytes.len() as u64 > Self::MAX_BYTES {
+            return refuse(format!(
+                "state sections exceed {} MiB in all",
+                Self::MAX_BYTES >> 20
+            ));
+        }
+        self.bytes += bytes.len() as u64;
+        self.entries.push(SectionEntry {
+            name: name.to_string(),
+            instance: instance.to_string(),
+            version,
+            optional,
+            offset: 0,
+            size: bytes.len() as u64,
+            crc32c: crc32c::crc32c(bytes),
+        });
+        self.payloads.push(bytes.to_vec());
+        Ok(())
+    }
+}
+
+impl SectionSource for SectionSet {
+    fn entries(&self) -> &[SectionEntry] {
+        &self.entries
+    }
+
+    fn payload(&self, entry: &SectionEntry) -> Result<Vec<u8>> {
+        let i = self
+            .entries
+            .iter()
+            .position(|s| s.name == entry.name && s.instance == entry.instance)
+            .ok_or_else(|| Error::BadSection {
+                name: entry.name.clone(),
+                instance: entry.instance.clone(),
+                detail: "not in this set".into(),
+            })?;
+        Ok(self.payloads[i].clone())
+    }
+}
+
+#[cfg(test)]
+mod set_tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Uart {
+        ier: u8,
+    }
+    impl SectionState for Uart {
+        const NAME: &'static str = "serial";
+        const VERSION: u32 = 2;
+    }
+
+    #[test]
+    fn a_set_round_trips_sections_and_refuses_duplicates_and_bad_names() {
+        let mut set = SectionSet::new();
+        add_section(&mut set, "com1", false, &Uart { ier: 5 }).unwrap();
+        let (v, got) = read_section::<Uart, _>(&set, "com1").unwrap().unwrap();
+        assert_eq!((v, got), (2, Uart { ier: 5 }));
+        assert!(read_section::<Uart, _>(&set, "com2").unwrap().is_none());
+        let e = add_section(&mut set, "com1", false, &Uart { ier: 1 }).unwrap_err();
+        assert!(e.to_string().contains("sent twice"), "{e}");
+        assert!(set
+            .add_raw_section("bad name", "x", 1, false, b"{}")
+            .is_err());
+        set.add_raw_section("serial", "com3", 3, false, b"{}")
+            .unwrap();
+        let e = read_section::<Uart, _>(&set, "com3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("version 3"), "{e}");
+    }
+}

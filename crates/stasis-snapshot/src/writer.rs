@@ -804,6 +804,19 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+impl crate::section::SectionSink for SnapshotWriter {
+    fn add_raw_section(
+        &mut self,
+        name: &str,
+        instance: &str,
+        version: u32,
+        optional: bool,
+        bytes: &[u8],
+    ) -> Result<()> {
+        SnapshotWriter::add_raw_section(self, name, instance, version, optional, bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

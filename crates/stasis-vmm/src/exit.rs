@@ -46,6 +46,11 @@ pub enum ExitReason {
         /// Where the snapshot is.
         path: String,
     },
+    /// The VM moved to another stasis, which confirmed that it runs it.
+    Migrated {
+        /// Where it went.
+        destination: String,
+    },
 }
 
 impl ExitReason {
@@ -53,7 +58,7 @@ impl ExitReason {
     ///
     /// | status | reason |
     /// |---|---|
-    /// | 0 | guest powered off, stop requested through the API, or suspended to a snapshot |
+    /// | 0 | guest powered off, stop requested through the API, suspended to a snapshot, or migrated |
     /// | 3 | guest reset (stasis does not reboot in place) |
     /// | 4 | triple fault |
     /// | 5 | KVM internal error |
@@ -61,7 +66,10 @@ impl ExitReason {
     /// | 128+N | signal N (130 for SIGINT, 143 for SIGTERM) |
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::GuestPoweroff | Self::StopRequested | Self::Suspended { .. } => 0,
+            Self::GuestPoweroff
+            | Self::StopRequested
+            | Self::Suspended { .. }
+            | Self::Migrated { .. } => 0,
             Self::GuestReset { .. } => 3,
             Self::TripleFault { .. } => 4,
             Self::KvmInternalError { .. } => 5,
@@ -92,6 +100,9 @@ impl std::fmt::Display for ExitReason {
             Self::Signal(n) => write!(f, "received {}", signal_name(*n)),
             Self::StopRequested => write!(f, "stopped on request"),
             Self::Suspended { path } => write!(f, "suspended to snapshot {path}"),
+            Self::Migrated { destination } => {
+                write!(f, "migrated to {destination}, where it runs now")
+            }
         }
     }
 }

@@ -107,6 +107,10 @@ pub struct JobStatus {
     /// The error, once it failed or was cancelled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Figures of the job's own kind (a migration: round, dirty rate,
+    /// expected downtime, pages remaining).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 impl Job {
@@ -168,6 +172,7 @@ impl Job {
             cancel_requested: p.cancel_requested,
             result,
             error,
+            detail: self.progress.detail(),
         }
     }
 }

@@ -22,6 +22,13 @@ pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// write to a never-touched page faults too.
 pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 
+/// Feature: asynchronous write protection (`UFFD_FEATURE_WP_ASYNC`,
+/// Linux 6.7): the kernel resolves a write to a protected page itself,
+/// unprotecting it and marking it written, with no message to read;
+/// `PAGEMAP_SCAN` then reports and re-protects the written pages (see
+/// [`crate::dirty`]).
+pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
+
 /// Feature: `UFFDIO_MOVE` (Linux 6.8): pages, huge pages whole, are moved
 /// from another anonymous mapping instead of copied.
 pub const FEATURE_MOVE: u64 = 1 << 16;

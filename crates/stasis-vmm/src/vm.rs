@@ -450,6 +450,19 @@ impl VmControl {
         Ok(())
     }
 
+    /// Releases (`release`) or takes back every disk image's lock (see
+    /// [`crate::devices::virtio::VirtioDevice::hand_over_backend`]). Only
+    /// while paused: a migration's switchover.
+    pub fn hand_over_disks(&self, release: bool) -> std::io::Result<()> {
+        for d in &self.shared.virtio {
+            d.transport
+                .lock()
+                .expect("virtio lock")
+                .hand_over_backend(release)?;
+        }
+        Ok(())
+    }
+
     /// A background restore's fill of guest memory: what it has done.
     /// `None` if memory was complete from the start.
     pub fn memory_fill(&self) -> Option<FillStatus> {
@@ -487,6 +500,9 @@ pub enum VmSource<'a> {
         state: &'a CapturedState,
         /// How the vCPUs go back on this host.
         cpu: &'a RestoreCpu,
+        /// A live migration's arrival: the same VM goes on, so its
+        /// generation ID stays (a restore gets a new one).
+        migrated: bool,
     },
 }
 
@@ -582,6 +598,29 @@ impl Vm {
         state: &CapturedState,
         cpu: &RestoreCpu,
     ) -> Result<Self, VmError> {
+        Self::rebuild(config, memory, fill, state, cpu, false)
+    }
+
+    /// Builds the VM a migration brought: as [`Vm::restore`] with complete
+    /// memory, except that it is the same VM going on (its generation ID
+    /// does not change).
+    pub fn arrive(
+        config: &VmConfig,
+        memory: GuestRam,
+        state: &CapturedState,
+        cpu: &RestoreCpu,
+    ) -> Result<Self, VmError> {
+        Self::rebuild(config, memory, None, state, cpu, true)
+    }
+
+    fn rebuild(
+        config: &VmConfig,
+        memory: GuestRam,
+        fill: Option<MemoryFill>,
+        state: &CapturedState,
+        cpu: &RestoreCpu,
+        migrated: bool,
+    ) -> Result<Self, VmError> {
         if state.vcpus.len() != config.vcpus as usize {
             return Err(VmError::Mismatch(format!(
                 "{} vCPU states for a VM of {} vCPUs",
@@ -596,6 +635,7 @@ impl Vm {
                 fill,
                 state,
                 cpu,
+                migrated,
             },
         )
     }
@@ -636,6 +676,7 @@ impl Vm {
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let mut restore_fill = None;
+        let mut migrated = false;
         let (mem, saved, restore_cpu) = match source {
             VmSource::Boot => (memory::allocate(config.memory_mib)?, None, None),
             VmSource::Restore {
@@ -643,8 +684,9 @@ impl Vm {
                 fill,
                 state,
                 cpu,
+                migrated: m,
             } => {
-                restore_fill = fill;
+                (restore_fill, migrated) = (fill, m);
                 (memory, Some(state), Some(cpu))
             }
         };
@@ -666,6 +708,7 @@ impl Vm {
         let (pio, (uart, serial_input), rtc) = Self::create_devices(&vm, config, &exit, saved)?;
         let (mmio, virtio) = Self::create_virtio(&vm, &mem, virtio_devices, saved)?;
         let vmgenid = match saved {
+            Some(s) if migrated => VmGenId::resume(&s.vmgenid),
             Some(s) => VmGenId::after_restore(&s.vmgenid),
             None => VmGenId::new(),
         };
@@ -723,7 +766,7 @@ impl Vm {
             rtc,
             save_layout: Arc::new(save_layout),
             vmgenid,
-            ged: (ged, saved.is_some()),
+            ged: (ged, saved.is_some() && !migrated),
             virtio,
         });
         let control = VmControl {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use stasis_api::{
     ActionResponse, ApiHandler, ApiRequest, ApiResponse, CpuInfo, DeviceInfo, JobAccepted,
-    MemoryFillInfo, SnapshotRequest, VmInfo, VmState,
+    MemoryFillInfo, MigrateRequest, SnapshotRequest, VmInfo, VmState,
 };
 use stasis_vmm::jobs::{CancelError, FailureKind, JobFailure, Jobs};
 use stasis_vmm::persist::disks::DiskMode;
@@ -139,6 +139,33 @@ fn failure_response(f: &JobFailure) -> ApiResponse {
     ApiResponse::error(status, f.message.clone())
 }
 
+/// The answer to a request that started a job: `202` with its id when
+/// `detach`, else its result once it ends.
+fn answer_job(
+    started: Result<std::sync::Arc<stasis_vmm::jobs::Job>, stasis_vmm::jobs::JobBusy>,
+    detach: bool,
+) -> ApiResponse {
+    let job = match started {
+        Ok(job) => job,
+        Err(busy) => return ApiResponse::error(409, busy.to_string()),
+    };
+    if detach {
+        let location = format!("/v1/jobs/{}", job.id());
+        return ApiResponse::json(
+            202,
+            &JobAccepted {
+                job: job.id(),
+                location: location.clone(),
+            },
+        )
+        .with_header("Location", location);
+    }
+    match job.wait() {
+        Ok(report) => ApiResponse::ok(&report),
+        Err(f) => failure_response(&f),
+    }
+}
+
 impl VmApi {
     /// Every snapshot is a job, so that it shows in `GET /v1/jobs` and can
     /// be cancelled; without `detach` the request waits for it.
@@ -176,25 +203,23 @@ impl VmApi {
                         })
                     })
             });
-        let job = match started {
-            Ok(job) => job,
-            Err(busy) => return ApiResponse::error(409, busy.to_string()),
+        answer_job(started, req.detach)
+    }
+
+    /// A migration is a job like a snapshot; see [`crate::migration`] for
+    /// the receiving side.
+    fn migrate(&self, req: &MigrateRequest) -> ApiResponse {
+        let started = match crate::migrate_job::prepare(req) {
+            Ok(plan) => {
+                let control = self.control.clone();
+                self.jobs
+                    .start("migrate", req.destination.clone(), move |progress| {
+                        crate::migrate_job::run(&control, plan, progress)
+                    })
+            }
+            Err(message) => return ApiResponse::error(400, message),
         };
-        if req.detach {
-            let location = format!("/v1/jobs/{}", job.id());
-            return ApiResponse::json(
-                202,
-                &JobAccepted {
-                    job: job.id(),
-                    location: location.clone(),
-                },
-            )
-            .with_header("Location", location);
-        }
-        match job.wait() {
-            Ok(report) => ApiResponse::ok(&report),
-            Err(f) => failure_response(&f),
-        }
+        answer_job(started, req.detach)
     }
 
     fn job(&self, id: u64) -> ApiResponse {
@@ -234,6 +259,7 @@ impl ApiHandler for VmApi {
                 ApiResponse::action(VmState::Stopping, "VM is stopping")
             }
             ApiRequest::Snapshot(req) => self.snapshot(&req),
+            ApiRequest::Migrate(req) => self.migrate(&req),
             ApiRequest::ListJobs => {
                 ApiResponse::ok(&serde_json::json!({ "jobs": self.jobs.list() }))
             }

@@ -48,6 +48,13 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Start a VM from a snapshot directory (runs in the foreground like `run`).
     Restore(RestoreArgs),
+    /// Send a running VM to `stasis receive` on another host (or this
+    /// one); it ends here once it runs there, and runs on here if anything
+    /// fails before that. Waits with a progress bar (Ctrl-C cancels).
+    Migrate(MigrateArgs),
+    /// Wait for one VM sent by `stasis migrate` and run it (in the
+    /// foreground, like `restore`).
+    Receive(ReceiveArgs),
     /// Check every checksum of a snapshot.
     Verify(VerifyArgs),
     /// Describe a snapshot.
@@ -153,15 +160,9 @@ pub struct CancelArgs {
 pub struct RestoreArgs {
     /// The snapshot directory.
     pub dir: PathBuf,
-    /// A new name for the VM (default: the saved one).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// A new control socket path.
-    #[arg(long)]
-    pub api_socket: Option<PathBuf>,
-    /// A new serial destination: stdout, null, file:PATH, socket:PATH.
-    #[arg(long)]
-    pub serial: Option<SerialConfig>,
+    /// What differs on this host.
+    #[command(flatten)]
+    pub vm: OverrideArgs,
     /// background: the guest starts at once and its memory is filled
     /// behind it (pages it touches first, then the rest; huge pages);
     /// eager: copy all memory first, then start; lazy: map the image
@@ -187,7 +188,22 @@ pub struct RestoreArgs {
     /// the guest's faults (default: one per host CPU, at most 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub fill_threads: Option<u16>,
-    /// Restore even if this host's TSC runs at another rate than the
+}
+
+/// What a restored or arriving VM changes from its saved configuration
+/// (`stasis restore`, `stasis receive`).
+#[derive(Debug, Args)]
+pub struct OverrideArgs {
+    /// A new name for the VM (default: the saved one).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A new control socket path.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// A new serial destination: stdout, null, file:PATH, socket:PATH.
+    #[arg(long)]
+    pub serial: Option<SerialConfig>,
+    /// Run the VM even if this host's TSC runs at another rate than the
     /// guest's and KVM cannot scale it (guest time then drifts).
     #[arg(long)]
     pub allow_tsc_mismatch: bool,
@@ -203,6 +219,88 @@ pub struct RestoreArgs {
     /// of a file or socket destination).
     #[arg(long = "console-path", value_name = "ID=DEST", value_parser = parse_id_value)]
     pub console_paths: Vec<(String, String)>,
+}
+
+impl OverrideArgs {
+    /// As the VM core takes them.
+    pub fn overrides(&self) -> stasis_vmm::persist::restore::RestoreOverrides {
+        stasis_vmm::persist::restore::RestoreOverrides {
+            allow_tsc_mismatch: self.allow_tsc_mismatch,
+            name: self.name.clone(),
+            api_socket: self.api_socket.clone(),
+            serial: self.serial.clone(),
+            disk_paths: self
+                .disk_paths
+                .iter()
+                .map(|(id, p)| (id.clone(), p.into()))
+                .collect(),
+            taps: self.taps.clone(),
+            console_outputs: self.console_paths.clone(),
+        }
+    }
+}
+
+/// `stasis receive --listen tcp:ADDR:PORT`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Where to wait for the one incoming VM: tcp:ADDR:PORT (port 0 picks
+    /// a free port, printed on standard error).
+    #[arg(long, value_name = "tcp:ADDR:PORT")]
+    pub listen: stasis_vmm::migrate::MigrationAddress,
+    /// The key shared with the source (a file readable by its owner only,
+    /// 16 to 4096 bytes, e.g. from `head -c 32 /dev/urandom > key`): the
+    /// source must prove it holds it, and the stream is encrypted.
+    #[arg(long, value_name = "FILE")]
+    pub psk: Option<PathBuf>,
+    /// Accept a migration without authentication; only on a loopback
+    /// address.
+    #[arg(long, conflicts_with = "psk")]
+    pub insecure: bool,
+    /// What differs on this host.
+    #[command(flatten)]
+    pub vm: OverrideArgs,
+}
+
+/// `stasis migrate NAME tcp:HOST:PORT`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Where `stasis receive` listens: tcp:HOST:PORT.
+    pub destination: stasis_vmm::migrate::MigrationAddress,
+    /// live: memory is copied while the guest runs, in rounds, then the
+    /// guest pauses briefly for the rest; warm: the guest is paused for
+    /// the whole transfer.
+    #[arg(long, default_value = "live", value_parser = ["live", "warm"])]
+    pub mode: String,
+    /// Live: switch over once the last round is expected to pause the
+    /// guest for at most this long.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    pub max_downtime: u64,
+    /// Live: give up (the VM runs on here) after this many rounds.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Live: give up (the VM runs on here) after this long.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub max_time: u64,
+    /// Live: never slow the vCPUs down (auto-converge throttles them step
+    /// by step when the guest dirties memory faster than it can be sent).
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// The key shared with the receiver (see `stasis receive --psk`); the
+    /// VMM reads the file.
+    #[arg(long, value_name = "FILE")]
+    pub psk: Option<PathBuf>,
+    /// Send without authentication to a receiver on loopback started with
+    /// --insecure.
+    #[arg(long, conflicts_with = "psk")]
+    pub insecure: bool,
+    /// Print the migration report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Start the migration as a job and print its id at once.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// `stasis verify DIR`.

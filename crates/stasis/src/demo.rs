@@ -3,8 +3,8 @@
 //! and resumes it, takes a live background (copy-on-write) snapshot as a
 //! job through the control API, a diff snapshot against that one,
 //! suspends it to a snapshot (the VM ends),
-//! restores a new VM from the snapshot alone, and shows the counter going
-//! on from where it was.
+//! restores a new VM from the snapshot alone, shows the counter going
+//! on from where it was, and live-migrates it to another stasis process.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -356,13 +356,135 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     let mut tail = Tail::open(&restored_serial).map_err(|e| e.to_string())?;
     let mut after = None;
     show(&mut tail, secs, &mut after);
-    control.request_stop();
+    let restored = match after {
+        Some(b) if b > before => {
+            println!(
+                "stasis demo: the heartbeat counter went on from {before} to {b} across the snapshot and restore"
+            );
+            b
+        }
+        _ => return Err("the restored guest's heartbeat did not continue".into()),
+    };
+
+    // 7. Live-migrate it to another stasis process (`stasis receive` on
+    // loopback), as `stasis migrate` does.
+    let migrated_serial = dir.join("serial-migrated.log");
+    std::fs::File::create(&migrated_serial).map_err(|e| e.to_string())?;
+    let mut receiver = Receiver::spawn(dir, &migrated_serial)?;
+    let report = migrate_to(&control, &receiver.address)?;
     let reason = vm.wait();
-    match after {
-        Some(b) if b > before => println!(
-            "stasis demo: the heartbeat counter went on from {before} to {b} across the snapshot and restore; {reason}"
+    println!(
+        "stasis demo: live-migrated it to a new stasis process (pid {}) at {}: guest paused {:.1} ms, {} rounds, {} sent in {:.1} ms; here: {reason}",
+        receiver.child.id(),
+        report.destination,
+        report.downtime_ms,
+        report.rounds.len(),
+        stasis_snapshot::format_bytes(report.bytes_sent),
+        report.total_ms
+    );
+    let mut tail = Tail::open(&migrated_serial).map_err(|e| e.to_string())?;
+    let mut migrated = None;
+    show(&mut tail, secs, &mut migrated);
+    receiver.stop(&plan.config.name)?;
+    match migrated {
+        Some(m) if m > restored => println!(
+            "stasis demo: the heartbeat counter went on from {restored} to {m} in the other process; it was stopped"
         ),
-        _ => return Err(format!("the restored guest's heartbeat did not continue ({reason})")),
+        _ => return Err("the migrated guest's heartbeat did not continue".into()),
     }
     Ok(())
+}
+
+/// A `stasis receive --insecure` child on loopback.
+struct Receiver {
+    child: std::process::Child,
+    address: String,
+}
+
+impl Receiver {
+    fn spawn(dir: &std::path::Path, serial: &std::path::Path) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let log = dir.join("receiver.log");
+        let mut child = std::process::Command::new(exe)
+            .args([
+                "receive",
+                "--listen",
+                "tcp:127.0.0.1:0",
+                "--insecure",
+                "--serial",
+            ])
+            .arg(format!("file:{}", serial.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("cannot start stasis receive: {e}"))?;
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(a) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("stasis: waiting for a migration on "))
+            {
+                return Ok(Self {
+                    child,
+                    address: a.trim().to_string(),
+                });
+            }
+            if Instant::now() > end || matches!(child.try_wait(), Ok(Some(_))) {
+                let _ = child.kill();
+                return Err(format!("stasis receive did not start: {text}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the VM it runs (through its API) and waits for it.
+    fn stop(&mut self, name: &str) -> Result<(), String> {
+        let stopped = ApiClient::for_vm(name).and_then(|c| c.shutdown());
+        if let Err(e) = stopped {
+            let _ = self.child.kill();
+            return Err(format!("cannot stop the migrated VM: {e}"));
+        }
+        self.child.wait().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Live-migrates the VM to `address` without authentication (loopback).
+fn migrate_to(
+    control: &stasis_vmm::VmControl,
+    address: &str,
+) -> Result<stasis_vmm::migrate::MigrationReport, String> {
+    use stasis_vmm::migrate::{source, MigrationAddress};
+    let to: MigrationAddress = address.parse()?;
+    let stream = to.connect().map_err(|e| format!("{to}: {e}"))?;
+    let read_half = stream.try_clone().map_err(|e| e.to_string())?;
+    let (r, w) = stasis_migration::secure(
+        read_half,
+        stream,
+        stasis_migration::Role::Source,
+        &stasis_migration::Auth::None,
+    )
+    .map_err(|e| e.to_string())?;
+    let options = source::MigrateOptions {
+        destination: to.to_string(),
+        ..Default::default()
+    };
+    source::migrate(
+        control,
+        std::io::BufReader::new(r),
+        std::io::BufWriter::with_capacity(1 << 20, w),
+        &options,
+    )
+    .map_err(|e| format!("migration failed: {e}"))
 }

@@ -69,6 +69,9 @@ impl ProgressView {
         }
         if let Some(bar) = &self.bar {
             bar.set_position(job.done_bytes);
+            if job.detail.is_some() {
+                bar.set_message(format!("job {}: {}{}", job.id, job.phase, detail_text(job)));
+            }
         }
     }
 
@@ -86,10 +89,77 @@ impl Drop for ProgressView {
     }
 }
 
+/// Runs `request`, a call that waits for a job the VM starts for it (a
+/// snapshot, a migration), on a thread of its own, and meanwhile follows
+/// that job (found by `target`) with a progress bar on a terminal; the
+/// first interrupt cancels the job, a second stops waiting (`None`: the job
+/// goes on in the VM).
+pub fn follow_request<T: Send + 'static>(
+    client: &ApiClient,
+    target: &str,
+    interrupts: &AtomicUsize,
+    request: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let worker = std::thread::spawn(request);
+    let mut view = ProgressView::new();
+    let mut cancel = CancelOnInterrupt::default();
+    let mut job = None;
+    while !worker.is_finished() {
+        let interrupted = interrupts.load(Ordering::SeqCst) > 0;
+        if ProgressView::is_visible() || interrupted {
+            if job.is_none() {
+                job = client.jobs().ok().and_then(|jobs| {
+                    jobs.into_iter()
+                        .find(|j| j.state == JobState::Running && j.target == target)
+                        .map(|j| j.id)
+                });
+            }
+            if let Some(info) = job.and_then(|id| client.job(id).ok()) {
+                view.show(&info);
+            }
+        }
+        if cancel.poll(client, job, interrupts, &mut view) {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+    view.finish();
+    Some(worker.join().expect("the request thread does not panic"))
+}
+
+/// A migration's figures from its job's `detail`, for the progress bar.
+fn detail_text(job: &JobInfo) -> String {
+    let Some(d) = &job.detail else {
+        return String::new();
+    };
+    let f = |k: &str| d.get(k).and_then(serde_json::Value::as_f64);
+    let mut parts = Vec::new();
+    if let Some(r) = f("round") {
+        parts.push(format!("round {r}"));
+    }
+    if let Some(v) = f("link_mb_per_s") {
+        parts.push(format!("link {v:.0} MB/s"));
+    }
+    if let Some(v) = f("dirty_rate_mb_per_s") {
+        parts.push(format!("dirtied {v:.0} MB/s"));
+    }
+    if let Some(v) = f("expected_downtime_ms") {
+        parts.push(format!("pause ~{v:.0} ms"));
+    }
+    if let Some(v) = f("throttle_percent").filter(|v| *v > 0.0) {
+        parts.push(format!("throttled {v:.0}%"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
 /// What came of waiting for a job.
 pub enum Waited {
     /// It ended; here is how.
-    Ended(JobInfo),
+    Ended(Box<JobInfo>),
     /// A second interrupt: the command stops waiting; the job goes on.
     GaveUp(u64),
 }
@@ -106,7 +176,7 @@ pub fn wait_for(
     loop {
         let job = client.job(id)?;
         if job.state != JobState::Running {
-            return Ok(Waited::Ended(job));
+            return Ok(Waited::Ended(Box::new(job)));
         }
         view.show(&job);
         if cancel.poll(client, Some(id), interrupts, &mut view) {
@@ -188,6 +258,9 @@ fn print_job(j: &JobInfo) {
             }
         );
     }
+    if j.detail.is_some() {
+        println!("detail:    {}", detail_text(j));
+    }
     if let Some(e) = &j.error {
         println!("error:      {e}");
     }
@@ -234,7 +307,7 @@ pub fn jobs(args: &JobsArgs) -> i32 {
     };
     let job = if args.wait {
         match wait_for(&client, id, &interrupts) {
-            Ok(Waited::Ended(j)) => j,
+            Ok(Waited::Ended(j)) => *j,
             Ok(Waited::GaveUp(id)) => {
                 eprintln!("stasis: stopped waiting; job {id} goes on in the VM");
                 return EXIT_INTERRUPTED;
@@ -273,7 +346,7 @@ pub fn cancel(args: &CancelArgs) -> i32 {
         return fail(e);
     }
     let job = match wait_for(&client, args.id, &interrupts) {
-        Ok(Waited::Ended(j)) => j,
+        Ok(Waited::Ended(j)) => *j,
         Ok(Waited::GaveUp(_)) => return EXIT_INTERRUPTED,
         Err(e) => return fail(e),
     };

@@ -6,6 +6,8 @@ mod clients;
 mod cpu;
 mod demo;
 mod jobs;
+mod migrate_job;
+mod migration;
 mod panics;
 mod restore;
 mod run;
@@ -39,6 +41,8 @@ fn main() {
         cli::Command::Jobs(a) => jobs::jobs(&a),
         cli::Command::Cancel(a) => jobs::cancel(&a),
         cli::Command::Restore(a) => restore::restore(a),
+        cli::Command::Migrate(a) => migration::migrate(&a),
+        cli::Command::Receive(a) => migration::receive(a),
         cli::Command::Verify(a) => snapshots::verify(&a),
         cli::Command::Inspect(a) => snapshots::inspect(&a),
         cli::Command::Check(a) => cpu::check(&a),

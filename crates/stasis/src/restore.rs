@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use stasis_api::ApiServer;
 use stasis_vmm::persist::load::EXIT_MEMORY_DAMAGED;
-use stasis_vmm::persist::restore::{
-    self, LoadOptions, RestoreMode, RestoreOverrides, WorkingSetUse,
-};
+use stasis_vmm::persist::restore::{self, LoadOptions, RestoreMode, WorkingSetUse};
 use stasis_vmm::VmControl;
 
 use crate::cli::RestoreArgs;
@@ -27,19 +25,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
 }
 
 fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
-    let overrides = RestoreOverrides {
-        allow_tsc_mismatch: args.allow_tsc_mismatch,
-        name: args.name.clone(),
-        api_socket: args.api_socket.clone(),
-        serial: args.serial.clone(),
-        disk_paths: args
-            .disk_paths
-            .iter()
-            .map(|(id, p)| (id.clone(), p.into()))
-            .collect(),
-        taps: args.taps.clone(),
-        console_outputs: args.console_paths.clone(),
-    };
+    let overrides = args.vm.overrides();
     if args.mode != RestoreMode::Background
         && (args.record_working_set.is_some()
             || args.ignore_working_set

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use stasis_api::{runtime, ApiServer};
 use stasis_config::VmConfig;
-use stasis_vmm::Vm;
+use stasis_vmm::{Vm, VmControl};
 
 use crate::api_glue::VmApi;
 use crate::cli::RunArgs;
@@ -131,7 +131,20 @@ pub fn run_vm(cfg: &VmConfig) -> Result<i32, String> {
 
 /// Serves a created VM's API, starts it, waits for it to end and returns
 /// the exit status.
-pub fn serve(mut vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Result<i32, String> {
+pub fn serve(vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Result<i32, String> {
+    serve_then(vm, cfg, server, verb, |_| Ok(()))
+}
+
+/// [`serve`], calling `started` once the vCPUs run (a migration's
+/// destination confirms then); if it fails, the VM is stopped and the
+/// failure returned.
+pub fn serve_then(
+    mut vm: Vm,
+    cfg: &VmConfig,
+    server: ApiServer,
+    verb: &str,
+    started: impl FnOnce(&VmControl) -> Result<(), String>,
+) -> Result<i32, String> {
     let socket = server.path().to_path_buf();
     let control = vm.control();
     let api = Arc::new(VmApi {
@@ -156,6 +169,11 @@ pub fn serve(mut vm: Vm, cfg: &VmConfig, server: ApiServer, verb: &str) -> Resul
         socket.display()
     );
     vm.start().map_err(|e| e.to_string())?;
+    if let Err(e) = started(&control) {
+        control.request_stop();
+        let reason = vm.wait();
+        return Err(format!("{e}; the VM was stopped ({reason})"));
+    }
     // Served once the VM runs: a client that connected earlier waits in
     // the socket's backlog instead of finding a VM that cannot be paused
     // yet.

@@ -2,13 +2,12 @@
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use stasis_api::{ApiClient, JobState, SnapshotRequest};
+use stasis_api::{ApiClient, SnapshotRequest};
 use stasis_snapshot::{format_bytes, summary, summary_json, SnapshotReader};
 
 use crate::cli::{InspectArgs, SnapshotArgs, VerifyArgs};
-use crate::jobs::{CancelOnInterrupt, ProgressView, EXIT_INTERRUPTED};
+use crate::jobs::EXIT_INTERRUPTED;
 
 /// Exit status when a snapshot cannot be taken, read or verified.
 pub const EXIT_SNAPSHOT_FAILED: i32 = 1;
@@ -66,40 +65,20 @@ pub fn snapshot(args: &SnapshotArgs) -> i32 {
     }
     // The request waits for the snapshot; meanwhile its job is followed
     // for the progress bar and for Ctrl-C, which cancels it.
-    let worker = {
+    let result = {
         let client = client.clone();
-        std::thread::spawn(move || client.take_snapshot(&request))
+        let follower = client.clone();
+        crate::jobs::follow_request(&follower, &path, &interrupts, move || {
+            client.take_snapshot(&request)
+        })
     };
-    let mut view = ProgressView::new();
-    let mut cancel = CancelOnInterrupt::default();
-    let mut job = None;
-    while !worker.is_finished() {
-        let interrupted = interrupts.load(Ordering::SeqCst) > 0;
-        if ProgressView::is_visible() || interrupted {
-            if job.is_none() {
-                job = client.jobs().ok().and_then(|jobs| {
-                    jobs.into_iter()
-                        .find(|j| j.state == JobState::Running && j.target == path)
-                        .map(|j| j.id)
-                });
-            }
-            if let Some(info) = job.and_then(|id| client.job(id).ok()) {
-                view.show(&info);
-            }
-        }
-        if cancel.poll(&client, job, &interrupts, &mut view) {
-            eprintln!(
-                "stasis: stopped waiting; the snapshot goes on in VM '{}'",
-                args.name
-            );
-            return EXIT_INTERRUPTED;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    view.finish();
-    let result = worker
-        .join()
-        .expect("the snapshot request thread does not panic");
+    let Some(result) = result else {
+        eprintln!(
+            "stasis: stopped waiting; the snapshot goes on in VM '{}'",
+            args.name
+        );
+        return EXIT_INTERRUPTED;
+    };
     if result.is_err() && interrupts.load(Ordering::SeqCst) > 0 {
         if let Err(e) = &result {
             eprintln!("stasis: {e}");

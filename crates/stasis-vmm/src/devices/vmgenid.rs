@@ -78,6 +78,19 @@ impl VmGenId {
         }
     }
 
+    /// The ID of a VM that goes on elsewhere (a live migration): the same
+    /// ID and generation (a malformed saved ID is replaced, as by a
+    /// restore).
+    pub fn resume(saved: &VmGenIdState) -> Self {
+        match <[u8; 16]>::try_from(saved.id.as_slice()) {
+            Ok(id) => Self {
+                id,
+                generation: saved.generation,
+            },
+            Err(_) => Self::after_restore(saved),
+        }
+    }
+
     /// Writes the ID and counter where the DSDT says they are.
     pub fn write(&self, mem: &GuestRam) -> Result<(), vm_memory::GuestMemoryError> {
         mem.write_slice(&self.id, GuestAddress(VMGENID_ADDR))?;

@@ -41,3 +41,26 @@ pub const SINGLETON: &str = "0";
 pub const COM1: &str = "com1";
 /// Instance name of the CMOS RTC's section.
 pub const CMOS: &str = "cmos";
+
+/// Writes every section of a VM's captured state to `sink` (a snapshot's
+/// state file or a migration stream): the one place that decides which
+/// sections a VM's state consists of.
+pub fn write_sections(
+    state: &crate::vm::CapturedState,
+    sink: &mut dyn stasis_snapshot::SectionSink,
+) -> stasis_snapshot::Result<()> {
+    use stasis_snapshot::add_section;
+    for v in &state.vcpus {
+        add_section(sink, &v.index.to_string(), false, v)?;
+    }
+    add_section(sink, SINGLETON, false, &state.irqchip)?;
+    add_section(sink, SINGLETON, false, &state.pit)?;
+    add_section(sink, SINGLETON, false, &state.clock)?;
+    add_section(sink, COM1, false, &state.serial)?;
+    add_section(sink, CMOS, false, &state.rtc)?;
+    add_section(sink, SINGLETON, true, &state.vmgenid)?;
+    for v in &state.virtio {
+        v.write_to(sink)?;
+    }
+    Ok(())
+}

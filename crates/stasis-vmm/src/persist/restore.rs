@@ -12,7 +12,7 @@ pub use super::load::{load_memory, LoadOptions, LoadedMemory, RestoreMode, Worki
 use std::path::PathBuf;
 
 use stasis_config::{SerialConfig, VmConfig};
-use stasis_snapshot::{SectionState, SectionWarning, SnapshotReader};
+use stasis_snapshot::{SectionSource, SectionState, SectionWarning, SnapshotReader};
 
 use super::compat::HostCheck;
 use super::{CMOS, COM1, SINGLETON};
@@ -148,7 +148,9 @@ impl RestorePlan {
 
 use super::disks::{check_restore_image, DiskImageState};
 
-fn known_section(name: &str) -> Option<u32> {
+/// The newest version of section `name` this stasis restores, or `None`
+/// for a section it does not know.
+pub fn known_section(name: &str) -> Option<u32> {
     match name {
         n if n == VcpuState::NAME => Some(VcpuState::VERSION),
         n if n == IrqchipState::NAME => Some(IrqchipState::VERSION),
@@ -166,8 +168,11 @@ fn known_section(name: &str) -> Option<u32> {
     }
 }
 
-fn required<T: SectionState>(reader: &SnapshotReader, instance: &str) -> Result<T, RestoreError> {
-    match reader.read_section::<T>(instance)? {
+fn required<T: SectionState, S: SectionSource>(
+    reader: &S,
+    instance: &str,
+) -> Result<T, RestoreError> {
+    match stasis_snapshot::read_section::<T, S>(reader, instance)? {
         Some((_, v)) => Ok(v),
         None => Err(RestoreError::MissingSection {
             name: T::NAME,
@@ -203,7 +208,7 @@ pub fn prepare(
     let config = saved_config(&reader, overrides)?;
     let vcpus = saved_vcpus(&reader, &config)?;
     // Whether this host can run it, before the (long) memory check.
-    let check = check_host(&reader, &vcpus, overrides.allow_tsc_mismatch)?;
+    let check = check_host(&reader.body().cpu, &vcpus, overrides.allow_tsc_mismatch)?;
     if !check.report.is_ok() {
         return Err(RestoreError::Incompatible(check.report));
     }
@@ -216,21 +221,7 @@ pub fn prepare(
             "the guest's TSC ran at {saved_khz} kHz and this host's runs at {host_khz} kHz without scaling; restoring anyway (--allow-tsc-mismatch): time the guest derives from its TSC will drift"
         );
     }
-    let vmgenid = match reader.read_section::<VmGenIdState>(SINGLETON)? {
-        Some((_, v)) => v,
-        None => VmGenId::new().save(),
-    };
-    let virtio = read_virtio_states(&reader, &config)?;
-    let state = CapturedState {
-        vcpus,
-        irqchip: required(&reader, SINGLETON)?,
-        pit: required(&reader, SINGLETON)?,
-        clock: required(&reader, SINGLETON)?,
-        serial: required(&reader, COM1)?,
-        rtc: required(&reader, CMOS)?,
-        vmgenid,
-        virtio,
-    };
+    let state = state_from_sections(&reader, &config, vcpus, Some(reader.dir()))?;
     let cpu = check.restore_cpu(reader.body().cpu.guest.clone());
     Ok(RestorePlan {
         config,
@@ -243,14 +234,40 @@ pub fn prepare(
     })
 }
 
-/// The saved configuration with the caller's overrides, validated, and
-/// checked against the memory layout.
-fn saved_config(
-    reader: &SnapshotReader,
+/// The rest of a VM's state once its vCPUs are read: the VM-wide and
+/// device sections of `sections` (a snapshot's, or those a migration
+/// received) for `config`, each device's backend checked. `snapshot_dir`
+/// is the snapshot's directory, where disks saved with it are.
+pub fn state_from_sections<S: SectionSource>(
+    sections: &S,
+    config: &VmConfig,
+    vcpus: Vec<VcpuState>,
+    snapshot_dir: Option<&std::path::Path>,
+) -> Result<CapturedState, RestoreError> {
+    let vmgenid = match stasis_snapshot::read_section::<VmGenIdState, S>(sections, SINGLETON)? {
+        Some((_, v)) => v,
+        None => VmGenId::new().save(),
+    };
+    let virtio = read_virtio_states(sections, config, snapshot_dir)?;
+    Ok(CapturedState {
+        vcpus,
+        irqchip: required(sections, SINGLETON)?,
+        pit: required(sections, SINGLETON)?,
+        clock: required(sections, SINGLETON)?,
+        serial: required(sections, COM1)?,
+        rtc: required(sections, CMOS)?,
+        vmgenid,
+        virtio,
+    })
+}
+
+/// A saved configuration (a snapshot manifest's or a migration's
+/// `vm_config`) with the caller's overrides, validated for a restore.
+pub fn configure(
+    vm_config: &serde_json::Value,
     overrides: &RestoreOverrides,
 ) -> Result<VmConfig, RestoreError> {
-    let body = reader.body();
-    let mut config: VmConfig = serde_json::from_value(body.vm_config.clone())
+    let mut config: VmConfig = serde_json::from_value(vm_config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;
     if let Some(n) = &overrides.name {
         config.name = n.clone();
@@ -263,6 +280,16 @@ fn saved_config(
     }
     apply_device_overrides(&mut config, overrides)?;
     config.validate_for_restore()?;
+    Ok(config)
+}
+
+/// The saved configuration with the caller's overrides, validated, and
+/// checked against the memory layout.
+fn saved_config(
+    reader: &SnapshotReader,
+    overrides: &RestoreOverrides,
+) -> Result<VmConfig, RestoreError> {
+    let config = configure(&reader.body().vm_config, overrides)?;
     // The memory regions must be exactly what this configuration maps.
     let want = layout::ram_ranges(config.memory_mib << 20);
     let got: Vec<(u64, u64)> = reader.regions().iter().map(|r| (r.gpa, r.size)).collect();
@@ -276,15 +303,19 @@ fn saved_config(
 }
 
 /// Every vCPU section the configuration needs.
-fn saved_vcpus(reader: &SnapshotReader, config: &VmConfig) -> Result<Vec<VcpuState>, RestoreError> {
+pub fn saved_vcpus<S: SectionSource>(
+    reader: &S,
+    config: &VmConfig,
+) -> Result<Vec<VcpuState>, RestoreError> {
     (0..config.vcpus)
-        .map(|i| required::<VcpuState>(reader, &i.to_string()))
+        .map(|i| required::<VcpuState, S>(reader, &i.to_string()))
         .collect()
 }
 
-/// Probes this host and checks the saved vCPUs against it.
-fn check_host(
-    reader: &SnapshotReader,
+/// Probes this host and checks a saved CPU (the record `cpu` and the
+/// vCPUs) against it.
+pub fn check_host(
+    cpu: &stasis_snapshot::CpuInfo,
     vcpus: &[VcpuState],
     allow_tsc_mismatch: bool,
 ) -> Result<HostCheck, RestoreError> {
@@ -293,7 +324,7 @@ fn check_host(
             "cannot open /dev/kvm: {e} (is KVM available on this host, and may this user use it?)"
         ))
     })?;
-    HostCheck::run(&kvm, &reader.body().cpu, vcpus, allow_tsc_mismatch)
+    HostCheck::run(&kvm, cpu, vcpus, allow_tsc_mismatch)
         .map_err(|e| RestoreError::Kvm(e.to_string()))
 }
 
@@ -337,7 +368,7 @@ pub fn check_snapshot(
     };
     let config = saved_config(&reader, &overrides)?;
     let vcpus = saved_vcpus(&reader, &config)?;
-    let check = check_host(&reader, &vcpus, allow_tsc_mismatch)?;
+    let check = check_host(&reader.body().cpu, &vcpus, allow_tsc_mismatch)?;
     Ok(SnapshotCheck {
         config,
         guest_cpu: reader.body().cpu.guest.clone(),
@@ -419,9 +450,10 @@ fn apply_device_overrides(
 /// Reads the section of every virtio device the configuration names, and
 /// checks that each backend can be had: disk images exist with their saved
 /// size, taps can be attached.
-fn read_virtio_states(
-    reader: &SnapshotReader,
+fn read_virtio_states<S: SectionSource>(
+    reader: &S,
     config: &VmConfig,
+    snapshot_dir: Option<&std::path::Path>,
 ) -> Result<Vec<VirtioDeviceState>, RestoreError> {
     use stasis_config::VirtioDeviceRef as D;
     let mut out = Vec::new();
@@ -459,8 +491,15 @@ fn read_virtio_states(
                 }
                 // Snapshots since disks were saved with them say how, and
                 // what the image must be (older ones: size only).
-                if let Some((_, saved)) = reader.read_section::<DiskImageState>(&disk.id)? {
-                    match check_restore_image(&saved, &disk.path, reader.dir()) {
+                let saved = match snapshot_dir {
+                    Some(dir) => {
+                        stasis_snapshot::read_section::<DiskImageState, S>(reader, &disk.id)?
+                            .map(|(_, saved)| (saved, dir))
+                    }
+                    None => None,
+                };
+                if let Some((saved, dir)) = saved {
+                    match check_restore_image(&saved, &disk.path, dir) {
                         Ok(None) => {}
                         Ok(Some(warning)) => tracing::warn!("{warning}"),
                         Err(m) => return Err(err(m)),

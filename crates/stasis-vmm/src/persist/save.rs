@@ -22,7 +22,6 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::background::{self, BackgroundStats, WriteProtection};
 use super::disks::{self, DiskMode, DiskSaveError, PausedDisks, WritableDisk};
-use super::{CMOS, COM1, SINGLETON};
 use crate::vm::{CapturedState, RunState, VmControl, VmDescription, VmError};
 
 /// How guest memory is copied.
@@ -540,7 +539,8 @@ struct MemoryCopy {
     stats: Option<stasis_snapshot::MemoryWriteStats>,
 }
 
-/// Reads and writes every vCPU and device section. The VM must be paused.
+/// Reads every vCPU and device section and writes it. The VM must be
+/// paused.
 fn write_state(
     control: &VmControl,
     writer: &mut SnapshotWriter,
@@ -548,18 +548,7 @@ fn write_state(
 ) -> Result<CapturedState, SnapshotError> {
     progress.phase("saving vCPU and device state", 0);
     let state = control.capture()?;
-    for v in &state.vcpus {
-        writer.add_section(&v.index.to_string(), false, v)?;
-    }
-    writer.add_section(SINGLETON, false, &state.irqchip)?;
-    writer.add_section(SINGLETON, false, &state.pit)?;
-    writer.add_section(SINGLETON, false, &state.clock)?;
-    writer.add_section(COM1, false, &state.serial)?;
-    writer.add_section(CMOS, false, &state.rtc)?;
-    writer.add_section(SINGLETON, true, &state.vmgenid)?;
-    for v in &state.virtio {
-        v.write_to(writer)?;
-    }
+    super::write_sections(&state, writer)?;
     Ok(state)
 }
 

@@ -2,6 +2,8 @@
 //! `stasis` binary on real KVM with the guest kit's guest.
 #![allow(dead_code)]
 
+pub mod migration;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

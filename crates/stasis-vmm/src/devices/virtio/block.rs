@@ -462,6 +462,23 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn hand_over_backend(&self, release: bool) -> std::io::Result<()> {
+        let op = match (release, self.readonly) {
+            (true, _) => libc::LOCK_UN,
+            (false, true) => libc::LOCK_SH | libc::LOCK_NB,
+            (false, false) => libc::LOCK_EX | libc::LOCK_NB,
+        };
+        // SAFETY: flock on an fd we own; no memory is involved.
+        if unsafe { libc::flock(self.file.as_raw_fd(), op) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot lock disk image {} again: {e}", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
     fn save_backend(&self) -> BackendState {
         BackendState::Block {
             path: self.path.clone(),

@@ -248,6 +248,11 @@ impl MmioTransport {
         self.device.sync_backend()
     }
 
+    /// See [`super::VirtioDevice::hand_over_backend`].
+    pub fn hand_over_backend(&self, release: bool) -> std::io::Result<()> {
+        self.device.hand_over_backend(release)
+    }
+
     /// The device and transport state as one snapshot section.
     pub fn save_device(&self) -> super::VirtioDeviceState {
         super::VirtioDeviceState::new(self.device.id(), self.save(), self.device.save_backend())

@@ -295,6 +295,14 @@ pub trait VirtioDevice: Send {
     fn sync_backend(&self) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// Gives up (`release`) or takes back the backend's host lock (a disk
+    /// image's `flock`), so that a migration's destination on a shared
+    /// path can open it at switchover. Nothing by default.
+    fn hand_over_backend(&self, release: bool) -> std::io::Result<()> {
+        let _ = release;
+        Ok(())
+    }
 }
 
 /// The most requests a device works on in one go before it lets the I/O

@@ -285,13 +285,14 @@ impl VirtioDeviceState {
     /// Adds this device's section to a snapshot.
     pub fn write_to(
         &self,
-        writer: &mut stasis_snapshot::SnapshotWriter,
+        sink: &mut dyn stasis_snapshot::SectionSink,
     ) -> stasis_snapshot::Result<()> {
+        use stasis_snapshot::add_section;
         match self {
-            Self::Blk(s) => writer.add_section(&s.id, false, s),
-            Self::Net(s) => writer.add_section(&s.id, false, s),
-            Self::Rng(s) => writer.add_section(&s.id, false, s),
-            Self::Console(s) => writer.add_section(&s.id, false, s),
+            Self::Blk(s) => add_section(sink, &s.id, false, s),
+            Self::Net(s) => add_section(sink, &s.id, false, s),
+            Self::Rng(s) => add_section(sink, &s.id, false, s),
+            Self::Console(s) => add_section(sink, &s.id, false, s),
         }
     }
 }

@@ -1,0 +1,252 @@
+//! The destination of a migration (`stasis receive`): see the module
+//! docs of [`super`]. Nothing of this host is changed before the VM is
+//! accepted; guest memory is fresh anonymous memory filled from the
+//! stream; the VM is built by the caller ([`crate::Vm::arrive`]), which
+//! then confirms ([`Incoming::confirm`]) once it runs.
+
+use std::io::{Read, Write};
+
+use stasis_config::VmConfig;
+use stasis_migration::{handshake, Error as ProtocolError, FrameReader, FrameWriter, Message};
+use stasis_snapshot::{CpuInfo, Progress, SectionSet, SectionSink, SectionSource, SectionWarning};
+
+use super::pages::PageReceiver;
+use super::{software, MigrateError};
+use crate::cpu::setup::RestoreCpu;
+use crate::memory::{self, GuestRam};
+use crate::persist::restore::{self, RestoreOverrides};
+use crate::vm::CapturedState;
+
+/// A VM that arrived, ready to be built.
+pub struct Arrival {
+    /// Its configuration with this host's overrides.
+    pub config: VmConfig,
+    /// Guest memory, complete.
+    pub memory: GuestRam,
+    /// Its state.
+    pub state: CapturedState,
+    /// How its vCPUs go back on this host.
+    pub cpu: RestoreCpu,
+    /// Optional sections this stasis does not know (skipped).
+    pub warnings: Vec<SectionWarning>,
+    /// Passes over memory the source made.
+    pub rounds: u32,
+    /// Pages received in all.
+    pub pages: u64,
+    /// Bytes received in all.
+    pub bytes: u64,
+}
+
+/// An incoming migration on one connection.
+pub struct Incoming<R: Read, W: Write> {
+    r: FrameReader<R>,
+    w: FrameWriter<W>,
+    /// The source's software, from its hello.
+    pub source_software: String,
+    cpu: Option<CpuInfo>,
+    allow_tsc_mismatch: bool,
+}
+
+fn local(e: impl std::fmt::Display) -> MigrateError {
+    MigrateError::Local(e.to_string())
+}
+
+impl<R: Read, W: Write> Incoming<R, W> {
+    /// Exchanges preambles and protocol versions with the source.
+    pub fn start(reader: R, writer: W) -> Result<Self, MigrateError> {
+        let mut w = FrameWriter::start(writer)?;
+        let mut r = FrameReader::start(reader)?;
+        let (hello, _version) = handshake::destination_hello(&mut r, &mut w, &software())?;
+        Ok(Self {
+            r,
+            w,
+            source_software: hello.software,
+            cpu: None,
+            allow_tsc_mismatch: false,
+        })
+    }
+
+    /// Reads the VM's description and decides whether this host runs it:
+    /// the configuration with `overrides`, its memory size, the CPU model
+    /// against this host, the disks and taps it names, and finally
+    /// `accept` (the caller's own checks, e.g. that its API socket can be
+    /// had). A refusal's reason goes back to the source. Returns the
+    /// configuration.
+    pub fn check(
+        &mut self,
+        overrides: &RestoreOverrides,
+        accept: impl FnOnce(&VmConfig) -> Result<(), String>,
+    ) -> Result<VmConfig, MigrateError> {
+        let mut out = None;
+        let allow_tsc = overrides.allow_tsc_mismatch;
+        handshake::destination_check(&mut self.r, &mut self.w, |d| {
+            let config = restore::configure(&d.vm_config, overrides).map_err(|e| e.to_string())?;
+            let want = config.memory_mib << 20;
+            if d.memory_bytes != want {
+                return Err(format!(
+                    "the VM description has {} bytes of memory, its configuration {want}",
+                    d.memory_bytes
+                ));
+            }
+            let cpu: CpuInfo = serde_json::from_value(d.cpu.clone())
+                .map_err(|e| format!("the VM's CPU description cannot be read: {e}"))?;
+            let check = restore::check_host(&cpu, &[], allow_tsc).map_err(|e| e.to_string())?;
+            if !check.report.is_ok() {
+                return Err(format!(
+                    "this host cannot run the VM: {}",
+                    check.report.message()
+                ));
+            }
+            check_backends(&config)?;
+            accept(&config)?;
+            out = Some((config, cpu));
+            Ok(())
+        })?;
+        let (config, cpu) = out.expect("an accepted VM was checked");
+        self.cpu = Some(cpu);
+        self.allow_tsc_mismatch = allow_tsc;
+        Ok(config)
+    }
+
+    /// Receives memory and state until the source has sent everything
+    /// (it is paused then), and checks the state as a restore would.
+    pub fn receive(
+        &mut self,
+        config: VmConfig,
+        progress: &Progress,
+    ) -> Result<Arrival, MigrateError> {
+        let memory = memory::allocate(config.memory_mib).map_err(local)?;
+        let mut pages = PageReceiver::new(&memory);
+        let mut sections = SectionSet::new();
+        let mut rounds = 0;
+        progress.phase("receiving memory", config.memory_mib << 20);
+        loop {
+            let frame = self
+                .r
+                .next_frame()?
+                .ok_or_else(|| ProtocolError::Truncated {
+                    what:
+                        "the migration (the source closed the connection before all state was sent)"
+                            .into(),
+                })?;
+            match Message::decode(&frame)? {
+                Message::MemoryBatch(b) => {
+                    if !sections.entries().is_empty() {
+                        return Err(unexpected(
+                            "a section or state-done frame",
+                            "a memory-batch frame",
+                        ));
+                    }
+                    pages.apply(&b)?;
+                    progress.add(b.len() as u64 * 4096);
+                }
+                Message::RoundEnd(e) => {
+                    if e.round != rounds + 1 {
+                        return Err(local(format!(
+                            "the source ended round {} after round {rounds}",
+                            e.round
+                        )));
+                    }
+                    rounds = e.round;
+                    stasis_failpoint::hit("migrate.round_end");
+                }
+                Message::Section(s) => {
+                    stasis_failpoint::hit("migrate.receive_section");
+                    sections
+                        .add_raw_section(s.name, s.instance, s.version, s.optional, s.bytes)
+                        .map_err(|e| ProtocolError::Decode {
+                            kind: "section".into(),
+                            message: e.to_string(),
+                        })?
+                }
+                Message::StateDone => break,
+                Message::Refuse(r) => {
+                    return Err(ProtocolError::Refused { reason: r.reason }.into())
+                }
+                m => {
+                    return Err(unexpected(
+                        "a memory-batch, round-end or section frame",
+                        &format!("a {} frame", m.kind()),
+                    ))
+                }
+            }
+        }
+        let received = pages.pages;
+        drop(pages);
+        progress.phase("checking the VM's state", 0);
+        let warnings = stasis_snapshot::check_known(sections.entries(), &restore::known_section)
+            .map_err(local)?;
+        let vcpus = restore::saved_vcpus(&sections, &config).map_err(local)?;
+        let cpu = self.cpu.clone().expect("check() ran first");
+        let check = restore::check_host(&cpu, &vcpus, self.allow_tsc_mismatch).map_err(local)?;
+        if !check.report.is_ok() {
+            return Err(local(format!(
+                "this host cannot run the VM's vCPUs: {}",
+                check.report.message()
+            )));
+        }
+        let state = restore::state_from_sections(&sections, &config, vcpus, None).map_err(local)?;
+        Ok(Arrival {
+            config,
+            memory,
+            state,
+            cpu: check.restore_cpu(cpu.guest.clone()),
+            warnings,
+            rounds,
+            pages: received,
+            bytes: self.r.bytes_read(),
+        })
+    }
+
+    /// Tells the source the VM runs here; it ends there. Call only once
+    /// the VM's vCPUs run.
+    pub fn confirm(mut self) -> Result<(), MigrateError> {
+        let (kind, payload) = Message::Resumed.encode()?;
+        self.w.write(kind, &payload)?;
+        self.w.flush()?;
+        Ok(())
+    }
+
+    /// Tells the source this host will not run the VM and why (best
+    /// effort: the connection may be what failed); the source resumes it.
+    pub fn refuse(mut self, reason: &str) {
+        let m = Message::Refuse(stasis_migration::Refusal {
+            reason: reason.to_string(),
+        });
+        if let Ok((kind, payload)) = m.encode() {
+            let _ = self.w.write(kind, &payload).and_then(|()| self.w.flush());
+        }
+    }
+}
+
+fn unexpected(expected: &str, got: &str) -> MigrateError {
+    ProtocolError::Unexpected {
+        expected: expected.into(),
+        got: got.into(),
+    }
+    .into()
+}
+
+/// Whether the disks and taps `config` names can be had here, before any
+/// memory moves (the images' sizes are checked against the state later).
+fn check_backends(config: &VmConfig) -> Result<(), String> {
+    for d in &config.disk {
+        match std::fs::metadata(&d.path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(format!("disk '{}': {} is not a regular file", d.id, d.path.display())),
+            Err(e) => {
+                return Err(format!(
+                    "disk '{}': {}: {e} (a migration needs the image on a shared path, or --disk-path {}=PATH on the destination)",
+                    d.id,
+                    d.path.display(),
+                    d.id
+                ))
+            }
+        }
+    }
+    for n in &config.net {
+        crate::devices::virtio::probe_tap(&n.tap)
+            .map_err(|m| format!("net '{}': {m} (give another with --tap {}=TAP)", n.id, n.id))?;
+    }
+    Ok(())
+}

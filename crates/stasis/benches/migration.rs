@@ -1,0 +1,322 @@
+//! Migration benchmark: prints tables, asserts nothing.
+//!
+//! For each guest size (`STASIS_BENCH_SIZES`, default 1 GiB) and each
+//! dirty rate (0, 10 and 100 MB/s), one guest of the guest kit: the
+//! `memory` workload over (almost) all of RAM with `mem_fill=1` (its
+//! first pass fills RAM at full speed; later passes rewrite it at the
+//! rate), or for 0 MB/s the `touch` workload (every page written once,
+//! then idle). Once RAM is full it is migrated live over loopback on this
+//! host to a second VMM:
+//!
+//! * stasis with a pre-shared key (authenticated, encrypted stream);
+//! * stasis with `--insecure` (clear stream: the cost of the encryption);
+//! * QEMU 7.2 (`qemu-system-x86_64`, microvm, the same guest, clear TCP),
+//!   its parameters set to match ours: `downtime-limit` 50 ms,
+//!   `max-bandwidth` unlimited (its default is 32 MiB/s), auto-converge on.
+//!
+//! Figures: downtime (stasis: from the pause at the source until the
+//! destination said the VM runs there; QEMU: its own `downtime`, from the
+//! source's stop until the source completed, which leaves out the
+//! destination's start), total time, bytes sent and rounds. Medians of
+//! `STASIS_BENCH_RUNS` runs (default 3). QEMU is skipped (and said so)
+//! when `qemu-system-x86_64` is missing.
+//!
+//! ```text
+//! cargo bench -p stasis --bench migration
+//! STASIS_BENCH_SIZES=1024,4096 STASIS_BENCH_RUNS=5 cargo bench -p stasis --bench migration
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{median, runs, setup, size_name, stasis, wait_line, Vmm};
+
+/// One migration's figures.
+#[derive(Clone, Default)]
+struct Figures {
+    downtime_ms: f64,
+    total_ms: f64,
+    bytes: f64,
+    rounds: f64,
+}
+
+/// The guest's command line for `rate` MB/s of dirtying over `mib` of RAM.
+fn cmdline(mib: u64, rate: u64) -> String {
+    let set = mib - 16;
+    if rate == 0 {
+        format!("console=ttyS0 workload=touch mem_mib={set}")
+    } else {
+        format!(
+            "console=ttyS0 workload=memory mem_fill=1 mem_mib={set} mem_rate={} report_ms=1000",
+            rate * 1_000_000 / 4096
+        )
+    }
+}
+
+/// Waits until the guest has filled its RAM.
+fn wait_full(log: &Path, rate: u64) {
+    let errors = ["GUEST-ERROR", "GUEST-EXCEPTION", "MEM-BAD"];
+    if rate == 0 {
+        wait_line(log, "TOUCH-READY", 1, Duration::from_secs(300), &errors);
+    } else {
+        wait_line(log, "MEM ", 1, Duration::from_secs(300), &errors);
+    }
+}
+
+fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, extra: &[&str]) -> Figures {
+    let runtime = dir.join("run-src");
+    let log = dir.join("src.log");
+    let _ = std::fs::remove_file(&log);
+    let _src = Vmm(stasis(&runtime)
+        .args(["run", "--name", "mbench", "--memory", &format!("{mib}M")])
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--cmdline", &cmdline(mib, rate)])
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn stasis run"));
+    wait_full(&log, rate);
+    let mut dst = Vmm(stasis(&dir.join("run-dst"))
+        .args(["receive", "--listen", "tcp:127.0.0.1:0", "--serial"])
+        .arg(format!("file:{}", dir.join("dst.log").display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn stasis receive"));
+    let mut lines = BufReader::new(dst.0.stderr.take().unwrap()).lines();
+    let address = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find_map(|l| {
+            l.strip_prefix("stasis: waiting for a migration on ")
+                .map(str::to_string)
+        })
+        .expect("the receiver's address");
+    std::thread::spawn(move || for _ in lines {});
+    let out = stasis(&runtime)
+        .args(["migrate", "mbench", &address, "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stasis migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    Figures {
+        downtime_ms: r["downtime_ms"].as_f64().unwrap(),
+        total_ms: r["total_ms"].as_f64().unwrap(),
+        bytes: r["bytes_sent"].as_f64().unwrap(),
+        rounds: r["rounds"].as_array().unwrap().len() as f64,
+    }
+}
+
+/// A QMP connection.
+struct Qmp(BufReader<UnixStream>);
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let end = Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("QMP {}: {e}", path.display()),
+            }
+        };
+        let mut q = Qmp(BufReader::new(s));
+        q.line(); // greeting
+        q.call(r#"{"execute": "qmp_capabilities"}"#);
+        q
+    }
+
+    fn line(&mut self) -> serde_json::Value {
+        let mut l = String::new();
+        self.0.read_line(&mut l).expect("QMP read");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP {l:?}: {e}"))
+    }
+
+    /// Sends a command; its `return` (events are skipped).
+    fn call(&mut self, cmd: &str) -> serde_json::Value {
+        writeln!(self.0.get_mut(), "{cmd}").unwrap();
+        loop {
+            let v = self.line();
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+            if let Some(e) = v.get("error") {
+                panic!("QMP {cmd}: {e}");
+            }
+        }
+    }
+}
+
+fn qemu(
+    mib: u64,
+    kernel: &Path,
+    cmdline: &str,
+    log: &Path,
+    qmp: &Path,
+    incoming: Option<u16>,
+) -> Vmm {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+    ])
+    .args([
+        "-m",
+        &format!("{mib}M"),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+    ])
+    .args(["-display", "none", "-kernel"])
+    .arg(kernel)
+    .args(["-append", cmdline, "-serial"])
+    .arg(format!("file:{}", log.display()))
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(p) = incoming {
+        c.args(["-incoming", &format!("tcp:127.0.0.1:{p}")]);
+    }
+    Vmm(c
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu-system-x86_64"))
+}
+
+fn qemu_run(dir: &Path, kernel: &Path, mib: u64, rate: u64) -> Option<Figures> {
+    let line = cmdline(mib, rate);
+    let log = dir.join("qsrc.log");
+    let _ = std::fs::remove_file(&log);
+    let (qs, qd) = (dir.join("qsrc.qmp"), dir.join("qdst.qmp"));
+    let _src = qemu(mib, kernel, &line, &log, &qs, None);
+    wait_full(&log, rate);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _dst = qemu(mib, kernel, &line, &dir.join("qdst.log"), &qd, Some(port));
+    let _dq = Qmp::connect(&qd);
+    let mut q = Qmp::connect(&qs);
+    q.call(r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "auto-converge", "state": true}]}}"#);
+    q.call(r#"{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 50, "max-bandwidth": 100000000000}}"#);
+    q.call(&format!(
+        r#"{{"execute": "migrate", "arguments": {{"uri": "tcp:127.0.0.1:{port}"}}}}"#
+    ));
+    let end = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = q.call(r#"{"execute": "query-migrate"}"#);
+        match s["status"].as_str() {
+            Some("completed") => {
+                return Some(Figures {
+                    downtime_ms: s["downtime"].as_f64().unwrap_or(f64::NAN),
+                    total_ms: s["total-time"].as_f64().unwrap_or(f64::NAN),
+                    bytes: s["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
+                    rounds: s["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
+                })
+            }
+            Some("failed") | Some("cancelled") => {
+                println!("  (QEMU migration {}: {s})", s["status"]);
+                return None;
+            }
+            _ if Instant::now() > end => {
+                println!("  (QEMU migration did not complete in 300 s)");
+                return None;
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn have_qemu() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn row(name: &str, v: &[Figures]) {
+    if v.is_empty() {
+        println!("| {name} | – | – | – | – |");
+        return;
+    }
+    let m = |f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+    let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(lo, hi), f| {
+        (lo.min(f.downtime_ms), hi.max(f.downtime_ms))
+    });
+    println!(
+        "| {name} | {:.1} [{lo:.1}–{hi:.1}] | {:.0} | {:.0} | {:.0} |",
+        m(|f| f.downtime_ms),
+        m(|f| f.total_ms),
+        m(|f| f.bytes) / (1 << 20) as f64,
+        m(|f| f.rounds),
+    );
+}
+
+fn main() {
+    let Some((work, kernel)) = setup("migration") else {
+        return;
+    };
+    let dir: PathBuf = work.0.clone();
+    let key = dir.join("key");
+    std::fs::write(&key, [0x5a; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key.to_str().unwrap().to_string();
+    let sizes = std::env::var("STASIS_BENCH_SIZES")
+        .map(|_| common::sizes())
+        .unwrap_or_else(|_| vec![1024]);
+    let qemu_ok = have_qemu();
+    if !qemu_ok {
+        println!("qemu-system-x86_64 not found: QEMU rows left empty");
+    }
+    for mib in sizes {
+        for rate in [0u64, 10, 100] {
+            let (mut psk, mut clear, mut q) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..runs() {
+                psk.push(stasis_run(&dir, &kernel, mib, rate, &["--psk", &key]));
+                clear.push(stasis_run(&dir, &kernel, mib, rate, &["--insecure"]));
+                if qemu_ok {
+                    if let Some(f) = qemu_run(&dir, &kernel, mib, rate) {
+                        q.push(f);
+                    }
+                }
+            }
+            println!(
+                "\n{} guest dirtying {rate} MB/s, live migration over loopback, median of {}:\n",
+                size_name(mib),
+                runs()
+            );
+            println!("| | downtime ms [min–max] | total ms | MiB sent | rounds |");
+            println!("|---|---|---|---|---|");
+            row("stasis, pre-shared key (encrypted)", &psk);
+            row("stasis, --insecure", &clear);
+            row("QEMU 7.2", &q);
+            if !psk.is_empty() && !q.is_empty() {
+                let r = |f: fn(&Figures) -> f64, v: &[Figures]| median(v.iter().map(f).collect());
+                println!(
+                    "\nratio stasis (encrypted) / QEMU: downtime {:.2}, total {:.2}",
+                    r(|f| f.downtime_ms, &psk) / r(|f| f.downtime_ms, &q),
+                    r(|f| f.total_ms, &psk) / r(|f| f.total_ms, &q)
+                );
+            }
+        }
+    }
+}

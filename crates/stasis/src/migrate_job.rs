@@ -1,0 +1,142 @@
+//! The source VMM's side of `PUT /v1/vm/migrate`: the request checked
+//! (before a job starts), then the job: connect, authenticate, migrate.
+
+use std::io::{BufReader, BufWriter};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stasis_api::MigrateRequest;
+use stasis_migration::{secure, Auth, Key, Role};
+use stasis_snapshot::Progress;
+use stasis_vmm::jobs::{FailureKind, JobFailure, JobResult};
+use stasis_vmm::migrate::source::{migrate, MigrateOptions};
+use stasis_vmm::migrate::{MigrateError, MigrationAddress, MigrationMode};
+use stasis_vmm::{VmControl, VmError};
+
+/// A checked request.
+pub struct Plan {
+    address: MigrationAddress,
+    auth: Auth,
+    options: MigrateOptions,
+}
+
+/// Checks a request: the address, the mode and limits, the key.
+pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
+    let address: MigrationAddress = req.destination.parse()?;
+    let mode = match req.mode.as_deref() {
+        None => MigrationMode::Live,
+        Some(m) => m.parse()?,
+    };
+    let auth = match (&req.psk_file, req.insecure) {
+        (Some(_), true) => return Err("give a key file or insecure, not both".into()),
+        (Some(p), false) => Auth::Psk(Key::from_file(std::path::Path::new(p))?),
+        (None, true) if address.is_loopback() => Auth::None,
+        (None, true) => {
+            return Err(format!(
+                "insecure migration is only allowed to a loopback address, not {address}: use a pre-shared key (--psk FILE)"
+            ))
+        }
+        (None, false) => {
+            return Err(
+                "a migration needs authentication: a pre-shared key (--psk FILE, the receiver's too), or --insecure to a receiver on a loopback address"
+                    .into(),
+            )
+        }
+    };
+    let defaults = MigrateOptions::default();
+    let options = MigrateOptions {
+        mode,
+        max_downtime: req
+            .max_downtime_ms
+            .map_or(defaults.max_downtime, Duration::from_millis),
+        max_rounds: req.max_rounds.unwrap_or(defaults.max_rounds).max(1),
+        max_time: req
+            .max_time_s
+            .map_or(defaults.max_time, Duration::from_secs),
+        auto_converge: req.auto_converge.unwrap_or(defaults.auto_converge),
+        destination: address.to_string(),
+        progress: Arc::default(),
+    };
+    Ok(Plan {
+        address,
+        auth,
+        options,
+    })
+}
+
+fn failure(e: MigrateError) -> JobFailure {
+    let kind = match &e {
+        MigrateError::Cancelled => FailureKind::Cancelled,
+        MigrateError::Vm(VmError::BadState { .. } | VmError::Busy { .. }) => FailureKind::Conflict,
+        MigrateError::Protocol(stasis_migration::Error::Refused { .. })
+        | MigrateError::Protocol(stasis_migration::Error::Auth(_))
+        | MigrateError::NotConverged(_) => FailureKind::BadRequest,
+        _ => FailureKind::Internal,
+    };
+    JobFailure {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+/// The job: connects to the receiver and migrates the VM.
+pub fn run(control: &VmControl, plan: Plan, progress: Arc<Progress>) -> JobResult {
+    let Plan {
+        address,
+        auth,
+        mut options,
+    } = plan;
+    options.progress = progress.clone();
+    progress.phase("connecting", 0);
+    let internal = |message: String| JobFailure {
+        kind: FailureKind::Internal,
+        message,
+    };
+    let stream = address
+        .connect()
+        .map_err(|e| internal(format!("cannot connect to {address}: {e}")))?;
+    let clone = || stream.try_clone().map_err(|e| internal(e.to_string()));
+    let (read_half, watched) = (clone()?, clone()?);
+    // A cancel must not wait for a stalled connection (a write blocks
+    // until the stall timeout): it shuts the connection, and the blocked
+    // call fails at once. Never once the switchover is committed.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (done, progress) = (done.clone(), progress.clone());
+        std::thread::Builder::new()
+            .name("migrate-cancel".into())
+            .spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    let p = progress.read();
+                    if p.cancel_requested && !p.committing {
+                        let _ = watched.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .map_err(|e| internal(format!("cannot start a thread: {e}")))?
+    };
+    let result = secure(read_half, stream, Role::Source, &auth)
+        .map_err(MigrateError::Protocol)
+        .and_then(|(r, w)| {
+            migrate(
+                control,
+                BufReader::new(r),
+                BufWriter::with_capacity(1 << 20, w),
+                &options,
+            )
+        });
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = watcher.join();
+    let report = result.map_err(|e| {
+        let p = progress.read();
+        failure(if p.cancel_requested && !p.committing {
+            MigrateError::Cancelled
+        } else {
+            e
+        })
+    })?;
+    serde_json::to_value(&report)
+        .map_err(|e| internal(format!("cannot encode the migration report: {e}")))
+}

@@ -1,0 +1,248 @@
+//! `stasis migrate NAME tcp:HOST:PORT` (a client of the source VM's API)
+//! and `stasis receive --listen tcp:ADDR:PORT` (a VMM waiting for one VM).
+
+use std::io::{BufReader, BufWriter};
+use std::sync::atomic::Ordering;
+
+use stasis_api::{ApiClient, ApiServer, MigrateRequest};
+use stasis_migration::{secure, Auth, Key, Role};
+use stasis_snapshot::{format_bytes, Progress};
+use stasis_vmm::migrate::destination::Incoming;
+use stasis_vmm::migrate::{address, MigrationReport};
+use stasis_vmm::Vm;
+
+use crate::cli::{MigrateArgs, ReceiveArgs};
+use crate::jobs::EXIT_INTERRUPTED;
+use crate::run::{api_socket_path, serve_then, EXIT_START_FAILED};
+
+/// Exit status of a migration that failed (the VM runs on at the source).
+pub const EXIT_MIGRATION_FAILED: i32 = 1;
+
+fn fail(e: impl std::fmt::Display) -> i32 {
+    eprintln!("stasis: {e}");
+    EXIT_MIGRATION_FAILED
+}
+
+/// `stasis migrate`.
+pub fn migrate(args: &MigrateArgs) -> i32 {
+    let interrupts = crate::signals::count_interrupts();
+    let client = match ApiClient::for_vm(&args.name) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let psk_file = match &args.psk {
+        None => None,
+        Some(p) => match std::path::absolute(p) {
+            Ok(p) => Some(p.display().to_string()),
+            Err(e) => return fail(format!("{}: {e}", p.display())),
+        },
+    };
+    let destination = args.destination.to_string();
+    let request = MigrateRequest {
+        destination: destination.clone(),
+        mode: Some(args.mode.clone()),
+        max_downtime_ms: Some(args.max_downtime),
+        max_rounds: Some(args.max_rounds),
+        max_time_s: Some(args.max_time),
+        auto_converge: Some(!args.no_auto_converge),
+        psk_file,
+        insecure: args.insecure,
+        detach: args.detach,
+    };
+    if args.detach {
+        return match client.migrate(&request) {
+            Ok(v) if args.json => {
+                println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+                0
+            }
+            Ok(v) => {
+                let job = v
+                    .get("job")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
+                println!(
+                    "migration of '{}' to {destination} started as job {job}; follow it with `stasis jobs {} {job} --wait`",
+                    args.name, args.name
+                );
+                0
+            }
+            Err(e) => fail(e),
+        };
+    }
+    let result = {
+        let worker = client.clone();
+        crate::jobs::follow_request(&client, &destination, &interrupts, move || {
+            worker.migrate(&request)
+        })
+    };
+    let Some(result) = result else {
+        eprintln!(
+            "stasis: stopped waiting; the migration goes on in VM '{}'",
+            args.name
+        );
+        return EXIT_INTERRUPTED;
+    };
+    let value = match result {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "stasis: migration of '{}' to {destination} failed; the VM runs on here: {e}",
+                args.name
+            );
+            return if interrupts.load(Ordering::SeqCst) > 0 {
+                EXIT_INTERRUPTED
+            } else {
+                EXIT_MIGRATION_FAILED
+            };
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("serializes")
+        );
+        return 0;
+    }
+    match serde_json::from_value::<MigrationReport>(value) {
+        Ok(r) => {
+            print_report(&args.name, &r);
+            0
+        }
+        Err(e) => fail(format!(
+            "the VM migrated, but its report cannot be read: {e}"
+        )),
+    }
+}
+
+fn print_report(name: &str, r: &MigrationReport) {
+    println!(
+        "'{name}' migrated to {} ({}, {}): downtime {:.1} ms, total {:.1} ms, {} sent",
+        r.destination,
+        r.mode,
+        r.destination_software,
+        r.downtime_ms,
+        r.total_ms,
+        format_bytes(r.bytes_sent)
+    );
+    for round in &r.rounds {
+        println!(
+            "  round {:>2}{}: {:>8} pages ({} zero), {:>10} in {:.1} ms",
+            round.round,
+            if round.paused { " (paused)" } else { "" },
+            round.pages,
+            round.zero_pages,
+            format_bytes(round.bytes),
+            round.ms
+        );
+    }
+    if r.throttle_percent > 0 {
+        println!(
+            "  auto-converge throttled the vCPUs up to {}%",
+            r.throttle_percent
+        );
+    }
+}
+
+/// `stasis receive`: returns the process exit status.
+pub fn receive(args: ReceiveArgs) -> i32 {
+    match receive_vm(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stasis: no VM received on {}: {e}", args.listen);
+            EXIT_START_FAILED
+        }
+    }
+}
+
+/// How the receiver authenticates its source.
+fn receiver_auth(args: &ReceiveArgs) -> Result<Auth, String> {
+    match (&args.psk, args.insecure) {
+        (Some(p), _) => Ok(Auth::Psk(Key::from_file(p)?)),
+        (None, true) if args.listen.is_loopback() => Ok(Auth::None),
+        (None, true) => Err(format!(
+            "--insecure is allowed only on a loopback address, not {}: give --psk FILE",
+            args.listen
+        )),
+        (None, false) => Err(
+            "a receiver needs authentication: --psk FILE (the key file the source uses too), or --insecure on a loopback address"
+                .into(),
+        ),
+    }
+}
+
+fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
+    let auth = receiver_auth(args)?;
+    let overrides = args.vm.overrides();
+    let listener = args
+        .listen
+        .listen()
+        .map_err(|e| format!("cannot listen: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    eprintln!("stasis: waiting for a migration on tcp:{local}");
+    let (stream, peer) = listener.accept().map_err(|e| e.to_string())?;
+    drop(listener);
+    address::prepare(&stream).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let read_half = stream.try_clone().map_err(|e| e.to_string())?;
+    let (r, w) = secure(read_half, stream, Role::Destination, &auth)
+        .map_err(|e| format!("connection from {peer}: {e}"))?;
+    let mut incoming = Incoming::start(BufReader::with_capacity(1 << 20, r), BufWriter::new(w))
+        .map_err(|e| format!("connection from {peer}: {e}"))?;
+    let mut bound = None;
+    let config = incoming
+        .check(&overrides, |config| {
+            let socket = api_socket_path(config)?;
+            let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+            bound = Some((server, socket));
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    let (server, socket) = bound.expect("an accepted VM has its socket");
+    crate::panics::install(&config.name, vec![socket]);
+    eprintln!(
+        "stasis: receiving '{}' from {peer} ({}, {} MiB)",
+        config.name, incoming.source_software, config.memory_mib
+    );
+    let progress = Progress::new();
+    let arrival = match incoming.receive(config, &progress) {
+        Ok(a) => a,
+        Err(e) => {
+            incoming.refuse(&e.to_string());
+            return Err(e.to_string());
+        }
+    };
+    for w in &arrival.warnings {
+        eprintln!("stasis: warning: {w}");
+    }
+    // From here on the VM is this process's: termination signals end it
+    // cleanly (blocked before its threads exist, so they inherit it).
+    crate::signals::block_termination_signals();
+    let vm = match Vm::arrive(
+        &arrival.config,
+        arrival.memory,
+        &arrival.state,
+        &arrival.cpu,
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let reason = format!("the destination cannot build the VM: {e}");
+            incoming.refuse(&reason);
+            return Err(reason);
+        }
+    };
+    eprintln!(
+        "stasis: received '{}': {} pages in {} rounds, {} in {:.1} ms",
+        arrival.config.name,
+        arrival.pages,
+        arrival.rounds,
+        format_bytes(arrival.bytes),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    stasis_failpoint::hit("migrate.before_confirm");
+    let cfg = arrival.config;
+    serve_then(vm, &cfg, server, "running after migration", move |_| {
+        incoming
+            .confirm()
+            .map_err(|e| format!("cannot tell the source that the VM runs here: {e}"))
+    })
+}
