@@ -8,20 +8,22 @@
 //! (a proof cannot be replayed into another connection or reflected back
 //! as the other role); a wrong key is refused before any frame, and so
 //! before any VM state, is read. Then every byte in each direction travels
-//! in records sealed with ChaCha20-Poly1305 under a key of its own
+//! in records sealed with AES-256-GCM under a key of its own
 //! derived with HKDF-SHA256 from the shared key and both nonces; a record
 //! changed, dropped, replayed or reordered fails to open and ends the
 //! migration.
 //!
 //! The primitives come from the RustCrypto crates (`hmac`, `sha2`,
-//! `hkdf`, `chacha20poly1305`); only the record framing, a few lines,
-//! is written here. TLS (rustls) has no pre-shared-key mode for this.
+//! `hkdf`, `aes-gcm`: AES-NI and carry-less multiplication where the CPU
+//! has them, several GB/s, where ChaCha20-Poly1305 measured a third of
+//! that here); only the record framing, a few lines, is written here.
+//! TLS (rustls) has no pre-shared-key mode for this.
 
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key as AeadKey, Nonce, Tag};
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Key as AeadKey, Nonce, Tag};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -178,7 +180,7 @@ fn proof(key: &Key, role: Role, source_nonce: &[u8; 32], dest_nonce: &[u8; 32]) 
     mac
 }
 
-fn direction_key(key: &Key, salt: &[u8], from: Role) -> ChaCha20Poly1305 {
+fn direction_key(key: &Key, salt: &[u8], from: Role) -> Aes256Gcm {
     let hk = hkdf::Hkdf::<Sha256>::new(Some(salt), &key.0);
     let mut okm = [0u8; 32];
     let info: &[u8] = match from {
@@ -187,7 +189,7 @@ fn direction_key(key: &Key, salt: &[u8], from: Role) -> ChaCha20Poly1305 {
     };
     hk.expand(info, &mut okm)
         .expect("32 bytes is a valid HKDF length");
-    ChaCha20Poly1305::new(AeadKey::from_slice(&okm))
+    Aes256Gcm::new(AeadKey::<Aes256Gcm>::from_slice(&okm))
 }
 
 /// Authenticates the connection (`r` from the peer, `w` to it) as `role`
@@ -266,23 +268,23 @@ pub fn secure<R: Read, W: Write>(
     salt.extend_from_slice(&source_nonce);
     salt.extend_from_slice(&dest_nonce);
     Ok((
-        ChannelReader::Sealed(SealedReader {
+        ChannelReader::Sealed(Box::new(SealedReader {
             inner: r,
             aead: direction_key(key, &salt, role.other()),
             counter: 0,
             plain: Vec::new(),
             pos: 0,
-        }),
-        ChannelWriter::Sealed(SealedWriter {
+        })),
+        ChannelWriter::Sealed(Box::new(SealedWriter {
             inner: w,
             aead: direction_key(key, &salt, role),
             counter: 0,
             plain: Vec::with_capacity(MAX_RECORD),
-        }),
+        })),
     ))
 }
 
-fn nonce(counter: u64) -> Nonce {
+fn nonce(counter: u64) -> Nonce<aes_gcm::aead::consts::U12> {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
     *Nonce::from_slice(&n)
@@ -295,7 +297,7 @@ fn nonce(counter: u64) -> Nonce {
 /// Seals `plain` in place; returns the tag.
 #[inline(never)]
 fn seal_record(
-    aead: &ChaCha20Poly1305,
+    aead: &Aes256Gcm,
     counter: u64,
     header: &[u8; 4],
     plain: &mut [u8],
@@ -308,7 +310,7 @@ fn seal_record(
 /// plaintext.
 #[inline(never)]
 fn open_record(
-    aead: &ChaCha20Poly1305,
+    aead: &Aes256Gcm,
     counter: u64,
     header: &[u8; 4],
     sealed: &mut Vec<u8>,
@@ -329,22 +331,22 @@ fn open_record(
 pub enum ChannelReader<R: Read> {
     /// No authentication.
     Plain(R),
-    /// Sealed records.
-    Sealed(SealedReader<R>),
+    /// Sealed records (boxed: the cipher's key schedule is large).
+    Sealed(Box<SealedReader<R>>),
 }
 
 /// The sending half of a connection: plain, or sealing records.
 pub enum ChannelWriter<W: Write> {
     /// No authentication.
     Plain(W),
-    /// Sealed records.
-    Sealed(SealedWriter<W>),
+    /// Sealed records (boxed: the cipher's key schedule is large).
+    Sealed(Box<SealedWriter<W>>),
 }
 
 /// Opens sealed records.
 pub struct SealedReader<R: Read> {
     inner: R,
-    aead: ChaCha20Poly1305,
+    aead: Aes256Gcm,
     counter: u64,
     plain: Vec<u8>,
     pos: usize,
@@ -353,7 +355,7 @@ pub struct SealedReader<R: Read> {
 /// Seals records.
 pub struct SealedWriter<W: Write> {
     inner: W,
-    aead: ChaCha20Poly1305,
+    aead: Aes256Gcm,
     counter: u64,
     plain: Vec<u8>,
 }

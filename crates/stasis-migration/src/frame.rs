@@ -118,24 +118,37 @@ impl<W: Write> FrameWriter<W> {
     /// Writes one frame. A payload over [`MAX_PAYLOAD`] is refused here
     /// too (the reader would refuse it).
     pub fn write(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
-        if payload.len() > MAX_PAYLOAD as usize {
+        self.write_parts(kind, &[payload])
+    }
+
+    /// Writes one frame whose payload is `parts` one after the other
+    /// (without joining them first).
+    pub fn write_parts(&mut self, kind: FrameKind, parts: &[&[u8]]) -> Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > MAX_PAYLOAD as usize {
             return Err(Error::FrameTooLarge {
                 kind: kind.name().into(),
-                len: payload.len() as u64,
+                len: len as u64,
                 max: MAX_PAYLOAD as u64,
             });
         }
         let mut header = [0u8; HEADER];
         header[0] = kind as u8;
-        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&header), payload);
-        let what = format!("sending a {kind} frame");
-        self.inner.write_all(&header).map_err(io_ctx(&what))?;
-        self.inner.write_all(payload).map_err(io_ctx(&what))?;
+        header[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+        let crc = parts
+            .iter()
+            .fold(crc32c::crc32c(&header), |c, p| crc32c::crc32c_append(c, p));
+        let what = || format!("sending a {kind} frame");
+        self.inner
+            .write_all(&header)
+            .map_err(|e| io_ctx(&what())(e))?;
+        for p in parts {
+            self.inner.write_all(p).map_err(|e| io_ctx(&what())(e))?;
+        }
         self.inner
             .write_all(&crc.to_le_bytes())
-            .map_err(io_ctx(&what))?;
-        self.bytes += (HEADER + payload.len() + 4) as u64;
+            .map_err(|e| io_ctx(&what())(e))?;
+        self.bytes += (HEADER + len + 4) as u64;
         Ok(())
     }
 
@@ -168,6 +181,9 @@ pub struct Frame {
 pub struct FrameReader<R: Read> {
     inner: R,
     bytes: u64,
+    /// A payload buffer given back with [`FrameReader::recycle`]: large
+    /// frames reuse memory instead of mapping fresh memory each time.
+    spare: Vec<u8>,
 }
 
 /// Reads exactly `buf.len()` bytes; EOF part way is [`Error::Truncated`].
@@ -201,6 +217,7 @@ impl<R: Read> FrameReader<R> {
         Ok(FrameReader {
             inner,
             bytes: PREAMBLE.len() as u64,
+            spare: Vec::new(),
         })
     }
 
@@ -231,7 +248,9 @@ impl<R: Read> FrameReader<R> {
                 max: MAX_PAYLOAD as u64,
             });
         }
-        let mut payload = vec![0u8; len as usize];
+        let mut payload = std::mem::take(&mut self.spare);
+        payload.clear();
+        payload.resize(len as usize, 0);
         read_exact(
             &mut self.inner,
             &mut payload,
@@ -254,6 +273,13 @@ impl<R: Read> FrameReader<R> {
         }
         self.bytes += (HEADER + payload.len() + 4) as u64;
         Ok(Some(Frame { kind, payload }))
+    }
+
+    /// Gives a frame's payload buffer back for the next frame to reuse.
+    pub fn recycle(&mut self, frame: Frame) {
+        if frame.payload.capacity() > self.spare.capacity() {
+            self.spare = frame.payload;
+        }
     }
 
     /// Bytes read so far, preamble included.

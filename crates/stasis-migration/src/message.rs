@@ -139,6 +139,8 @@ pub struct BatchBuilder {
     entries: Vec<u64>,
     data: Vec<u8>,
     zero_pages: u64,
+    /// The entries as bytes, reused by [`BatchBuilder::send`].
+    wire: Vec<u8>,
 }
 
 impl BatchBuilder {
@@ -159,6 +161,42 @@ impl BatchBuilder {
             self.data.extend_from_slice(page);
         }
         self.is_full()
+    }
+
+    /// Adds the page at `gpa` whose bytes `fill` writes (straight into
+    /// the batch: one copy from guest memory). Returns `true` when the
+    /// batch is full and should be sent.
+    pub fn add_with(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8])) -> bool {
+        debug_assert_eq!(gpa % PAGE_SIZE as u64, 0);
+        let at = self.data.len();
+        self.data.resize(at + PAGE_SIZE, 0);
+        fill(&mut self.data[at..]);
+        if is_zero(&self.data[at..]) {
+            self.data.truncate(at);
+            self.zero_pages += 1;
+            self.entries.push(gpa | ENTRY_ZERO);
+        } else {
+            self.entries.push(gpa);
+        }
+        self.is_full()
+    }
+
+    /// Sends the batch as one memory-batch frame (nothing if it is empty);
+    /// the builder is empty again and keeps its buffers.
+    pub fn send<W: std::io::Write>(&mut self, w: &mut crate::FrameWriter<W>) -> Result<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        self.wire.clear();
+        self.wire
+            .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            self.wire.extend_from_slice(&e.to_le_bytes());
+        }
+        let sent = w.write_parts(FrameKind::MemoryBatch, &[&self.wire, &self.data]);
+        self.entries.clear();
+        self.data.clear();
+        sent
     }
 
     /// Pages of zeros added since the builder was made (they travel as an

@@ -201,8 +201,17 @@ fn qemu(
         .expect("spawn qemu-system-x86_64"))
 }
 
-fn qemu_run(dir: &Path, kernel: &Path, mib: u64, rate: u64) -> Option<Figures> {
-    let line = cmdline(mib, rate);
+/// The TSC rate stasis gave its guest (from the guest's boot line): QEMU
+/// gives none, and the guest's rate limit counts TSC ticks.
+fn guest_tsc_khz(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("src.log")).unwrap_or_default();
+    text.split_whitespace()
+        .find_map(|kv| kv.strip_prefix("tsc_khz=")?.parse().ok())
+        .expect("a tsc_khz= in the stasis guest's boot line")
+}
+
+fn qemu_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, tsc_khz: u64) -> Option<Figures> {
+    let line = format!("{} tsc_khz={tsc_khz}", cmdline(mib, rate));
     let log = dir.join("qsrc.log");
     let _ = std::fs::remove_file(&log);
     let (qs, qd) = (dir.join("qsrc.qmp"), dir.join("qdst.qmp"));
@@ -294,7 +303,8 @@ fn main() {
                 psk.push(stasis_run(&dir, &kernel, mib, rate, &["--psk", &key]));
                 clear.push(stasis_run(&dir, &kernel, mib, rate, &["--insecure"]));
                 if qemu_ok {
-                    if let Some(f) = qemu_run(&dir, &kernel, mib, rate) {
+                    let khz = guest_tsc_khz(&dir);
+                    if let Some(f) = qemu_run(&dir, &kernel, mib, rate, khz) {
                         q.push(f);
                     }
                 }

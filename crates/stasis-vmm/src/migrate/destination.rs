@@ -10,7 +10,7 @@ use stasis_config::VmConfig;
 use stasis_migration::{handshake, Error as ProtocolError, FrameReader, FrameWriter, Message};
 use stasis_snapshot::{CpuInfo, Progress, SectionSet, SectionSink, SectionSource, SectionWarning};
 
-use super::pages::PageReceiver;
+use super::pages::{PageReceiver, Prefault};
 use super::{software, MigrateError};
 use crate::cpu::setup::RestoreCpu;
 use crate::memory::{self, GuestRam};
@@ -116,6 +116,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
         progress: &Progress,
     ) -> Result<Arrival, MigrateError> {
         let memory = memory::allocate(config.memory_mib).map_err(local)?;
+        let prefault = Prefault::start(&memory);
         let mut pages = PageReceiver::new(&memory);
         let mut sections = SectionSet::new();
         let mut rounds = 0;
@@ -129,7 +130,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
                         "the migration (the source closed the connection before all state was sent)"
                             .into(),
                 })?;
-            match Message::decode(&frame)? {
+            let done = match Message::decode(&frame)? {
                 Message::MemoryBatch(b) => {
                     if !sections.entries().is_empty() {
                         return Err(unexpected(
@@ -139,6 +140,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
                     }
                     pages.apply(&b)?;
                     progress.add(b.len() as u64 * 4096);
+                    false
                 }
                 Message::RoundEnd(e) => {
                     if e.round != rounds + 1 {
@@ -149,6 +151,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
                     }
                     rounds = e.round;
                     stasis_failpoint::hit("migrate.round_end");
+                    false
                 }
                 Message::Section(s) => {
                     stasis_failpoint::hit("migrate.receive_section");
@@ -157,9 +160,10 @@ impl<R: Read, W: Write> Incoming<R, W> {
                         .map_err(|e| ProtocolError::Decode {
                             kind: "section".into(),
                             message: e.to_string(),
-                        })?
+                        })?;
+                    false
                 }
-                Message::StateDone => break,
+                Message::StateDone => true,
                 Message::Refuse(r) => {
                     return Err(ProtocolError::Refused { reason: r.reason }.into())
                 }
@@ -169,9 +173,14 @@ impl<R: Read, W: Write> Incoming<R, W> {
                         &format!("a {} frame", m.kind()),
                     ))
                 }
+            };
+            self.r.recycle(frame);
+            if done {
+                break;
             }
         }
         let received = pages.pages;
+        drop(prefault);
         drop(pages);
         progress.phase("checking the VM's state", 0);
         let warnings = stasis_snapshot::check_known(sections.entries(), &restore::known_section)

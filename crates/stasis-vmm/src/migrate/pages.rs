@@ -43,7 +43,6 @@ fn host_page(regions: &[Region], gpa: u64) -> Option<*mut u8> {
 pub struct PageSender<'m> {
     regions: Vec<Region>,
     batch: BatchBuilder,
-    page: Box<[u8; PAGE_SIZE]>,
     _mem: &'m GuestRam,
     /// Pages sent since the counters were last taken.
     pub pages: u64,
@@ -57,7 +56,6 @@ impl<'m> PageSender<'m> {
         Self {
             regions: regions(mem),
             batch: BatchBuilder::new(),
-            page: Box::new([0; PAGE_SIZE]),
             _mem: mem,
             pages: 0,
             zero_pages: 0,
@@ -83,13 +81,15 @@ impl<'m> PageSender<'m> {
         while at < gpa + len {
             let host = host_page(&self.regions, at)
                 .ok_or_else(|| MigrateError::Local(format!("page {at:#x} is not guest RAM")))?;
-            // SAFETY: `host` is a whole page of guest RAM, mapped while
-            // `_mem` is borrowed. A vCPU or device may write it meanwhile;
-            // those bytes are copied as they are and the page is sent again
-            // from the dirty log.
-            unsafe { std::ptr::copy_nonoverlapping(host, self.page.as_mut_ptr(), PAGE_SIZE) };
             self.pages += 1;
-            let full = self.batch.add(at, &self.page);
+            let full = self.batch.add_with(at, |dst| {
+                // SAFETY: `host` is a whole page of guest RAM, mapped while
+                // `_mem` is borrowed, and `dst` is a page of the batch. A
+                // vCPU or device may write the page meanwhile; those bytes
+                // are copied as they are and the page is sent again from the
+                // dirty log.
+                unsafe { std::ptr::copy_nonoverlapping(host, dst.as_mut_ptr(), PAGE_SIZE) }
+            });
             self.zero_pages = self.batch.zero_pages();
             if full {
                 self.flush(w)?;
@@ -103,9 +103,7 @@ impl<'m> PageSender<'m> {
 
     /// Sends what is batched.
     pub fn flush<W: Write>(&mut self, w: &mut FrameWriter<W>) -> Result<(), MigrateError> {
-        if !self.batch.is_empty() {
-            w.write(FrameKind::MemoryBatch, &self.batch.take_payload())?;
-        }
+        self.batch.send(w)?;
         Ok(())
     }
 }
@@ -154,5 +152,69 @@ impl<'m> PageReceiver<'m> {
             self.pages += 1;
         }
         Ok(())
+    }
+}
+
+/// Populates fresh guest RAM on a thread of its own while batches arrive
+/// (`MADV_POPULATE_WRITE`, 32 MiB at a time), so that the receiving thread
+/// does not pay the host's first touch of each page; stopped (and joined)
+/// when dropped.
+pub struct Prefault {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14).
+const MADV_POPULATE_WRITE: i32 = 23;
+const PREFAULT_CHUNK: u64 = 32 << 20;
+
+impl Prefault {
+    /// Starts populating `mem`; on a kernel without the advice it stops at
+    /// once (the pages are then touched as they arrive).
+    pub fn start(mem: &GuestRam) -> Prefault {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        // Addresses as integers: the thread never outlives `mem`'s use
+        // (the Prefault is dropped, and joined, before the memory goes).
+        let ranges: Vec<(usize, u64)> = regions(mem)
+            .iter()
+            .map(|r| (r.host as usize, r.len))
+            .collect();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("migrate-prefault".into())
+            .spawn(move || {
+                for (host, len) in ranges {
+                    let mut off = 0;
+                    while off < len && !flag.load(Ordering::Relaxed) {
+                        let n = PREFAULT_CHUNK.min(len - off);
+                        // SAFETY: a range of guest RAM, mapped until the
+                        // owner of this Prefault joins it; populating
+                        // writes nothing the guest or the receiver sees.
+                        let r = unsafe {
+                            libc::madvise(
+                                (host + off as usize) as *mut libc::c_void,
+                                n as usize,
+                                MADV_POPULATE_WRITE,
+                            )
+                        };
+                        if r != 0 {
+                            return;
+                        }
+                        off += n;
+                    }
+                }
+            })
+            .ok();
+        Prefault { stop, thread }
+    }
+}
+
+impl Drop for Prefault {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
