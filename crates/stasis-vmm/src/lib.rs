@@ -15,6 +15,7 @@ pub mod devices;
 pub mod dirty;
 pub mod exit;
 pub mod jobs;
+mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod migrate;

@@ -442,25 +442,34 @@ impl VmControl {
         })
     }
 
+    /// Runs `f` on every virtio device, in slot order, until one fails.
+    fn each_virtio(
+        &self,
+        mut f: impl FnMut(&MmioTransport) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut each = self.shared.virtio.iter();
+        each.try_for_each(|d| f(&d.transport.lock().expect("virtio lock")))
+    }
+
     /// Makes every writable disk image durable (`fdatasync`).
     pub fn sync_disks(&self) -> std::io::Result<()> {
-        for d in &self.shared.virtio {
-            d.transport.lock().expect("virtio lock").sync_backend()?;
-        }
-        Ok(())
+        self.each_virtio(|t| t.sync_backend())
     }
 
     /// Releases (`release`) or takes back every disk image's lock (see
     /// [`crate::devices::virtio::VirtioDevice::hand_over_backend`]). Only
     /// while paused: a migration's switchover.
     pub fn hand_over_disks(&self, release: bool) -> std::io::Result<()> {
-        for d in &self.shared.virtio {
-            d.transport
-                .lock()
-                .expect("virtio lock")
-                .hand_over_backend(release)?;
-        }
-        Ok(())
+        self.each_virtio(|t| t.hand_over_backend(release))
+    }
+
+    /// Has every network card announce the guest (see
+    /// [`crate::devices::virtio::VirtioDevice::announce`]).
+    pub fn announce_network(&self) {
+        let _ = self.each_virtio(|t| {
+            t.announce();
+            Ok(())
+        });
     }
 
     /// A background restore's fill of guest memory: what it has done.
@@ -513,44 +522,6 @@ pub struct Vm {
     exit_rx: Receiver<ExitReason>,
     context: VcpuContext,
     _kvm: Kvm,
-}
-
-/// Opens KVM and checks what stasis needs of it.
-fn open_kvm(vcpus: u32) -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
-    cpuid::request_amx_permission();
-    for (cap, name) in [
-        (
-            kvm_ioctls::Cap::Irqchip,
-            "an in-kernel irqchip (KVM_CAP_IRQCHIP)",
-        ),
-        (kvm_ioctls::Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
-        (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        (kvm_ioctls::Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
-        (kvm_ioctls::Cap::Xsave, "KVM_CAP_XSAVE"),
-        (kvm_ioctls::Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
-        (kvm_ioctls::Cap::Xcrs, "KVM_CAP_XCRS"),
-        (kvm_ioctls::Cap::MpState, "KVM_CAP_MP_STATE"),
-        (kvm_ioctls::Cap::Debugregs, "KVM_CAP_DEBUGREGS"),
-        (kvm_ioctls::Cap::AdjustClock, "KVM_CAP_ADJUST_CLOCK"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(VmError::KvmCapability(name));
-        }
-    }
-    if vcpus as usize > kvm.get_max_vcpus() {
-        return Err(VmError::TooManyVcpus {
-            asked: vcpus,
-            max: kvm.get_max_vcpus(),
-        });
-    }
-    if vcpus as usize > kvm.get_nr_vcpus().max(1) {
-        tracing::warn!(
-            "{vcpus} vCPUs is more than the {} this host recommends (KVM_CAP_NR_VCPUS)",
-            kvm.get_nr_vcpus()
-        );
-    }
-    Ok(kvm)
 }
 
 /// The configuration the kernel is loaded with: the user's, with a
@@ -647,7 +618,7 @@ impl Vm {
             VmSource::Restore { state, .. } => Some(state.virtio.as_slice()),
         };
         let virtio_devices = virtio::open_devices(config, saved_virtio)?;
-        let kvm = open_kvm(config.vcpus)?;
+        let kvm = crate::kvm::open(config.vcpus)?;
         // The CPU model on this host, checked before the VM exists (a
         // restore checked the saved CPU in its plan).
         let template = match &source {

@@ -240,9 +240,37 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
     );
     stasis_failpoint::hit("migrate.before_confirm");
     let cfg = arrival.config;
-    serve_then(vm, &cfg, server, "running after migration", move |_| {
-        incoming
-            .confirm()
-            .map_err(|e| format!("cannot tell the source that the VM runs here: {e}"))
-    })
+    serve_then(
+        vm,
+        &cfg,
+        server,
+        "running after migration",
+        move |control| {
+            incoming
+                .confirm()
+                .map_err(|e| format!("cannot tell the source that the VM runs here: {e}"))?;
+            announce(control.clone());
+            Ok(())
+        },
+    )
+}
+
+/// Tells the network where the guest is now: each network card sends a
+/// reverse-ARP announcement at once and twice more (50 and 150 ms later),
+/// as switches may miss the first.
+fn announce(control: stasis_vmm::VmControl) {
+    if control.description().config.net.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("net-announce".into())
+        .spawn(move || {
+            for wait in [0, 50, 100] {
+                std::thread::sleep(std::time::Duration::from_millis(wait));
+                control.announce_network();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot announce the guest on the network: {e}");
+    }
 }

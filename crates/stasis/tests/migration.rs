@@ -277,7 +277,7 @@ fn a_disk_on_a_shared_path_written_during_migration_verifies_after() {
 }
 
 #[test]
-fn a_nic_carries_frames_after_migration() {
+fn a_nic_carries_frames_after_migration_and_the_guest_is_announced() {
     let scratch = Scratch::new("mignet");
     let hosts = Hosts::new("mignet", &["mt0"], &scratch);
     let key = key_file(scratch.path(), "key", 3);
@@ -296,6 +296,22 @@ fn a_nic_carries_frames_after_migration() {
         hosts.ip_b,
         dst.address.rsplit(':').next().unwrap()
     );
+    // Listens on the destination's tap for the announcement of the guest's
+    // MAC (a reverse-ARP broadcast) that follows the switchover.
+    let watch = std::process::Command::new("ip")
+        .args(["netns", "exec", &hosts.b.name, "python3", "-c"])
+        .arg(
+            "import socket,sys\n\
+             s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(0x8035))\n\
+             s.bind((sys.argv[1],0x8035)); s.settimeout(60)\n\
+             f=s.recv(2048)\n\
+             print(f[0:6].hex(),f[6:12].hex(),f[20:22].hex(),f[22:28].hex(),f[32:38].hex(),flush=True)",
+        )
+        .arg("mt0")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::thread::sleep(Duration::from_millis(500));
     let out = migrate(&src, &dest, &["--psk", key]);
     assert!(out.status.success(), "{}\n{}", err_text(&out), src.stderr());
     let before_b = hosts.b.requests_seen("mt0");
@@ -310,4 +326,21 @@ fn a_nic_carries_frames_after_migration() {
         .map(|l| num(l, "replies"))
         .collect();
     assert!(replies.windows(2).all(|w| w[1] >= w[0]), "{replies:?}");
+    let seen = watch.wait_with_output().unwrap();
+    let seen: Vec<String> = String::from_utf8_lossy(&seen.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        seen.len(),
+        5,
+        "no announcement on the destination's tap: {seen:?}"
+    );
+    assert_eq!(seen[0], "ffffffffffff", "broadcast");
+    assert_eq!(seen[2], "0003", "a reverse-ARP request");
+    // From the guest's MAC (as the guest itself reports it), about it.
+    let guest_mac = fields(&dst.vm.tagged("NET")[0])["mac"].replace(':', "");
+    assert_eq!(seen[1], guest_mac);
+    assert_eq!(seen[3], guest_mac);
+    assert_eq!(seen[4], guest_mac);
 }

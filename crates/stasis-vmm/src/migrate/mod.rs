@@ -25,12 +25,10 @@ use std::time::Duration;
 pub use address::MigrationAddress;
 
 /// How long a connection may stall (no byte read or written) before the
-/// migration fails: a dead peer or a cut link is found out in this time.
+/// migration fails: a dead peer or a cut link is found out in this time,
+/// and it bounds how long a paused source waits for the destination's
+/// confirmation after sending all state.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// How long the source waits, paused, for the destination to say the VM
-/// runs there after all state was sent.
-pub const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The software both sides name in the handshake.
 pub fn software() -> String {

@@ -182,8 +182,11 @@ pub fn migrate<R: Read, W: Write>(
     let (pending, log) = match opts.mode {
         MigrationMode::Warm => (sender.all_ranges(), None),
         MigrationMode::Live => {
-            let mut log = DirtyLog::start(mem)
-                .map_err(|e| MigrateError::Local(format!("cannot track dirty pages: {e}")))?;
+            let mut log = DirtyLog::start(mem).map_err(|e| {
+                MigrateError::Local(format!(
+                    "cannot track dirty pages: {e} (memory mapped from a snapshot file by a lazy restore cannot be; --mode warm pauses the guest instead)"
+                ))
+            })?;
             let pending = pre_copy(
                 control,
                 &op,

@@ -248,6 +248,11 @@ impl MmioTransport {
         self.device.sync_backend()
     }
 
+    /// See [`super::VirtioDevice::announce`].
+    pub fn announce(&self) {
+        self.device.announce()
+    }
+
     /// See [`super::VirtioDevice::hand_over_backend`].
     pub fn hand_over_backend(&self, release: bool) -> std::io::Result<()> {
         self.device.hand_over_backend(release)

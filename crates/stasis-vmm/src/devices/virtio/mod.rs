@@ -303,6 +303,11 @@ pub trait VirtioDevice: Send {
         let _ = release;
         Ok(())
     }
+
+    /// Makes the network learn where the guest is now (a migration's
+    /// destination, after switchover): a network card sends a frame from
+    /// the guest's MAC. Nothing by default.
+    fn announce(&self) {}
 }
 
 /// The most requests a device works on in one go before it lets the I/O

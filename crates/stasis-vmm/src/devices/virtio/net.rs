@@ -62,6 +62,26 @@ impl FrameIo for Tap {
     }
 }
 
+/// The frame that tells switches where the guest's MAC is now, as QEMU
+/// and hypervisors after it send after a migration: a broadcast reverse-ARP
+/// request (EtherType 0x8035, RFC 903) from and about `mac`, padded to the
+/// Ethernet minimum. Guests need no driver support for it (unlike
+/// `VIRTIO_NET_F_GUEST_ANNOUNCE`).
+pub fn rarp_announcement(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].fill(0xff);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(&mac); // sender hardware address
+    f[32..38].copy_from_slice(&mac); // target hardware address
+    f
+}
+
 /// A virtio-net device.
 pub struct Net {
     id: String,
@@ -281,6 +301,12 @@ impl VirtioDevice for Net {
             want: self.want_rx.clone(),
             wake: self.wake.clone(),
         })
+    }
+
+    fn announce(&self) {
+        if let Err(e) = self.io.write_frame(&rarp_announcement(self.config)) {
+            tracing::warn!("virtio-net '{}': cannot announce the guest: {e}", self.id);
+        }
     }
 
     fn save_backend(&self) -> BackendState {
