@@ -373,20 +373,7 @@ impl SnapshotReader {
     /// was stored and the state, or `None` if the snapshot has no such
     /// section.
     pub fn read_section<T: SectionState>(&self, instance: &str) -> Result<Option<(u32, T)>> {
-        let Some(entry) = self.find_section(T::NAME, instance) else {
-            return Ok(None);
-        };
-        if entry.version > T::VERSION {
-            return Err(Error::SectionTooNew {
-                name: entry.name.clone(),
-                instance: entry.instance.clone(),
-                version: entry.version,
-                max: T::VERSION,
-            });
-        }
-        let bytes = self.section_bytes(entry)?;
-        let state = decode_section::<T>(instance, entry.version, &bytes)?;
-        Ok(Some((entry.version, state)))
+        crate::section::read_section::<T, Self>(self, instance)
     }
 
     /// Reads and decodes every instance of section `T::NAME`, in file order.

@@ -35,10 +35,7 @@ fn migrate_memory_guest(
     mem_mib: u64,
     extra: &[&str],
 ) -> serde_json::Value {
-    let scratch = Scratch::new(tag);
-    let hosts = Hosts::new(tag, &[], &scratch);
-    let key = key_file(scratch.path(), "key", 7);
-    let key = key.to_str().unwrap();
+    let set = Setting::new(tag, &[]);
     let smp = if vcpus > 1 { " smp=1" } else { "" };
     let mut src = VmProcess::start(
         tag,
@@ -48,37 +45,15 @@ fn migrate_memory_guest(
             cmdline: &format!(
                 "console=ttyS0 workload=memory mem_mib={mem_mib} mem_rate={rate} report_ms=200{smp}"
             ),
-            netns: Some(hosts.a.name.clone()),
+            netns: Some(set.hosts.a.name.clone()),
             ..Default::default()
         },
     );
     // Past the first pass: every page holds a stamp the next pass checks.
     src.wait_tagged("MEM", vcpus as usize, T);
     src.wait_socket();
-    let mut dst = receiver(
-        &format!("{tag}-dst"),
-        Some(&hosts.b.name),
-        &hosts.ip_b,
-        &["--psk", key],
-        &[],
-    )
-    .named(&src.name);
-    let dest = format!(
-        "tcp:{}:{}",
-        hosts.ip_b,
-        dst.address.rsplit(':').next().unwrap()
-    );
-    let mut args = vec!["--psk", key];
-    args.extend_from_slice(extra);
-    let out = migrate(&src, &dest, &args);
-    if !out.status.success() {
-        dst.vm.fail(&format!(
-            "migrate failed: {}\n--- source stderr ---\n{}",
-            err_text(&out),
-            src.stderr()
-        ));
-    }
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the report");
+    let mut dst = set.receiver_for(&src, &[]);
+    let report = set.migrate(&src, &dst, extra);
     let st = src.wait_exit(T);
     assert_eq!(
         st.code(),
@@ -134,7 +109,7 @@ fn migrate_memory_guest(
             );
         }
     }
-    assert_eq!(report["destination"], dest);
+    assert_eq!(report["destination"], dst.address);
     report
 }
 
@@ -180,37 +155,21 @@ fn warm_migration_sends_everything_once_while_paused() {
 
 #[test]
 fn an_idle_guests_heartbeat_goes_on_without_a_gap_on_two_vcpus() {
-    let scratch = Scratch::new("mighb");
-    let hosts = Hosts::new("mighb", &[], &scratch);
-    let key = key_file(scratch.path(), "key", 9);
-    let key = key.to_str().unwrap();
+    let set = Setting::new("mighb", &[]);
     let mut src = VmProcess::start(
         "mighb",
         VmOpts {
             vcpus: 2,
             memory: "128M",
             cmdline: "console=ttyS0 workload=heartbeat smp=1 hb_ms=50",
-            netns: Some(hosts.a.name.clone()),
+            netns: Some(set.hosts.a.name.clone()),
             ..Default::default()
         },
     );
     src.wait_tagged("HB", 10, T);
     src.wait_socket();
-    let mut dst = receiver(
-        "mighb-dst",
-        Some(&hosts.b.name),
-        &hosts.ip_b,
-        &["--psk", key],
-        &[],
-    )
-    .named(&src.name);
-    let dest = format!(
-        "tcp:{}:{}",
-        hosts.ip_b,
-        dst.address.rsplit(':').next().unwrap()
-    );
-    let out = migrate(&src, &dest, &["--psk", key]);
-    assert!(out.status.success(), "{}\n{}", err_text(&out), src.stderr());
+    let mut dst = set.receiver_for(&src, &[]);
+    set.migrate(&src, &dst, &[]);
     assert_eq!(src.wait_exit(T).code(), Some(0));
     dst.vm.wait_tagged("HB", 10, T);
     let (before, after) = lines_across(&serial_text(&src), &serial_text(&dst.vm));
@@ -234,37 +193,21 @@ fn an_idle_guests_heartbeat_goes_on_without_a_gap_on_two_vcpus() {
 
 #[test]
 fn a_disk_on_a_shared_path_written_during_migration_verifies_after() {
-    let scratch = Scratch::new("migdisk");
-    let hosts = Hosts::new("migdisk", &[], &scratch);
-    let key = key_file(scratch.path(), "key", 5);
-    let key = key.to_str().unwrap();
-    let img = scratch.join("shared.img");
+    let set = Setting::new("migdisk", &[]);
+    let img = set.scratch.join("shared.img");
     sparse_file(&img, 8 << 20);
     let mut src = VmProcess::start(
         "migdisk",
         VmOpts {
             cmdline: "console=ttyS0 workload=disk disk_blocks=512",
             extra: vec!["--disk".into(), format!("id=d0,path={}", img.display())],
-            netns: Some(hosts.a.name.clone()),
+            netns: Some(set.hosts.a.name.clone()),
             ..Default::default()
         },
     );
     src.wait_tagged("DISK", 2, T);
-    let mut dst = receiver(
-        "migdisk-dst",
-        Some(&hosts.b.name),
-        &hosts.ip_b,
-        &["--psk", key],
-        &[],
-    )
-    .named(&src.name);
-    let dest = format!(
-        "tcp:{}:{}",
-        hosts.ip_b,
-        dst.address.rsplit(':').next().unwrap()
-    );
-    let out = migrate(&src, &dest, &["--psk", key]);
-    assert!(out.status.success(), "{}\n{}", err_text(&out), src.stderr());
+    let mut dst = set.receiver_for(&src, &[]);
+    set.migrate(&src, &dst, &[]);
     assert_eq!(src.wait_exit(T).code(), Some(0));
     let last_pass = src.tagged("DISK").last().map(|l| num(l, "pass")).unwrap();
     let after = dst.vm.wait_tagged("DISK", 2, T);
@@ -278,28 +221,13 @@ fn a_disk_on_a_shared_path_written_during_migration_verifies_after() {
 
 #[test]
 fn a_nic_carries_frames_after_migration_and_the_guest_is_announced() {
-    let scratch = Scratch::new("mignet");
-    let hosts = Hosts::new("mignet", &["mt0"], &scratch);
-    let key = key_file(scratch.path(), "key", 3);
-    let key = key.to_str().unwrap();
-    let src = net_guest("mignet", &hosts.a, "mt0", "64M");
-    let mut dst = receiver(
-        "mignet-dst",
-        Some(&hosts.b.name),
-        &hosts.ip_b,
-        &["--psk", key],
-        &[],
-    )
-    .named(&src.name);
-    let dest = format!(
-        "tcp:{}:{}",
-        hosts.ip_b,
-        dst.address.rsplit(':').next().unwrap()
-    );
+    let set = Setting::new("mignet", &["mt0"]);
+    let src = net_guest("mignet", &set.hosts.a, "mt0", "64M");
+    let mut dst = set.receiver_for(&src, &[]);
     // Listens on the destination's tap for the announcement of the guest's
     // MAC (a reverse-ARP broadcast) that follows the switchover.
     let watch = std::process::Command::new("ip")
-        .args(["netns", "exec", &hosts.b.name, "python3", "-c"])
+        .args(["netns", "exec", &set.hosts.b.name, "python3", "-c"])
         .arg(
             "import socket,sys\n\
              s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(0x8035))\n\
@@ -312,12 +240,11 @@ fn a_nic_carries_frames_after_migration_and_the_guest_is_announced() {
         .spawn()
         .expect("python3");
     std::thread::sleep(Duration::from_millis(500));
-    let out = migrate(&src, &dest, &["--psk", key]);
-    assert!(out.status.success(), "{}\n{}", err_text(&out), src.stderr());
-    let before_b = hosts.b.requests_seen("mt0");
+    set.migrate(&src, &dst, &[]);
+    let before_b = set.hosts.b.requests_seen("mt0");
     dst.vm
         .wait_until("replies on the destination's tap", T, |_| {
-            hosts.b.requests_seen("mt0") >= before_b + 5
+            set.hosts.b.requests_seen("mt0") >= before_b + 5
         });
     let replies: Vec<u64> = dst
         .vm

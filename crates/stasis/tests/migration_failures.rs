@@ -45,10 +45,6 @@ fn runs_on(src: &mut VmProcess) {
     assert_eq!(v["state"], "running", "{v}");
 }
 
-fn port(r: &Receiver) -> &str {
-    r.address.rsplit(':').next().unwrap()
-}
-
 /// Kills the receiver once it reports reaching failpoint `point` (set to
 /// hold there), and checks that the migration failed and the source runs.
 fn kill_destination_at(tag: &str, point: &str, extra: &[&str]) {
@@ -61,7 +57,7 @@ fn kill_destination_at(tag: &str, point: &str, extra: &[&str]) {
         &["--insecure"],
         &[("STASIS_FAILPOINTS", &fp)],
     );
-    let dest = format!("tcp:127.0.0.1:{}", port(&dst));
+    let dest = dst.address.clone();
     let mut args = vec!["--insecure"];
     args.extend_from_slice(extra);
     let job = migrate_detached(&src, &dest, &args);
@@ -91,23 +87,12 @@ fn the_destination_killed_just_before_switchover_leaves_the_source_running() {
 
 #[test]
 fn a_cut_link_fails_the_migration_and_the_source_runs_on() {
-    let scratch = Scratch::new("mfcut");
-    let hosts = Hosts::new("mfcut", &[], &scratch);
-    let key = key_file(scratch.path(), "key", 1);
-    let key = key.to_str().unwrap();
-    let mut src = source("mfcut", Some(hosts.a.name.clone()));
-    let fp = "migrate.round_end=1*hold";
-    let mut dst = receiver(
-        "mfcut-dst",
-        Some(&hosts.b.name),
-        &hosts.ip_b,
-        &["--psk", key],
-        &[("STASIS_FAILPOINTS", fp)],
-    );
-    let dest = format!("tcp:{}:{}", hosts.ip_b, port(&dst));
-    let job = migrate_detached(&src, &dest, &["--psk", key]);
+    let set = Setting::new("mfcut", &[]);
+    let mut src = source("mfcut", Some(set.hosts.a.name.clone()));
+    let mut dst = set.receiver_for(&src, &[("STASIS_FAILPOINTS", "migrate.round_end=1*hold")]);
+    let job = migrate_detached(&src, &dst.address, &["--psk", &set.key]);
     wait_stderr(&mut dst.vm, "STASIS-FAILPOINT migrate.round_end", T);
-    hosts.cut();
+    set.hosts.cut();
     let j = wait_job(&src, job, T);
     assert_eq!(j["state"], "failed", "{j}");
     let e = j["error"].as_str().unwrap();
@@ -131,7 +116,7 @@ fn a_wrong_key_is_refused_before_any_state_and_the_source_runs_on() {
         &["--psk", right.to_str().unwrap()],
         &[],
     );
-    let dest = format!("tcp:127.0.0.1:{}", port(&dst));
+    let dest = dst.address.clone();
     let out = migrate(&src, &dest, &["--psk", wrong.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let e = err_text(&out);
@@ -224,7 +209,7 @@ fn a_refusal_reaches_the_source_and_it_runs_on() {
         &["--insecure", "--disk-path", "d0=/nonexistent/d.img"],
         &[],
     );
-    let dest = format!("tcp:127.0.0.1:{}", port(&dst));
+    let dest = dst.address.clone();
     let out = migrate(&src, &dest, &["--insecure"]);
     assert_eq!(out.status.code(), Some(1));
     let e = err_text(&out);
@@ -299,7 +284,7 @@ fn a_cancelled_migration_leaves_the_source_running_even_on_a_stalled_link() {
         &["--insecure"],
         &[("STASIS_FAILPOINTS", fp)],
     );
-    let dest = format!("tcp:127.0.0.1:{}", port(&dst));
+    let dest = dst.address.clone();
     let job = migrate_detached(&src, &dest, &["--insecure"]);
     wait_stderr(&mut dst.vm, "STASIS-FAILPOINT migrate.round_end", T);
     let asked = std::time::Instant::now();

@@ -64,6 +64,55 @@ impl Hosts {
     }
 }
 
+/// The setting of most migration tests: two hosts and a key they share.
+pub struct Setting {
+    pub hosts: Hosts,
+    pub key: String,
+    pub scratch: Scratch,
+}
+
+impl Setting {
+    pub fn new(tag: &str, taps: &[&str]) -> Self {
+        let scratch = Scratch::new(tag);
+        let hosts = Hosts::new(tag, taps, &scratch);
+        let key = key_file(scratch.path(), "key", 7);
+        Setting {
+            key: key.to_str().unwrap().to_string(),
+            hosts,
+            scratch,
+        }
+    }
+
+    /// A receiver on host B (with the key, and `env`) for `src`.
+    pub fn receiver_for(&self, src: &VmProcess, env: &[(&str, &str)]) -> Receiver {
+        let tag = format!("{}-dst", src.name.rsplit_once('-').map_or("", |p| p.0));
+        receiver(
+            &tag,
+            Some(&self.hosts.b.name),
+            &self.hosts.ip_b,
+            &["--psk", &self.key],
+            env,
+        )
+        .named(&src.name)
+    }
+
+    /// `stasis migrate` of `src` to `dst` with the key and `extra`; the
+    /// report, or a panic with both sides' output.
+    pub fn migrate(&self, src: &VmProcess, dst: &Receiver, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["--psk", &self.key];
+        args.extend_from_slice(extra);
+        let out = migrate(src, &dst.address, &args);
+        if !out.status.success() {
+            dst.vm.fail(&format!(
+                "migrate failed: {}\n--- source stderr ---\n{}",
+                err_text(&out),
+                src.stderr()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).expect("the migration report")
+    }
+}
+
 /// A key file readable by its owner only.
 pub fn key_file(dir: &Path, name: &str, byte: u8) -> PathBuf {
     let p = dir.join(name);
