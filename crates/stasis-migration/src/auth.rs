@@ -386,7 +386,7 @@ impl<R: Read> SealedReader<R> {
                 format!("sealed record of {len} bytes (1..={MAX_RECORD}): the stream is damaged or not from the peer"),
             ));
         }
-        self.plain.resize(len + TAG, 0);
+        crate::frame::zeroed(&mut self.plain, len + TAG);
         self.inner.read_exact(&mut self.plain)?;
         open_record(&self.aead, self.counter, &header, &mut self.plain)?;
         self.counter += 1;

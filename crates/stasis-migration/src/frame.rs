@@ -186,6 +186,15 @@ pub struct FrameReader<R: Read> {
     spare: Vec<u8>,
 }
 
+/// Makes `buf` `len` zero bytes, reusing its memory. Not generic on
+/// purpose: compiled (optimised) in this crate, not byte by byte in a
+/// debug build of whichever crate instantiates the generic reader.
+#[inline(never)]
+pub(crate) fn zeroed(buf: &mut Vec<u8>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0);
+}
+
 /// Reads exactly `buf.len()` bytes; EOF part way is [`Error::Truncated`].
 fn read_exact(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<()> {
     let mut done = 0;
@@ -249,8 +258,7 @@ impl<R: Read> FrameReader<R> {
             });
         }
         let mut payload = std::mem::take(&mut self.spare);
-        payload.clear();
-        payload.resize(len as usize, 0);
+        zeroed(&mut payload, len as usize);
         read_exact(
             &mut self.inner,
             &mut payload,

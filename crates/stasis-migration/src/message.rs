@@ -168,9 +168,24 @@ impl BatchBuilder {
     /// batch is full and should be sent.
     pub fn add_with(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8])) -> bool {
         debug_assert_eq!(gpa % PAGE_SIZE as u64, 0);
+        let at = self.grow_page();
+        fill(&mut self.data[at..]);
+        self.commit_page(gpa, at)
+    }
+
+    /// Room for one more page at the end of the data; its offset. (The
+    /// non-generic halves of [`BatchBuilder::add_with`] are compiled,
+    /// optimised, in this crate.)
+    #[inline(never)]
+    fn grow_page(&mut self) -> usize {
         let at = self.data.len();
         self.data.resize(at + PAGE_SIZE, 0);
-        fill(&mut self.data[at..]);
+        at
+    }
+
+    /// Records the page written at `at`: as an entry only if it is zeros.
+    #[inline(never)]
+    fn commit_page(&mut self, gpa: u64, at: usize) -> bool {
         if is_zero(&self.data[at..]) {
             self.data.truncate(at);
             self.zero_pages += 1;
