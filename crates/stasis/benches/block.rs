@@ -14,13 +14,11 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{median, runs, Vmm};
+use common::{median, run_guest, runs};
 
-const STASIS: &str = env!("CARGO_BIN_EXE_stasis");
 const IMAGE_MIB: u64 = 256;
 const BENCH_MS: u64 = 2000;
 
@@ -35,23 +33,17 @@ fn field(line: &str, key: &str) -> f64 {
 fn guest(mode: &str, kernel: &Path, image: &Path, work: &Path) -> (f64, f64) {
     let log = work.join(format!("serial-{mode}.log"));
     let _ = std::fs::remove_file(&log);
-    let child = Vmm(Command::new(STASIS)
-        .env("STASIS_RUNTIME_DIR", work.join("run"))
-        .args(["run", "--name", "blkbench", "--memory", "64M"])
-        .arg("--kernel")
-        .arg(kernel)
-        .arg("--disk")
-        .arg(format!("id=d0,path={}", image.display()))
-        .args([
-            "--cmdline",
-            &format!("console=ttyS0 workload=diskbench bench_mode={mode} bench_ms={BENCH_MS}"),
-        ])
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn stasis run"));
+    let disk = format!("id=d0,path={}", image.display());
+    let cmdline = format!("console=ttyS0 workload=diskbench bench_mode={mode} bench_ms={BENCH_MS}");
+    let child = run_guest(
+        &work.join("run"),
+        "blkbench",
+        64,
+        kernel,
+        &cmdline,
+        &log,
+        &["--disk", &disk],
+    );
     let end = Instant::now() + Duration::from_secs(120);
     let line = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();

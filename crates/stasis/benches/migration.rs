@@ -33,7 +33,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{median, runs, setup, size_name, stasis, wait_line, Vmm};
+use common::{median, run_guest, runs, setup, size_name, stasis, wait_line, Vmm};
 
 /// One migration's figures.
 #[derive(Clone, Default)]
@@ -71,17 +71,15 @@ fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, extra: &[&str]) ->
     let runtime = dir.join("run-src");
     let log = dir.join("src.log");
     let _ = std::fs::remove_file(&log);
-    let _src = Vmm(stasis(&runtime)
-        .args(["run", "--name", "mbench", "--memory", &format!("{mib}M")])
-        .arg("--kernel")
-        .arg(kernel)
-        .args(["--cmdline", &cmdline(mib, rate)])
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn stasis run"));
+    let _src = run_guest(
+        &runtime,
+        "mbench",
+        mib,
+        kernel,
+        &cmdline(mib, rate),
+        &log,
+        &[],
+    );
     wait_full(&log, rate);
     let mut dst = Vmm(stasis(&dir.join("run-dst"))
         .args(["receive", "--listen", "tcp:127.0.0.1:0", "--serial"])

@@ -37,7 +37,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{median, runs, setup, size_name, sizes, spawn_restore, stasis, wait_line, Vmm};
+use common::{
+    median, run_guest, runs, setup, size_name, sizes, spawn_restore, stasis, wait_line, Vmm,
+};
 
 fn field(line: &str, key: &str) -> f64 {
     line.split_whitespace()
@@ -62,23 +64,11 @@ fn prepare(mib: u64, hot_mib: u64, kernel: &Path, work: &Path, snap: &Path) {
     let log = work.join("boot.log");
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_dir_all(snap);
-    let _vm = Vmm(stasis(&runtime)
-        .args(["run", "--name", "bench", "--memory", &format!("{mib}M")])
-        .arg("--kernel")
-        .arg(kernel)
-        .args([
-            "--cmdline",
-            &format!(
-                "console=ttyS0 workload=touch mem_mib={} touch_hot_mib={hot_mib}",
-                mib - 8
-            ),
-        ])
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn stasis run"));
+    let cmdline = format!(
+        "console=ttyS0 workload=touch mem_mib={} touch_hot_mib={hot_mib}",
+        mib - 8
+    );
+    let _vm = run_guest(&runtime, "bench", mib, kernel, &cmdline, &log, &[]);
     wait_line(
         &log,
         "TOUCH-READY",

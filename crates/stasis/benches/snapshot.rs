@@ -26,7 +26,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{median, runs, setup, size_name, sizes, spawn_restore, stasis, wait_line, Vmm};
+use common::{
+    median, run_guest, runs, setup, size_name, sizes, spawn_restore, stasis, wait_line, Vmm,
+};
 
 /// Waits until the serial log has `n` complete `MEM ` lines; returns when.
 fn wait_mem_lines(log: &Path, n: usize, timeout: Duration) -> Instant {
@@ -158,21 +160,9 @@ fn one_run(mib: u64, kernel: &Path, work: &Path) -> Run {
     let runtime = work.join("run");
     let log = work.join("serial.log");
     let _ = std::fs::remove_file(&log);
-    let vm = Vmm(stasis(&runtime)
-        .args(["run", "--name", "bench", "--memory", &format!("{mib}M")])
-        .arg("--kernel")
-        .arg(kernel)
-        // All of RAM but the guest image and boot structures (~6 MiB).
-        .args([
-            "--cmdline",
-            &format!("console=ttyS0 workload=memory mem_mib={}", mib - 8),
-        ])
-        .arg("--serial")
-        .arg(format!("file:{}", log.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn stasis run"));
+    // All of RAM but the guest image and boot structures (~6 MiB).
+    let cmdline = format!("console=ttyS0 workload=memory mem_mib={}", mib - 8);
+    let vm = run_guest(&runtime, "bench", mib, kernel, &cmdline, &log, &[]);
     // Pass 1 done: every page of the working set has been written.
     wait_mem_lines(&log, 1, Duration::from_secs(900));
     let snapshot = |dir: &Path, mode: &str| -> serde_json::Value {

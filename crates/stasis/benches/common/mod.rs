@@ -116,6 +116,31 @@ pub fn spawn_restore(
     (child, running)
 }
 
+/// Spawns `stasis run --name NAME --memory MIB --kernel KERNEL --cmdline
+/// CMDLINE --serial file:LOG EXTRA` (output discarded) for a benchmark.
+pub fn run_guest(
+    runtime: &Path,
+    name: &str,
+    mib: u64,
+    kernel: &Path,
+    cmdline: &str,
+    log: &Path,
+    extra: &[&str],
+) -> Vmm {
+    Vmm(stasis(runtime)
+        .args(["run", "--name", name, "--memory", &format!("{mib}M")])
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--cmdline", cmdline])
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn stasis run"))
+}
+
 /// A child VMM that is killed when dropped, also when the benchmark panics.
 pub struct Vmm(pub std::process::Child);
 
