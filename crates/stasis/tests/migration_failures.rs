@@ -14,11 +14,26 @@ const T: Duration = Duration::from_secs(120);
 /// A source guest on loopback (or in `netns`) that dirties memory, past
 /// its first pass.
 fn source(tag: &str, netns: Option<String>) -> VmProcess {
+    source_sized(tag, netns, "128M", 32)
+}
+
+/// A source whose guest fills `mem_mib` MiB at once: a first round far
+/// larger than any socket buffer (TCP autotuning may grow a loopback
+/// connection's to tens of MiB), so a destination that stops reading in
+/// round 1 surely stalls the source there, before switchover.
+fn big_source(tag: &str, netns: Option<String>) -> VmProcess {
+    source_sized(tag, netns, "320M", 256)
+}
+
+fn source_sized(tag: &str, netns: Option<String>, memory: &str, mem_mib: u32) -> VmProcess {
+    let cmdline = format!(
+        "console=ttyS0 workload=memory mem_mib={mem_mib} mem_fill=1 mem_rate=4000 report_ms=200"
+    );
     let mut src = VmProcess::start(
         tag,
         VmOpts {
-            memory: "128M",
-            cmdline: "console=ttyS0 workload=memory mem_mib=32 mem_rate=4000 report_ms=200",
+            memory,
+            cmdline: &cmdline,
             netns,
             ..Default::default()
         },
@@ -47,8 +62,7 @@ fn runs_on(src: &mut VmProcess) {
 
 /// Kills the receiver once it reports reaching failpoint `point` (set to
 /// hold there), and checks that the migration failed and the source runs.
-fn kill_destination_at(tag: &str, point: &str, extra: &[&str]) {
-    let mut src = source(tag, None);
+fn kill_destination_at(mut src: VmProcess, tag: &str, point: &str, extra: &[&str]) {
     let fp = format!("{point}=1*hold");
     let mut dst = receiver(
         &format!("{tag}-dst"),
@@ -70,28 +84,37 @@ fn kill_destination_at(tag: &str, point: &str, extra: &[&str]) {
 
 #[test]
 fn the_destination_killed_during_pre_copy_leaves_the_source_running() {
-    kill_destination_at("mfpre", "migrate.round_end", &[]);
+    let src = big_source("mfpre", None);
+    kill_destination_at(src, "mfpre", "migrate.memory_batch", &[]);
 }
 
 #[test]
 fn the_destination_killed_during_the_state_transfer_leaves_the_source_running() {
-    kill_destination_at("mfstate", "migrate.receive_section", &[]);
+    let src = source("mfstate", None);
+    kill_destination_at(src, "mfstate", "migrate.receive_section", &[]);
 }
 
 #[test]
 fn the_destination_killed_just_before_switchover_leaves_the_source_running() {
     // The source has paused, sent everything and released its disk locks;
     // it takes them back and resumes.
-    kill_destination_at("mfswitch", "migrate.before_confirm", &["--mode", "warm"]);
+    let src = source("mfswitch", None);
+    kill_destination_at(
+        src,
+        "mfswitch",
+        "migrate.before_confirm",
+        &["--mode", "warm"],
+    );
 }
 
 #[test]
 fn a_cut_link_fails_the_migration_and_the_source_runs_on() {
     let set = Setting::new("mfcut", &[]);
-    let mut src = source("mfcut", Some(set.hosts.a.name.clone()));
-    let mut dst = set.receiver_for(&src, &[("STASIS_FAILPOINTS", "migrate.round_end=1*hold")]);
+    let mut src = big_source("mfcut", Some(set.hosts.a.name.clone()));
+    let fp = "migrate.memory_batch=1*hold";
+    let mut dst = set.receiver_for(&src, &[("STASIS_FAILPOINTS", fp)]);
     let job = migrate_detached(&src, &dst.address, &["--psk", &set.key]);
-    wait_stderr(&mut dst.vm, "STASIS-FAILPOINT migrate.round_end", T);
+    wait_stderr(&mut dst.vm, "STASIS-FAILPOINT migrate.memory_batch", T);
     set.hosts.cut();
     let j = wait_job(&src, job, T);
     assert_eq!(j["state"], "failed", "{j}");
@@ -272,11 +295,11 @@ fn a_damaged_frame_is_refused_and_the_source_runs_on() {
 
 #[test]
 fn a_cancelled_migration_leaves_the_source_running_even_on_a_stalled_link() {
-    // The destination stops reading after the first round: the source
-    // blocks writing to a full connection. A cancel still ends it at once
-    // (the connection is shut), not after the stall timeout.
-    let mut src = source("mfcancel", None);
-    let fp = "migrate.round_end=1*hold";
+    // The destination stops reading at the first memory batch: the source
+    // blocks in round 1 writing to a full connection. A cancel still ends
+    // it at once (the connection is shut), not after the stall timeout.
+    let mut src = big_source("mfcancel", None);
+    let fp = "migrate.memory_batch=1*hold";
     let mut dst = receiver(
         "mfcancel-dst",
         None,
@@ -286,7 +309,7 @@ fn a_cancelled_migration_leaves_the_source_running_even_on_a_stalled_link() {
     );
     let dest = dst.address.clone();
     let job = migrate_detached(&src, &dest, &["--insecure"]);
-    wait_stderr(&mut dst.vm, "STASIS-FAILPOINT migrate.round_end", T);
+    wait_stderr(&mut dst.vm, "STASIS-FAILPOINT migrate.memory_batch", T);
     let asked = std::time::Instant::now();
     let out = src.cli(&["cancel", &src.name, &job.to_string()]);
     assert!(out.status.success(), "{}", err_text(&out));

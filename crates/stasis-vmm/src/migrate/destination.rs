@@ -138,6 +138,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
                             "a memory-batch frame",
                         ));
                     }
+                    stasis_failpoint::hit("migrate.memory_batch");
                     pages.apply(&b)?;
                     progress.add(b.len() as u64 * 4096);
                     false
