@@ -164,6 +164,8 @@ pub struct ApiServer {
     listener: UnixListener,
     file: SocketFile,
     timeouts: Timeouts,
+    /// A takeover: the path the socket moves to when serving starts.
+    takeover: Option<PathBuf>,
 }
 
 impl ApiServer {
@@ -186,7 +188,23 @@ impl ApiServer {
                 request: DEFAULT_REQUEST_DEADLINE,
                 drain: DRAIN_TIMEOUT,
             },
+            takeover: None,
         })
+    }
+
+    /// Binds a control socket that will take `path` over from the process
+    /// serving it now (a local upgrade's old stasis): it is bound beside
+    /// it (`PATH.new-PID`) and renamed over `path` when serving starts, so
+    /// that new clients reach this process from then on while the old one
+    /// finishes the connections it has. The old process never removes the
+    /// new socket (it removes only the socket file it made).
+    pub fn bind_takeover(path: impl AsRef<Path>) -> Result<ApiServer, ServerError> {
+        let path = path.as_ref();
+        let mut beside = path.as_os_str().to_owned();
+        beside.push(format!(".new-{}", std::process::id()));
+        let mut server = ApiServer::bind(PathBuf::from(beside))?;
+        server.takeover = Some(path.to_path_buf());
+        Ok(server)
     }
 
     /// Binds the control socket of the VM `name` in the runtime directory,
@@ -201,9 +219,9 @@ impl ApiServer {
         ApiServer::bind(runtime::socket_path_in(&dir, name)?)
     }
 
-    /// The socket path.
+    /// The socket path (for a takeover, the path it takes over).
     pub fn path(&self) -> &Path {
-        &self.file.path
+        self.takeover.as_deref().unwrap_or(&self.file.path)
     }
 
     /// Sets how long one read or write may block (`io`) and how long a
@@ -233,9 +251,18 @@ impl ApiServer {
     pub fn serve(self, handler: Arc<dyn ApiHandler>) -> Result<ApiServerHandle, ServerError> {
         let ApiServer {
             listener,
-            file,
+            mut file,
             timeouts,
+            takeover,
         } = self;
+        if let Some(path) = takeover {
+            fs::rename(&file.path, &path).map_err(|source| ServerError::Io {
+                what: "cannot move the control socket over",
+                path: path.clone(),
+                source,
+            })?;
+            file.path = path;
+        }
         let listener = Arc::new(listener);
         let shared = Arc::new(Shared::default());
         let thread = {

@@ -288,10 +288,11 @@ pub struct SnapshotRequest {
 /// The body of `PUT /v1/vm/migrate`: send the running VM to a `stasis
 /// receive` elsewhere. The VM ends here once the destination runs it; any
 /// failure before that leaves it running here.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// Where the receiver listens: `tcp:HOST:PORT`.
+    /// Where the receiver listens: `tcp:HOST:PORT`, or `unix:PATH` for a
+    /// local upgrade.
     pub destination: String,
     /// `live` (the default: pre-copy while the guest runs) or `warm` (the
     /// guest is paused for the whole transfer).

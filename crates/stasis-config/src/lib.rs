@@ -39,6 +39,48 @@ pub const MAX_VCPUS: u32 = 254;
 /// The default kernel command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
+/// What backs guest RAM on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryBackend {
+    /// Private anonymous memory, with transparent huge pages.
+    #[default]
+    Anonymous,
+    /// A shared memory file (`memfd_create`): another process can be given
+    /// it, so a local upgrade hands RAM over without copying it. Backed by
+    /// 4 KiB pages unless the host enables huge pages for shared memory
+    /// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`).
+    Memfd,
+}
+
+impl MemoryBackend {
+    fn is_default(&self) -> bool {
+        *self == Self::Anonymous
+    }
+}
+
+impl std::str::FromStr for MemoryBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "anonymous" => Ok(Self::Anonymous),
+            "memfd" => Ok(Self::Memfd),
+            other => Err(format!(
+                "unknown memory backend '{other}' (expected anonymous or memfd)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Anonymous => "anonymous",
+            Self::Memfd => "memfd",
+        })
+    }
+}
+
 /// How the kernel image is entered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +145,12 @@ pub struct VmConfig {
         default = "default_memory"
     )]
     pub memory_mib: u64,
+    /// What backs guest RAM on the host: `anonymous` (default; private
+    /// memory with transparent huge pages) or `memfd` (a memory file that
+    /// a local upgrade hands to the new stasis process instead of copying
+    /// it; see docs/MIGRATION.md).
+    #[serde(default, skip_serializing_if = "MemoryBackend::is_default")]
+    pub memory_backend: MemoryBackend,
     /// The kernel image: a bzImage or an ELF `vmlinux`.
     pub kernel: PathBuf,
     /// The kernel command line.
@@ -229,6 +277,7 @@ impl VmConfig {
             cpu: CpuModel::Host,
             cpu_features: FeatureChanges::default(),
             memory_mib: default_memory(),
+            memory_backend: MemoryBackend::Anonymous,
             kernel: kernel.into(),
             cmdline: default_cmdline(),
             initrd: None,

@@ -49,10 +49,16 @@ pub enum FrameKind {
     StateDone = 9,
     /// Destination → source: the VM runs here now; the source may end.
     Resumed = 10,
+    /// Source → destination (version 2, UNIX sockets): file descriptors
+    /// (guest memory files, taps) are about to be handed over.
+    Files = 11,
+    /// Destination → source (version 2): send the file descriptors now.
+    FilesReady = 12,
 }
 
 impl FrameKind {
-    /// The kind with this number in protocol version 1.
+    /// The kind with this number (11 and 12 exist from protocol
+    /// version 2).
     pub fn from_u8(v: u8) -> Option<FrameKind> {
         use FrameKind::*;
         Some(match v {
@@ -66,6 +72,8 @@ impl FrameKind {
             8 => Section,
             9 => StateDone,
             10 => Resumed,
+            11 => Files,
+            12 => FilesReady,
             _ => return None,
         })
     }
@@ -84,6 +92,8 @@ impl FrameKind {
             Section => "section",
             StateDone => "state-done",
             Resumed => "resumed",
+            Files => "files",
+            FilesReady => "files-ready",
         }
     }
 }

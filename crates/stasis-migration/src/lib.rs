@@ -28,15 +28,19 @@ pub use auth::{secure, Auth, ChannelReader, ChannelWriter, Key, Role};
 pub use error::{Error, Result};
 pub use frame::{FrameKind, FrameReader, FrameWriter, MAX_PAYLOAD, PREAMBLE};
 pub use message::{
-    is_zero, BatchBuilder, Hello, MemoryBatch, Message, PageEntry, Refusal, RoundEnd, Section,
-    VmDescription, Welcome, MAX_BATCH_PAGES, PAGE_SIZE,
+    is_zero, BatchBuilder, FilesOffer, Hello, MemoryBatch, MemoryFile, Message, PageEntry, Refusal,
+    RoundEnd, Section, VmDescription, Welcome, MAX_BATCH_PAGES, PAGE_SIZE,
 };
 
-/// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this build speaks. Version 2 added the
+/// files and files-ready frames (a local upgrade's hand-over of memory
+/// files and taps); everything else is as in version 1.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still speaks. A receiver always
-/// accepts at least the version before its newest one, once there is one.
+/// accepts at least the version before its newest one.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// The first protocol version with the files frames.
+pub const FILES_PROTOCOL_VERSION: u32 = 2;
 
 /// Picks the protocol version for a peer that speaks `peer_min..=peer_max`:
 /// the newest both speak, or an error naming both ranges.
@@ -58,12 +62,12 @@ mod tests {
 
     #[test]
     fn the_newest_common_version_is_chosen_or_both_ranges_are_named() {
-        assert_eq!(negotiate(1, 1).unwrap(), 1);
+        assert_eq!(negotiate(1, 1).unwrap(), 1, "version 1 peers still served");
         assert_eq!(negotiate(1, 7).unwrap(), PROTOCOL_VERSION);
-        let e = negotiate(2, 3).unwrap_err().to_string();
+        let e = negotiate(3, 4).unwrap_err().to_string();
         assert_eq!(
             e,
-            "no protocol version in common: this side speaks 1..=1, the peer 2..=3"
+            "no protocol version in common: this side speaks 1..=2, the peer 3..=4"
         );
         assert!(negotiate(3, 2).is_err(), "an empty range");
         assert!(negotiate(0, 0).is_err());

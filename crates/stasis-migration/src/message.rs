@@ -70,6 +70,36 @@ pub struct VmDescription {
     pub memory_bytes: u64,
 }
 
+/// Source → destination (protocol version 2, over a UNIX socket only):
+/// file descriptors follow out of band once the destination answers
+/// files-ready: first one per memory region, then one per tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesOffer {
+    /// Guest RAM handed over as memory files, one per region in order
+    /// (empty: memory comes in batches as over TCP).
+    pub memory: Vec<MemoryFile>,
+    /// Taps handed over, by interface name.
+    pub taps: Vec<String>,
+}
+
+impl FilesOffer {
+    /// How many descriptors follow.
+    pub fn count(&self) -> usize {
+        self.memory.len() + self.taps.len()
+    }
+}
+
+/// One guest RAM region in a memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFile {
+    /// Guest physical address of the region.
+    pub gpa: u64,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Where it starts in its file.
+    pub offset: u64,
+}
+
 /// Source → destination: a pass over memory is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoundEnd {
@@ -326,6 +356,10 @@ pub enum Message<'a> {
     StateDone,
     /// The VM runs on the destination.
     Resumed,
+    /// See [`FilesOffer`].
+    Files(FilesOffer),
+    /// The destination waits for the descriptors.
+    FilesReady,
 }
 
 fn json<'de, T: Deserialize<'de>>(kind: FrameKind, payload: &'de [u8]) -> Result<T> {
@@ -366,6 +400,11 @@ impl<'a> Message<'a> {
                 empty(kind, p)?;
                 Message::Resumed
             }
+            FrameKind::Files => Message::Files(json(kind, p)?),
+            FrameKind::FilesReady => {
+                empty(kind, p)?;
+                Message::FilesReady
+            }
             FrameKind::MemoryBatch => Message::MemoryBatch(decode_batch(p)?),
             FrameKind::Section => Message::Section(decode_section(p)?),
         })
@@ -384,6 +423,8 @@ impl<'a> Message<'a> {
             Message::RoundEnd(r) => (FrameKind::RoundEnd, j(serde_json::to_vec(r))),
             Message::StateDone => (FrameKind::StateDone, Vec::new()),
             Message::Resumed => (FrameKind::Resumed, Vec::new()),
+            Message::Files(f) => (FrameKind::Files, j(serde_json::to_vec(f))),
+            Message::FilesReady => (FrameKind::FilesReady, Vec::new()),
             Message::Section(s) => (FrameKind::Section, s.encode()?),
             Message::MemoryBatch(b) => {
                 let mut out = Vec::new();
@@ -410,6 +451,8 @@ impl<'a> Message<'a> {
             Message::Section(_) => FrameKind::Section,
             Message::StateDone => FrameKind::StateDone,
             Message::Resumed => FrameKind::Resumed,
+            Message::Files(_) => FrameKind::Files,
+            Message::FilesReady => FrameKind::FilesReady,
         }
     }
 }

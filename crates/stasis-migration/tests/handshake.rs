@@ -38,7 +38,7 @@ fn run(
     let mut w = FrameWriter::start(sw).unwrap();
     let mut r = FrameReader::start(sr).unwrap();
     let source = source_hello(&mut r, &mut w, "src").and_then(|welcome| {
-        assert_eq!(welcome.protocol, 1);
+        assert_eq!(welcome.protocol, stasis_migration::PROTOCOL_VERSION);
         assert_eq!(welcome.software, "dest");
         source_offer(&mut r, &mut w, vm())
     });
@@ -89,7 +89,7 @@ fn a_source_speaking_only_newer_versions_is_refused_with_both_ranges() {
     let reason: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
     assert_eq!(
         reason["reason"],
-        "no protocol version in common: this side speaks 1..=1, the peer 5..=6"
+        "no protocol version in common: this side speaks 1..=2, the peer 5..=6"
     );
     assert!(matches!(
         dest.join().unwrap(),

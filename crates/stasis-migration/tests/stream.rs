@@ -74,7 +74,10 @@ fn a_conversation_round_trips() {
     let Message::Hello(h) = Message::decode(&f).unwrap() else {
         panic!("not a hello");
     };
-    assert_eq!(negotiate(h.protocol_min, h.protocol_max).unwrap(), 1);
+    assert_eq!(
+        negotiate(h.protocol_min, h.protocol_max).unwrap(),
+        PROTOCOL_VERSION
+    );
     let f = r.next_frame().unwrap().unwrap();
     assert!(
         matches!(Message::decode(&f).unwrap(), Message::VmDescription(d) if d.memory_bytes == 64 << 20)
@@ -277,4 +280,33 @@ fn well_framed_nonsense_is_refused_by_name() {
         let e = read_all(&frame(kind, &payload)).unwrap_err().to_string();
         assert!(e.starts_with(want), "{kind}: expected {want:?}, got {e:?}");
     }
+}
+
+#[test]
+fn a_files_offer_round_trips_and_files_ready_carries_nothing() {
+    use stasis_migration::{FilesOffer, MemoryFile};
+    let offer = FilesOffer {
+        memory: vec![MemoryFile {
+            gpa: 0,
+            size: 1 << 30,
+            offset: 0,
+        }],
+        taps: vec!["tap0".into()],
+    };
+    assert_eq!(offer.count(), 2);
+    let mut w = FrameWriter::start(Vec::new()).unwrap();
+    let (k, p) = Message::Files(offer.clone()).encode().unwrap();
+    assert_eq!(k, FrameKind::Files);
+    w.write(k, &p).unwrap();
+    w.write(FrameKind::FilesReady, b"x").unwrap();
+    let bytes = w.into_inner();
+    let mut r = FrameReader::start(Cursor::new(&bytes)).unwrap();
+    let f = r.next_frame().unwrap().unwrap();
+    assert_eq!(Message::decode(&f).unwrap(), Message::Files(offer));
+    let f = r.next_frame().unwrap().unwrap();
+    let e = Message::decode(&f).unwrap_err().to_string();
+    assert!(
+        e.contains("files-ready frame: 1 bytes where none belong"),
+        "{e}"
+    );
 }

@@ -463,6 +463,20 @@ impl VmControl {
         self.each_virtio(|t| t.hand_over_backend(release))
     }
 
+    /// Descriptors of the backends a local upgrade hands over (taps), with
+    /// their names (see
+    /// [`crate::devices::virtio::VirtioDevice::handover_file`]).
+    pub fn handover_files(&self) -> std::io::Result<Vec<(String, std::fs::File)>> {
+        let mut out = Vec::new();
+        self.each_virtio(|t| {
+            if let Some(f) = t.handover_file() {
+                out.push(f?);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Has every network card announce the guest (see
     /// [`crate::devices::virtio::VirtioDevice::announce`]).
     pub fn announce_network(&self) {
@@ -649,7 +663,11 @@ impl Vm {
         let mut restore_fill = None;
         let mut migrated = false;
         let (mem, saved, restore_cpu) = match source {
-            VmSource::Boot => (memory::allocate(config.memory_mib)?, None, None),
+            VmSource::Boot => (
+                memory::allocate(config.memory_mib, config.memory_backend)?,
+                None,
+                None,
+            ),
             VmSource::Restore {
                 memory,
                 fill,

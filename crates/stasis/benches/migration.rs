@@ -10,6 +10,11 @@
 //!
 //! * stasis with a pre-shared key (authenticated, encrypted stream);
 //! * stasis with `--insecure` (clear stream: the cost of the encryption);
+//! * stasis local upgrade (`unix:PATH`) of a guest whose RAM is a memory
+//!   file (`--memory-backend memfd`): memory is handed over, only state
+//!   is sent;
+//! * stasis local upgrade of a guest with anonymous RAM: copied over the
+//!   UNIX socket, live, as over TCP;
 //! * QEMU 7.2 (`qemu-system-x86_64`, microvm, the same guest, clear TCP),
 //!   its parameters set to match ours: `downtime-limit` 50 ms,
 //!   `max-bandwidth` unlimited (its default is 32 MiB/s), auto-converge on.
@@ -67,7 +72,15 @@ fn wait_full(log: &Path, rate: u64) {
     }
 }
 
-fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, extra: &[&str]) -> Figures {
+/// How a stasis run is set up: flags of `stasis run`, where the receiver
+/// listens, and flags of both `receive` and `migrate`.
+struct Setup<'a> {
+    run: &'a [&'a str],
+    listen: String,
+    extra: &'a [&'a str],
+}
+
+fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, setup: &Setup) -> Figures {
     let runtime = dir.join("run-src");
     let log = dir.join("src.log");
     let _ = std::fs::remove_file(&log);
@@ -78,13 +91,13 @@ fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, extra: &[&str]) ->
         kernel,
         &cmdline(mib, rate),
         &log,
-        &[],
+        setup.run,
     );
     wait_full(&log, rate);
     let mut dst = Vmm(stasis(&dir.join("run-dst"))
-        .args(["receive", "--listen", "tcp:127.0.0.1:0", "--serial"])
+        .args(["receive", "--listen", &setup.listen, "--serial"])
         .arg(format!("file:{}", dir.join("dst.log").display()))
-        .args(extra)
+        .args(setup.extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -101,7 +114,7 @@ fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, extra: &[&str]) ->
     std::thread::spawn(move || for _ in lines {});
     let out = stasis(&runtime)
         .args(["migrate", "mbench", &address, "--json"])
-        .args(extra)
+        .args(setup.extra)
         .output()
         .unwrap();
     assert!(
@@ -297,9 +310,39 @@ fn main() {
     for mib in sizes {
         for rate in [0u64, 10, 100] {
             let (mut psk, mut clear, mut q) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut handed, mut copied) = (Vec::new(), Vec::new());
+            let tcp = "tcp:127.0.0.1:0".to_string();
+            let unix = format!("unix:{}", dir.join("up.sock").display());
+            let memfd = ["--memory-backend", "memfd"];
             for _ in 0..runs() {
-                psk.push(stasis_run(&dir, &kernel, mib, rate, &["--psk", &key]));
-                clear.push(stasis_run(&dir, &kernel, mib, rate, &["--insecure"]));
+                let psk_flags = ["--psk", key.as_str()];
+                let at = |run, listen: &String, extra| Setup {
+                    run,
+                    listen: listen.clone(),
+                    extra,
+                };
+                psk.push(stasis_run(
+                    &dir,
+                    &kernel,
+                    mib,
+                    rate,
+                    &at(&[], &tcp, &psk_flags),
+                ));
+                clear.push(stasis_run(
+                    &dir,
+                    &kernel,
+                    mib,
+                    rate,
+                    &at(&[], &tcp, &["--insecure"]),
+                ));
+                handed.push(stasis_run(
+                    &dir,
+                    &kernel,
+                    mib,
+                    rate,
+                    &at(&memfd, &unix, &[]),
+                ));
+                copied.push(stasis_run(&dir, &kernel, mib, rate, &at(&[], &unix, &[])));
                 if qemu_ok {
                     let khz = guest_tsc_khz(&dir);
                     if let Some(f) = qemu_run(&dir, &kernel, mib, rate, khz) {
@@ -308,7 +351,7 @@ fn main() {
                 }
             }
             println!(
-                "\n{} guest dirtying {rate} MB/s, live migration over loopback, median of {}:\n",
+                "\n{} guest dirtying {rate} MB/s, live migration over loopback (local upgrades over a UNIX socket), median of {}:\n",
                 size_name(mib),
                 runs()
             );
@@ -316,6 +359,8 @@ fn main() {
             println!("|---|---|---|---|---|");
             row("stasis, pre-shared key (encrypted)", &psk);
             row("stasis, --insecure", &clear);
+            row("stasis local upgrade, memfd RAM handed over", &handed);
+            row("stasis local upgrade, anonymous RAM copied", &copied);
             row("QEMU 7.2", &q);
             if !psk.is_empty() && !q.is_empty() {
                 let r = |f: fn(&Figures) -> f64, v: &[Figures]| median(v.iter().map(f).collect());

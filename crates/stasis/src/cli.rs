@@ -240,12 +240,14 @@ impl OverrideArgs {
     }
 }
 
-/// `stasis receive --listen tcp:ADDR:PORT`.
+/// `stasis receive --listen tcp:ADDR:PORT|unix:PATH`.
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
     /// Where to wait for the one incoming VM: tcp:ADDR:PORT (port 0 picks
-    /// a free port, printed on standard error).
-    #[arg(long, value_name = "tcp:ADDR:PORT")]
+    /// a free port, printed on standard error), or unix:PATH for a local
+    /// upgrade (guest memory files and taps are handed over, not copied;
+    /// only this user or root may connect).
+    #[arg(long, value_name = "tcp:ADDR:PORT|unix:PATH")]
     pub listen: stasis_vmm::migrate::MigrationAddress,
     /// The key shared with the source (a file readable by its owner only,
     /// 16 to 4096 bytes, e.g. from `head -c 32 /dev/urandom > key`): the
@@ -261,12 +263,14 @@ pub struct ReceiveArgs {
     pub vm: OverrideArgs,
 }
 
-/// `stasis migrate NAME tcp:HOST:PORT`.
+/// `stasis migrate NAME tcp:HOST:PORT|unix:PATH`.
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// The VM's name.
     pub name: String,
-    /// Where `stasis receive` listens: tcp:HOST:PORT.
+    /// Where `stasis receive` listens: tcp:HOST:PORT, or unix:PATH for a
+    /// local upgrade (a VM run with --memory-backend memfd hands its
+    /// memory over and pauses only for its state; other RAM is copied).
     pub destination: stasis_vmm::migrate::MigrationAddress,
     /// live: memory is copied while the guest runs, in rounds, then the
     /// guest pauses briefly for the rest; warm: the guest is paused for
@@ -345,6 +349,10 @@ pub struct RunArgs {
     /// Guest memory: MiB, or with a unit such as 512M or 2G (default 256).
     #[arg(long, value_parser = parse_memory)]
     pub memory: Option<u64>,
+    /// What backs guest RAM: anonymous (default; huge pages) or memfd (a
+    /// memory file a local upgrade hands over without copying).
+    #[arg(long, value_name = "BACKEND")]
+    pub memory_backend: Option<stasis_config::MemoryBackend>,
     /// Kernel image: bzImage or ELF vmlinux.
     #[arg(long)]
     pub kernel: Option<PathBuf>,

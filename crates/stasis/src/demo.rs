@@ -4,7 +4,8 @@
 //! job through the control API, a diff snapshot against that one,
 //! suspends it to a snapshot (the VM ends),
 //! restores a new VM from the snapshot alone, shows the counter going
-//! on from where it was, and live-migrates it to another stasis process.
+//! on from where it was, live-migrates it to another stasis process, and
+//! has a third take it over locally (its RAM, a memory file, handed over).
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -192,6 +193,8 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     cfg.vcpus = args.vcpus;
     cfg.cpu = args.cpu;
     cfg.memory_mib = 64;
+    // RAM in a memory file: the local upgrade at the end hands it over.
+    cfg.memory_backend = stasis_config::MemoryBackend::Memfd;
     cfg.cmdline = format!(
         "console=ttyS0 workload=heartbeat hb_ms=250{}",
         if args.vcpus > 1 { " smp=1" } else { "" }
@@ -370,7 +373,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     // loopback), as `stasis migrate` does.
     let migrated_serial = dir.join("serial-migrated.log");
     std::fs::File::create(&migrated_serial).map_err(|e| e.to_string())?;
-    let mut receiver = Receiver::spawn(dir, &migrated_serial)?;
+    let mut receiver = Receiver::spawn(dir, &migrated_serial, "tcp:127.0.0.1:0")?;
     let report = migrate_to(&control, &receiver.address)?;
     let reason = vm.wait();
     println!(
@@ -385,34 +388,87 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     let mut tail = Tail::open(&migrated_serial).map_err(|e| e.to_string())?;
     let mut migrated = None;
     show(&mut tail, secs, &mut migrated);
-    receiver.stop(&plan.config.name)?;
-    match migrated {
-        Some(m) if m > restored => println!(
-            "stasis demo: the heartbeat counter went on from {restored} to {m} in the other process; it was stopped"
-        ),
+    let migrated = match migrated {
+        Some(m) if m > restored => {
+            println!(
+                "stasis demo: the heartbeat counter went on from {restored} to {m} in the other process"
+            );
+            m
+        }
         _ => return Err("the migrated guest's heartbeat did not continue".into()),
+    };
+
+    // 8. A local upgrade: a third stasis process takes the VM over
+    // through a UNIX socket (`stasis migrate NAME unix:PATH`); its RAM,
+    // a memory file, is handed over, not copied.
+    let upgraded_serial = dir.join("serial-upgraded.log");
+    std::fs::File::create(&upgraded_serial).map_err(|e| e.to_string())?;
+    let listen = format!("unix:{}", dir.join("upgrade.sock").display());
+    let mut upgraded = Receiver::spawn(dir, &upgraded_serial, &listen)?;
+    let report = local_upgrade(&plan.config.name, &upgraded.address)?;
+    let old = receiver.child.wait().map_err(|e| e.to_string())?;
+    println!(
+        "stasis demo: upgraded it in place: a new stasis process (pid {}) took it over through {} ({}): guest paused {:.1} ms, {} sent; the old process ended ({old})",
+        upgraded.child.id(),
+        report.destination,
+        if report.mode == "local" { "its memory handed over, not copied" } else { "its memory copied" },
+        report.downtime_ms,
+        stasis_snapshot::format_bytes(report.bytes_sent),
+    );
+    let mut tail = Tail::open(&upgraded_serial).map_err(|e| e.to_string())?;
+    let mut last = None;
+    show(&mut tail, secs, &mut last);
+    upgraded.stop(&plan.config.name)?;
+    match last {
+        Some(u) if u > migrated => println!(
+            "stasis demo: the heartbeat counter went on from {migrated} to {u} in the upgraded process; it was stopped"
+        ),
+        _ => return Err("the upgraded guest's heartbeat did not continue".into()),
     }
     Ok(())
 }
 
-/// A `stasis receive --insecure` child on loopback.
+/// Asks the VM `name` (through its API, as `stasis migrate` does) to hand
+/// itself over to the receiver at `address`.
+fn local_upgrade(
+    name: &str,
+    address: &str,
+) -> Result<stasis_vmm::migrate::MigrationReport, String> {
+    let client = ApiClient::for_vm(name).map_err(|e| e.to_string())?;
+    let request = stasis_api::MigrateRequest {
+        destination: address.to_string(),
+        ..Default::default()
+    };
+    let v = client
+        .migrate(&request)
+        .map_err(|e| format!("local upgrade failed: {e}"))?;
+    serde_json::from_value(v).map_err(|e| format!("the upgrade's report cannot be read: {e}"))
+}
+
+/// A `stasis receive` child listening on `listen` (`--insecure` on
+/// loopback TCP; a UNIX socket needs nothing).
 struct Receiver {
     child: std::process::Child,
     address: String,
 }
 
 impl Receiver {
-    fn spawn(dir: &std::path::Path, serial: &std::path::Path) -> Result<Self, String> {
+    fn spawn(
+        dir: &std::path::Path,
+        serial: &std::path::Path,
+        listen: &str,
+    ) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let log = dir.join("receiver.log");
+        let kind = listen.split(':').next().unwrap_or("receiver");
+        let log = dir.join(format!("receiver-{kind}.log"));
         let mut child = std::process::Command::new(exe)
-            .args([
-                "receive",
-                "--listen",
-                "tcp:127.0.0.1:0",
-                "--insecure",
-                "--serial",
-            ])
+            .args(["receive", "--listen", listen])
+            .args(if listen.starts_with("tcp:") {
+                &["--insecure"][..]
+            } else {
+                &[]
+            })
+            .arg("--serial")
             .arg(format!("file:{}", serial.display()))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

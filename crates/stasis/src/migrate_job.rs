@@ -30,6 +30,9 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
     let auth = match (&req.psk_file, req.insecure) {
         (Some(_), true) => return Err("give a key file or insecure, not both".into()),
         (Some(p), false) => Auth::Psk(Key::from_file(std::path::Path::new(p))?),
+        // A UNIX socket is this host's: the receiver made it its user's
+        // only, and checks who connects.
+        (None, _) if address.is_local() => Auth::None,
         (None, true) if address.is_loopback() => Auth::None,
         (None, true) => {
             return Err(format!(
@@ -56,6 +59,7 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
         auto_converge: req.auto_converge.unwrap_or(defaults.auto_converge),
         destination: address.to_string(),
         progress: Arc::default(),
+        handover: None,
     };
     Ok(Plan {
         address,
@@ -97,6 +101,9 @@ pub fn run(control: &VmControl, plan: Plan, progress: Arc<Progress>) -> JobResul
         .map_err(|e| internal(format!("cannot connect to {address}: {e}")))?;
     let clone = || stream.try_clone().map_err(|e| internal(e.to_string()));
     let (read_half, watched) = (clone()?, clone()?);
+    if stream.carries_files() {
+        options.handover = Some(Arc::new(clone()?));
+    }
     // A cancel must not wait for a stalled connection (a write blocks
     // until the stall timeout): it shuts the connection, and the blocked
     // call fails at once. Never once the switchover is committed.
@@ -109,7 +116,7 @@ pub fn run(control: &VmControl, plan: Plan, progress: Arc<Progress>) -> JobResul
                 while !done.load(std::sync::atomic::Ordering::SeqCst) {
                     let p = progress.read();
                     if p.cancel_requested && !p.committing {
-                        let _ = watched.shutdown(std::net::Shutdown::Both);
+                        let _ = watched.shutdown();
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(20));

@@ -1,5 +1,6 @@
-//! `stasis migrate NAME tcp:HOST:PORT` (a client of the source VM's API)
-//! and `stasis receive --listen tcp:ADDR:PORT` (a VMM waiting for one VM).
+//! `stasis migrate NAME tcp:HOST:PORT|unix:PATH` (a client of the source
+//! VM's API) and `stasis receive --listen tcp:ADDR:PORT|unix:PATH` (a VMM
+//! waiting for one VM; on a UNIX socket, a local upgrade).
 
 use std::io::{BufReader, BufWriter};
 use std::sync::atomic::Ordering;
@@ -8,7 +9,7 @@ use stasis_api::{ApiClient, ApiServer, MigrateRequest};
 use stasis_migration::{secure, Auth, Key, Role};
 use stasis_snapshot::{format_bytes, Progress};
 use stasis_vmm::migrate::destination::Incoming;
-use stasis_vmm::migrate::{address, MigrationReport};
+use stasis_vmm::migrate::MigrationReport;
 use stasis_vmm::Vm;
 
 use crate::cli::{MigrateArgs, ReceiveArgs};
@@ -158,6 +159,9 @@ pub fn receive(args: ReceiveArgs) -> i32 {
 fn receiver_auth(args: &ReceiveArgs) -> Result<Auth, String> {
     match (&args.psk, args.insecure) {
         (Some(p), _) => Ok(Auth::Psk(Key::from_file(p)?)),
+        // Only this user (or root) can connect to the socket; the peer's
+        // user is checked again when it connects.
+        (None, _) if args.listen.is_local() => Ok(Auth::None),
         (None, true) if args.listen.is_loopback() => Ok(Auth::None),
         (None, true) => Err(format!(
             "--insecure is allowed only on a loopback address, not {}: give --psk FILE",
@@ -177,28 +181,47 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
         .listen
         .listen()
         .map_err(|e| format!("cannot listen: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    eprintln!("stasis: waiting for a migration on tcp:{local}");
+    let local = listener.address().map_err(|e| e.to_string())?;
+    eprintln!("stasis: waiting for a migration on {local}");
     let (stream, peer) = listener.accept().map_err(|e| e.to_string())?;
     drop(listener);
-    address::prepare(&stream).map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
     let read_half = stream.try_clone().map_err(|e| e.to_string())?;
+    let source_pid = stream.peer_pid();
+    let handover = match stream.carries_files() {
+        true => Some(stream.try_clone().map_err(|e| e.to_string())?),
+        false => None,
+    };
     let (r, w) = secure(read_half, stream, Role::Destination, &auth)
         .map_err(|e| format!("connection from {peer}: {e}"))?;
     let mut incoming = Incoming::start(BufReader::with_capacity(1 << 20, r), BufWriter::new(w))
         .map_err(|e| format!("connection from {peer}: {e}"))?;
+    if let Some(stream) = handover {
+        incoming = incoming
+            .with_handover(stream)
+            .map_err(|e| format!("connection from {peer}: {e}"))?;
+    }
     let mut bound = None;
     let config = incoming
         .check(&overrides, |config| {
             let socket = api_socket_path(config)?;
-            let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
-            bound = Some((server, socket));
+            // A local upgrade in the same runtime directory: the control
+            // socket is the source's own, taken over once the VM runs here.
+            let takeover = source_pid.is_some()
+                && stasis_vmm::migrate::transport::listener_pid(&socket) == source_pid;
+            let server = match takeover {
+                true => ApiServer::bind_takeover(&socket),
+                false => ApiServer::bind(&socket),
+            }
+            .map_err(|e| e.to_string())?;
+            bound = Some((server, socket, takeover));
             Ok(())
         })
         .map_err(|e| e.to_string())?;
-    let (server, socket) = bound.expect("an accepted VM has its socket");
-    crate::panics::install(&config.name, vec![socket]);
+    let (server, socket, takeover) = bound.expect("an accepted VM has its socket");
+    // The source's socket is never removed from here; a taken-over one is
+    // ours only once serving starts.
+    crate::panics::install(&config.name, if takeover { vec![] } else { vec![socket] });
     eprintln!(
         "stasis: receiving '{}' from {peer} ({}, {} MiB)",
         config.name, incoming.source_software, config.memory_mib
@@ -230,14 +253,23 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
             return Err(reason);
         }
     };
-    eprintln!(
-        "stasis: received '{}': {} pages in {} rounds, {} in {:.1} ms",
-        arrival.config.name,
-        arrival.pages,
-        arrival.rounds,
-        format_bytes(arrival.bytes),
-        started.elapsed().as_secs_f64() * 1e3
-    );
+    if arrival.memory_handed_over {
+        eprintln!(
+            "stasis: received '{}': memory handed over as files, {} of state in {:.1} ms",
+            arrival.config.name,
+            format_bytes(arrival.bytes),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    } else {
+        eprintln!(
+            "stasis: received '{}': {} pages in {} rounds, {} in {:.1} ms",
+            arrival.config.name,
+            arrival.pages,
+            arrival.rounds,
+            format_bytes(arrival.bytes),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
     stasis_failpoint::hit("migrate.before_confirm");
     let cfg = arrival.config;
     serve_then(

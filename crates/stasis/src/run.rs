@@ -44,6 +44,9 @@ pub fn build_config(args: &RunArgs) -> Result<VmConfig, String> {
     if let Some(v) = &args.initrd {
         cfg.initrd = Some(v.clone());
     }
+    if let Some(v) = args.memory_backend {
+        cfg.memory_backend = v;
+    }
     if let Some(v) = args.boot {
         cfg.boot = v;
     }

@@ -23,7 +23,7 @@ const T: Duration = Duration::from_secs(120);
 /// Holds the background writer 1 s before its first batch.
 const HOLD_FIRST_BATCH: &str = "writer.memory_batch=1*sleep(1000)";
 
-fn memory_vm(tag: &str, mib: u64, vcpus: u32) -> VmProcess {
+fn memory_vm(tag: &str, mib: u64, vcpus: u32, backend: &str) -> VmProcess {
     let memory = format!("{mib}M");
     let cmdline = format!(
         "console=ttyS0 workload=memory mem_mib={} report_ms=200{}",
@@ -37,6 +37,7 @@ fn memory_vm(tag: &str, mib: u64, vcpus: u32) -> VmProcess {
             memory: &memory,
             cmdline: &cmdline,
             env: vec![("STASIS_FAILPOINTS".into(), HOLD_FIRST_BATCH.into())],
+            extra: vec!["--memory-backend".into(), backend.into()],
             ..Default::default()
         },
     )
@@ -62,8 +63,8 @@ fn assert_clean(vm: &VmProcess, lines: &[String]) {
 
 /// Background snapshot of a guest writing all its memory; the source goes
 /// on, and the restored guest finds every page as it was at the pause.
-fn memory_exact_at_pause(tag: &str, mib: u64, vcpus: u32) {
-    let mut vm = memory_vm(tag, mib, vcpus);
+fn memory_exact_at_pause(tag: &str, mib: u64, vcpus: u32, backend: &str) {
+    let mut vm = memory_vm(tag, mib, vcpus, backend);
     let cpus: Vec<u64> = (0..vcpus as u64).collect();
     // Every CPU has written its whole share once.
     vm.wait_until("a full pass on every CPU", T, |ls| {
@@ -115,6 +116,12 @@ fn memory_exact_at_pause(tag: &str, mib: u64, vcpus: u32) {
     });
     let after = r.tagged("MEM");
     assert_clean(&r, &after);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", r.child.id())).unwrap();
+    assert_eq!(
+        maps.contains("memfd:stasis-guest-ram"),
+        backend == "memfd",
+        "the restored RAM keeps the backend"
+    );
     for &c in &cpus {
         let a = mem_of(&after, c);
         assert!(num(&a[1], "verified") > 0, "{}", a[1]);
@@ -123,17 +130,25 @@ fn memory_exact_at_pause(tag: &str, mib: u64, vcpus: u32) {
 
 #[test]
 fn background_snapshot_is_the_guest_at_the_pause_256m_1cpu() {
-    memory_exact_at_pause("bg-256-1", 256, 1);
+    memory_exact_at_pause("bg-256-1", 256, 1, "anonymous");
 }
 
 #[test]
 fn background_snapshot_is_the_guest_at_the_pause_256m_2cpus() {
-    memory_exact_at_pause("bg-256-2", 256, 2);
+    memory_exact_at_pause("bg-256-2", 256, 2, "anonymous");
 }
 
 #[test]
 fn background_snapshot_is_the_guest_at_the_pause_1g_2cpus() {
-    memory_exact_at_pause("bg-1g-2", 1024, 2);
+    memory_exact_at_pause("bg-1g-2", 1024, 2, "anonymous");
+}
+
+/// RAM that is a shared memory file (`--memory-backend memfd`): write
+/// protection works on it too, and the restore (in the background, its
+/// RAM again a memory file, filled by copying) verifies every page.
+#[test]
+fn background_snapshot_of_memfd_ram_is_the_guest_at_the_pause() {
+    memory_exact_at_pause("bg-memfd", 256, 1, "memfd");
 }
 
 /// Device threads write into guest memory too (a block read lands in a

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
-use stasis_config::{BootProtocol, VmConfig};
+use stasis_config::{BootProtocol, MemoryBackend, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::pvh::XEN_HVM_START_MAGIC_VALUE;
@@ -79,7 +79,7 @@ fn debian_bzimage_gets_a_proper_zero_page() {
     let mut cfg = VmConfig::new("t", &kernel);
     cfg.cmdline = "console=ttyS0 root=/dev/vda".into();
     cfg.initrd = Some(initrd);
-    let mem = memory::allocate(256).unwrap();
+    let mem = memory::allocate(256, MemoryBackend::Anonymous).unwrap();
     let info = load(&cfg, &mem, layout::ACPI_START).unwrap();
     assert_eq!(info.entry.protocol, ResolvedProtocol::Linux64);
     assert_eq!(info.entry.entry, layout::HIMEM_START + 0x200);
@@ -135,7 +135,7 @@ fn debian_bzimage_gets_a_proper_zero_page() {
 fn debian_bzimage_refuses_pvh() {
     let mut cfg = VmConfig::new("t", debian_bzimage());
     cfg.boot = BootProtocol::Pvh;
-    let mem = memory::allocate(64).unwrap();
+    let mem = memory::allocate(64, MemoryBackend::Anonymous).unwrap();
     let err = load(&cfg, &mem, layout::ACPI_START).unwrap_err();
     assert!(
         err.to_string().contains("PVH needs an ELF vmlinux"),
@@ -152,7 +152,7 @@ fn elf_with_pvh_note_boots_through_pvh_by_default() {
     let dir = TempDir::new("pvh");
     let mut cfg = VmConfig::new("t", guest_elf(&dir.0));
     cfg.cmdline = "workload=heartbeat".into();
-    let mem = memory::allocate(5 * 1024).unwrap(); // spans the MMIO hole
+    let mem = memory::allocate(5 * 1024, MemoryBackend::Anonymous).unwrap(); // spans the MMIO hole
     let info = load(&cfg, &mem, layout::ACPI_START).unwrap();
     assert_eq!(info.entry.protocol, ResolvedProtocol::Pvh);
     let si: StartInfo = read(&mem, layout::PVH_START_INFO_ADDR);
@@ -186,7 +186,7 @@ fn elf_can_use_the_linux_64_bit_entry() {
     let dir = TempDir::new("elf64");
     let mut cfg = VmConfig::new("t", guest_elf(&dir.0));
     cfg.boot = BootProtocol::Linux;
-    let mem = memory::allocate(64).unwrap();
+    let mem = memory::allocate(64, MemoryBackend::Anonymous).unwrap();
     let info = load(&cfg, &mem, layout::ACPI_START).unwrap();
     assert_eq!(info.entry.protocol, ResolvedProtocol::Linux64);
     let e_entry = u64::from_le_bytes(stasis_guestkit::GUEST_ELF[24..32].try_into().unwrap());
@@ -209,7 +209,7 @@ fn initrd_too_large_is_refused_by_name() {
     f.set_len(40 << 20).unwrap();
     let mut cfg = VmConfig::new("t", guest_elf(&dir.0));
     cfg.initrd = Some(initrd);
-    let mem = memory::allocate(32).unwrap();
+    let mem = memory::allocate(32, MemoryBackend::Anonymous).unwrap();
     let err = load(&cfg, &mem, layout::ACPI_START).unwrap_err();
     assert!(
         err.to_string()

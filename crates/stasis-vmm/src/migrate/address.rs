@@ -1,8 +1,11 @@
 //! Where a migration goes, or where a receiver listens: `tcp:HOST:PORT`
-//! (a name or an address, IPv6 in brackets).
+//! (a name or an address, IPv6 in brackets), or `unix:PATH` (a local
+//! upgrade: another stasis process on this host).
 
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 
+use super::transport::{MigrationListener, MigrationStream};
 use super::IO_TIMEOUT;
 
 /// A migration endpoint.
@@ -15,6 +18,12 @@ pub enum MigrationAddress {
         /// The port.
         port: u16,
     },
+    /// A UNIX socket on this host: a local upgrade, where guest memory
+    /// and taps are handed over as file descriptors.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+    },
 }
 
 impl std::str::FromStr for MigrationAddress {
@@ -22,9 +31,18 @@ impl std::str::FromStr for MigrationAddress {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| {
             Err(format!(
-                "invalid migration address '{s}': {why} (expected tcp:HOST:PORT, e.g. tcp:10.0.0.2:4444 or tcp:[::1]:4444)"
+                "invalid migration address '{s}': {why} (expected tcp:HOST:PORT, e.g. tcp:10.0.0.2:4444 or tcp:[::1]:4444, or unix:PATH)"
             ))
         };
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return bad("no path");
+            }
+            if path.len() >= 108 {
+                return bad("a UNIX socket path must be shorter than 108 bytes");
+            }
+            return Ok(Self::Unix { path: path.into() });
+        }
         let Some(rest) = s.strip_prefix("tcp:") else {
             return bad("unknown transport");
         };
@@ -50,6 +68,7 @@ impl std::fmt::Display for MigrationAddress {
         match self {
             Self::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
             Self::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Self::Unix { path } => write!(f, "unix:{}", path.display()),
         }
     }
 }
@@ -58,7 +77,13 @@ impl MigrationAddress {
     fn socket_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
         match self {
             Self::Tcp { host, port } => Ok((host.as_str(), *port).to_socket_addrs()?.collect()),
+            Self::Unix { .. } => Ok(Vec::new()),
         }
+    }
+
+    /// Whether this is a local upgrade's UNIX socket.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::Unix { .. })
     }
 
     /// Whether every address this names is a loopback one (where a
@@ -70,12 +95,18 @@ impl MigrationAddress {
     }
 
     /// Connects, with the stall timeout set both ways.
-    pub fn connect(&self) -> std::io::Result<TcpStream> {
+    pub fn connect(&self) -> std::io::Result<MigrationStream> {
+        if let Self::Unix { path } = self {
+            let s = MigrationStream::Unix(std::os::unix::net::UnixStream::connect(path)?);
+            s.set_timeouts()?;
+            return Ok(s);
+        }
         let mut last = None;
         for a in self.socket_addrs()? {
             match TcpStream::connect_timeout(&a, IO_TIMEOUT) {
                 Ok(s) => {
-                    prepare(&s)?;
+                    let s = MigrationStream::Tcp(s);
+                    s.set_timeouts()?;
                     return Ok(s);
                 }
                 Err(e) => last = Some(e),
@@ -85,18 +116,17 @@ impl MigrationAddress {
     }
 
     /// Listens for the one incoming migration.
-    pub fn listen(&self) -> std::io::Result<TcpListener> {
-        let addrs = self.socket_addrs()?;
-        TcpListener::bind(addrs.as_slice())
+    pub fn listen(&self) -> std::io::Result<MigrationListener> {
+        match self {
+            Self::Unix { path } => MigrationListener::bind_unix(path),
+            Self::Tcp { .. } => {
+                let addrs = self.socket_addrs()?;
+                Ok(MigrationListener::Tcp(std::net::TcpListener::bind(
+                    addrs.as_slice(),
+                )?))
+            }
+        }
     }
-}
-
-/// Sets the stall timeouts and turns off Nagle (switchover messages are
-/// small and waited for).
-pub fn prepare(s: &TcpStream) -> std::io::Result<()> {
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.set_nodelay(true)
 }
 
 #[cfg(test)]
@@ -105,7 +135,12 @@ mod tests {
 
     #[test]
     fn addresses_parse_and_print_back() {
-        for s in ["tcp:10.0.0.2:4444", "tcp:[::1]:80", "tcp:localhost:1"] {
+        for s in [
+            "tcp:10.0.0.2:4444",
+            "tcp:[::1]:80",
+            "tcp:localhost:1",
+            "unix:/run/x.sock",
+        ] {
             let a: MigrationAddress = s.parse().unwrap();
             assert_eq!(a.to_string(), s);
         }
@@ -113,12 +148,15 @@ mod tests {
         assert!(a.is_loopback());
         let a: MigrationAddress = "tcp:10.1.2.3:9".parse().unwrap();
         assert!(!a.is_loopback());
+        let a: MigrationAddress = "unix:/tmp/u".parse().unwrap();
+        assert!(a.is_local() && !a.is_loopback());
         for bad in [
             "10.0.0.2:4444",
             "tcp:host",
             "tcp::44",
             "tcp:h:99999",
             "udp:h:1",
+            "unix:",
         ] {
             let e = bad.parse::<MigrationAddress>().unwrap_err();
             assert!(e.contains("expected tcp:HOST:PORT"), "{e}");

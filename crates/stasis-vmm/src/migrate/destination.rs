@@ -1,16 +1,21 @@
 //! The destination of a migration (`stasis receive`): see the module
 //! docs of [`super`]. Nothing of this host is changed before the VM is
-//! accepted; guest memory is fresh anonymous memory filled from the
-//! stream; the VM is built by the caller ([`crate::Vm::arrive`]), which
+//! accepted; guest memory is fresh memory filled from the stream, or, in
+//! a local upgrade, the source's own memory files handed over with its
+//! taps; the VM is built by the caller ([`crate::Vm::arrive`]), which
 //! then confirms ([`Incoming::confirm`]) once it runs.
 
 use std::io::{Read, Write};
 
 use stasis_config::VmConfig;
-use stasis_migration::{handshake, Error as ProtocolError, FrameReader, FrameWriter, Message};
+use stasis_migration::{
+    handshake, Error as ProtocolError, FilesOffer, FrameReader, FrameWriter, Message,
+    FILES_PROTOCOL_VERSION,
+};
 use stasis_snapshot::{CpuInfo, Progress, SectionSet, SectionSink, SectionSource, SectionWarning};
 
 use super::pages::{PageReceiver, Prefault};
+use super::transport::MigrationStream;
 use super::{software, MigrateError};
 use crate::cpu::setup::RestoreCpu;
 use crate::memory::{self, GuestRam};
@@ -35,6 +40,9 @@ pub struct Arrival {
     pub pages: u64,
     /// Bytes received in all.
     pub bytes: u64,
+    /// Whether guest memory was handed over as files (a local upgrade)
+    /// rather than copied.
+    pub memory_handed_over: bool,
 }
 
 /// An incoming migration on one connection.
@@ -45,6 +53,8 @@ pub struct Incoming<R: Read, W: Write> {
     pub source_software: String,
     cpu: Option<CpuInfo>,
     allow_tsc_mismatch: bool,
+    protocol: u32,
+    handover: Option<MigrationStream>,
 }
 
 fn local(e: impl std::fmt::Display) -> MigrateError {
@@ -56,14 +66,38 @@ impl<R: Read, W: Write> Incoming<R, W> {
     pub fn start(reader: R, writer: W) -> Result<Self, MigrateError> {
         let mut w = FrameWriter::start(writer)?;
         let mut r = FrameReader::start(reader)?;
-        let (hello, _version) = handshake::destination_hello(&mut r, &mut w, &software())?;
+        let (hello, protocol) = handshake::destination_hello(&mut r, &mut w, &software())?;
         Ok(Self {
             r,
             w,
             source_software: hello.software,
             cpu: None,
             allow_tsc_mismatch: false,
+            protocol,
+            handover: None,
         })
+    }
+
+    /// A local upgrade: the connection (a UNIX socket, the same one the
+    /// frames travel on) also carries the source's memory files and taps.
+    /// Its taps are then not probed before the VM is accepted (the source
+    /// holds them until it hands them over).
+    pub fn with_handover(mut self, stream: MigrationStream) -> Result<Self, MigrateError> {
+        if self.protocol < FILES_PROTOCOL_VERSION {
+            let reason = format!(
+                "the source ({}) speaks migration protocol {}, which cannot hand a VM over locally (version {FILES_PROTOCOL_VERSION} can)",
+                self.source_software, self.protocol
+            );
+            let m = Message::Refuse(stasis_migration::Refusal {
+                reason: reason.clone(),
+            });
+            if let Ok((kind, payload)) = m.encode() {
+                let _ = self.w.write(kind, &payload).and_then(|()| self.w.flush());
+            }
+            return Err(local(reason));
+        }
+        self.handover = Some(stream);
+        Ok(self)
     }
 
     /// Reads the VM's description and decides whether this host runs it:
@@ -97,7 +131,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
                     check.report.message()
                 ));
             }
-            check_backends(&config)?;
+            check_backends(&config, self.handover.is_none())?;
             accept(&config)?;
             out = Some((config, cpu));
             Ok(())
@@ -115,8 +149,20 @@ impl<R: Read, W: Write> Incoming<R, W> {
         config: VmConfig,
         progress: &Progress,
     ) -> Result<Arrival, MigrateError> {
-        let memory = memory::allocate(config.memory_mib).map_err(local)?;
-        let prefault = Prefault::start(&memory);
+        let handed = match self.handover.take() {
+            Some(stream) => self.take_files(&stream, &config)?,
+            None => None,
+        };
+        let memory_handed_over = handed.is_some();
+        let (memory, prefault) = match handed {
+            Some(memory) => (memory, None),
+            None => {
+                let memory =
+                    memory::allocate(config.memory_mib, config.memory_backend).map_err(local)?;
+                let prefault = Prefault::start(&memory);
+                (memory, Some(prefault))
+            }
+        };
         let mut pages = PageReceiver::new(&memory);
         let mut sections = SectionSet::new();
         let mut rounds = 0;
@@ -132,6 +178,12 @@ impl<R: Read, W: Write> Incoming<R, W> {
                 })?;
             let done = match Message::decode(&frame)? {
                 Message::MemoryBatch(b) => {
+                    if memory_handed_over {
+                        return Err(unexpected(
+                            "no memory batch (memory was handed over as files)",
+                            "a memory-batch frame",
+                        ));
+                    }
                     if !sections.entries().is_empty() {
                         return Err(unexpected(
                             "a section or state-done frame",
@@ -205,7 +257,70 @@ impl<R: Read, W: Write> Incoming<R, W> {
             rounds,
             pages: received,
             bytes: self.r.bytes_read(),
+            memory_handed_over,
         })
+    }
+
+    /// A local upgrade's hand-over: the files frame, files-ready, then
+    /// the descriptors. Taps go to [`crate::devices::virtio::inherit_tap`]
+    /// for the VM's network cards to take; returns guest memory if it was
+    /// handed over (else it comes in batches).
+    fn take_files(
+        &mut self,
+        stream: &MigrationStream,
+        config: &VmConfig,
+    ) -> Result<Option<GuestRam>, MigrateError> {
+        let frame = self
+            .r
+            .next_frame()?
+            .ok_or_else(|| ProtocolError::Truncated {
+                what: "the hand-over (the source closed the connection before its files frame)"
+                    .into(),
+            })?;
+        let offer: FilesOffer = match Message::decode(&frame)? {
+            Message::Files(f) => f,
+            Message::Refuse(r) => return Err(ProtocolError::Refused { reason: r.reason }.into()),
+            m => {
+                return Err(unexpected(
+                    "a files frame (a local upgrade)",
+                    &format!("a {} frame", m.kind()),
+                ))
+            }
+        };
+        if offer.count() > super::transport::MAX_FILES {
+            return Err(local(format!(
+                "the source offers {} file descriptors, at most {} are taken",
+                offer.count(),
+                super::transport::MAX_FILES
+            )));
+        }
+        let (kind, payload) = Message::FilesReady.encode()?;
+        self.w.write(kind, &payload)?;
+        self.w.flush()?;
+        let mut files = stream
+            .recv_files(offer.count())
+            .map_err(|e| local(format!("receiving the source's file descriptors: {e}")))?
+            .into_iter();
+        let memory_files: Vec<memory::RegionFile> = offer
+            .memory
+            .iter()
+            .zip(files.by_ref())
+            .map(|(m, file)| memory::RegionFile {
+                gpa: m.gpa,
+                size: m.size,
+                file,
+                offset: m.offset,
+            })
+            .collect();
+        for (name, file) in offer.taps.iter().zip(files) {
+            crate::devices::virtio::inherit_tap(name, file).map_err(local)?;
+        }
+        if memory_files.is_empty() {
+            return Ok(None);
+        }
+        memory::from_region_files(config.memory_mib, memory_files)
+            .map(Some)
+            .map_err(local)
     }
 
     /// Tells the source the VM runs here; it ends there. Call only once
@@ -239,7 +354,7 @@ fn unexpected(expected: &str, got: &str) -> MigrateError {
 
 /// Whether the disks and taps `config` names can be had here, before any
 /// memory moves (the images' sizes are checked against the state later).
-fn check_backends(config: &VmConfig) -> Result<(), String> {
+fn check_backends(config: &VmConfig, probe_taps: bool) -> Result<(), String> {
     for d in &config.disk {
         match std::fs::metadata(&d.path) {
             Ok(m) if m.is_file() => {}
@@ -254,7 +369,7 @@ fn check_backends(config: &VmConfig) -> Result<(), String> {
             }
         }
     }
-    for n in &config.net {
+    for n in config.net.iter().filter(|_| probe_taps) {
         crate::devices::virtio::probe_tap(&n.tap)
             .map_err(|m| format!("net '{}': {m} (give another with --tap {}=TAP)", n.id, n.id))?;
     }

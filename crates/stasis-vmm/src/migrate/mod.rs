@@ -13,16 +13,21 @@
 //!   sections, and hands back what [`crate::Vm::arrive`] builds the VM
 //!   from.
 //! * [`pages`]: guest pages into batches and back.
-//! * [`address`]: where a migration goes (`tcp:HOST:PORT`).
+//! * [`address`]: where a migration goes (`tcp:HOST:PORT`, `unix:PATH`).
+//! * [`transport`]: the connection, and on a UNIX socket the hand-over
+//!   of file descriptors (a local upgrade: memory files and taps go to
+//!   the new process instead of being copied or reopened).
 
 pub mod address;
 pub mod destination;
 pub mod pages;
 pub mod source;
+pub mod transport;
 
 use std::time::Duration;
 
 pub use address::MigrationAddress;
+pub use transport::{MigrationListener, MigrationStream};
 
 /// How long a connection may stall (no byte read or written) before the
 /// migration fails: a dead peer or a cut link is found out in this time,
@@ -121,7 +126,8 @@ pub struct RoundReport {
 pub struct MigrationReport {
     /// Where the VM went.
     pub destination: String,
-    /// `live` or `warm`.
+    /// `live` or `warm`, or `local` when guest memory was handed over as
+    /// files (a local upgrade: only state was sent).
     pub mode: String,
     /// From the pause on the source until the destination said the VM
     /// runs there, in ms.

@@ -8,14 +8,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stasis_migration::{
-    handshake, FrameKind, FrameReader, FrameWriter, Message, Refusal, RoundEnd, Section,
-    VmDescription,
+    handshake, FilesOffer, FrameKind, FrameReader, FrameWriter, MemoryFile, Message, Refusal,
+    RoundEnd, Section, VmDescription, FILES_PROTOCOL_VERSION,
 };
 use stasis_snapshot::{CpuInfo, Progress, SectionSink};
 
 use super::pages::PageSender;
+use super::transport::MigrationStream;
 use super::{software, MigrateError, MigrationMode, MigrationReport, RoundReport};
 use crate::dirty::DirtyLog;
+use crate::memory::{self, RegionFile};
 use crate::vm::{OperationGuard, RunState, VmControl};
 
 /// What the caller asks of a migration.
@@ -37,6 +39,10 @@ pub struct MigrateOptions {
     pub destination: String,
     /// Progress and cancellation (the job's).
     pub progress: Arc<Progress>,
+    /// A local upgrade: the connection (a UNIX socket) over which memory
+    /// files, if RAM is one (the memfd backend), and taps are handed to
+    /// the destination. RAM that is not a memory file is copied as usual.
+    pub handover: Option<Arc<MigrationStream>>,
 }
 
 impl Default for MigrateOptions {
@@ -49,6 +55,7 @@ impl Default for MigrateOptions {
             auto_converge: true,
             destination: String::new(),
             progress: Arc::default(),
+            handover: None,
         }
     }
 }
@@ -138,7 +145,12 @@ pub fn migrate<R: Read, W: Write>(
             control.state()
         )));
     }
-    if opts.mode == MigrationMode::Live {
+    let memory_files = match &opts.handover {
+        Some(_) => memory::region_files(control.memory())
+            .map_err(|e| MigrateError::Local(format!("cannot hand guest memory over: {e}")))?,
+        None => None,
+    };
+    if opts.mode == MigrationMode::Live && memory_files.is_none() {
         if let Some(why) = crate::dirty::unavailable_reason() {
             return Err(MigrateError::Local(format!(
                 "live migration needs dirty-page tracking: {why} (--mode warm pauses the guest instead)"
@@ -178,8 +190,27 @@ pub fn migrate<R: Read, W: Write>(
     };
     let mem = control.memory();
     let mut sender = PageSender::new(mem);
+    if let Some(stream) = &opts.handover {
+        let handed = memory_files.is_some();
+        if let Err(e) = hand_over_files(
+            control,
+            stream,
+            memory_files,
+            welcome.protocol,
+            &mut r,
+            &mut w,
+        ) {
+            bail(&mut w, &e);
+            return Err(e);
+        }
+        if handed {
+            report.mode = "local".into();
+        }
+    }
     // Live: rounds while the guest runs; what is left goes while paused.
+    // Memory handed over as files: nothing to send.
     let (pending, log) = match opts.mode {
+        _ if report.mode == "local" => (Vec::new(), None),
         MigrationMode::Warm => (sender.all_ranges(), None),
         MigrationMode::Live => {
             let mut log = DirtyLog::start(mem).map_err(|e| {
@@ -249,6 +280,69 @@ pub fn migrate<R: Read, W: Write>(
             Err(e)
         }
     }
+}
+
+/// A local upgrade's hand-over: the files frame naming what follows, the
+/// destination's files-ready, then the descriptors (memory files, taps)
+/// out of band. The destination maps the memory files; the guest keeps
+/// running here until the switchover, writing to the same memory.
+fn hand_over_files<R: Read, W: Write>(
+    control: &VmControl,
+    stream: &MigrationStream,
+    memory_files: Option<Vec<RegionFile>>,
+    protocol: u32,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+) -> Result<(), MigrateError> {
+    if protocol < FILES_PROTOCOL_VERSION {
+        return Err(MigrateError::Local(format!(
+            "the receiver speaks migration protocol {protocol}, which cannot take a VM handed over locally (version {FILES_PROTOCOL_VERSION} can)"
+        )));
+    }
+    let taps = control
+        .handover_files()
+        .map_err(|e| MigrateError::Local(format!("cannot hand the taps over: {e}")))?;
+    let memory_files = memory_files.unwrap_or_default();
+    let offer = FilesOffer {
+        memory: memory_files
+            .iter()
+            .map(|f| MemoryFile {
+                gpa: f.gpa,
+                size: f.size,
+                offset: f.offset,
+            })
+            .collect(),
+        taps: taps.iter().map(|(name, _)| name.clone()).collect(),
+    };
+    send_message(w, &Message::Files(offer))?;
+    let frame = r
+        .next_frame()?
+        .ok_or_else(|| stasis_migration::Error::Truncated {
+            what:
+                "the hand-over (the destination closed the connection before asking for the files)"
+                    .into(),
+        })?;
+    match Message::decode(&frame)? {
+        Message::FilesReady => {}
+        Message::Refuse(r) => {
+            return Err(stasis_migration::Error::Refused { reason: r.reason }.into())
+        }
+        m => {
+            return Err(stasis_migration::Error::Unexpected {
+                expected: "a files-ready frame".into(),
+                got: format!("a {} frame", m.kind()),
+            }
+            .into())
+        }
+    }
+    let files: Vec<&std::fs::File> = memory_files
+        .iter()
+        .map(|f| &f.file)
+        .chain(taps.iter().map(|(_, f)| f))
+        .collect();
+    stream
+        .send_files(&files)
+        .map_err(|e| MigrateError::Local(format!("cannot hand the file descriptors over: {e}")))
 }
 
 /// Tells the destination why the source gives up, if the stream still

@@ -55,10 +55,10 @@ const DONE: u8 = 2;
 
 /// Why the VM's RAM cannot be copied in the background, if it cannot.
 pub fn unavailable_reason(mem: &GuestRam) -> Option<String> {
-    if mem.iter().any(|r| r.file_offset().is_some()) {
+    if crate::memory::is_private_file_mapping(mem) {
         return Some(
             "guest RAM is mapped from a snapshot's memory file (a lazy restore), and the kernel \
-             write-protects only anonymous memory"
+             write-protects only anonymous and shared memory"
                 .to_string(),
         );
     }

@@ -224,7 +224,10 @@ impl MemoryFill {
         options: FillOptions,
     ) -> std::io::Result<MemoryFill> {
         let offered = Userfaultfd::offered_features()?;
-        let use_move = offered & uffd::FEATURE_MOVE != 0;
+        // UFFDIO_MOVE moves anonymous pages only; RAM that is a shared
+        // memory file (the memfd backend) is filled by copying.
+        let anonymous = mem.iter().all(|r| r.file_offset().is_none());
+        let use_move = anonymous && offered & uffd::FEATURE_MOVE != 0;
         let uffd = Userfaultfd::new(if use_move { uffd::FEATURE_MOVE } else { 0 })?;
         let mut blocks = Vec::new();
         let mut ranges = Vec::new();

@@ -177,7 +177,8 @@ pub fn load_memory(
             mem
         }
         RestoreMode::Eager => {
-            let mem = memory::allocate(plan.config.memory_mib).map_err(|e| err(e.to_string()))?;
+            let mem = memory::allocate(plan.config.memory_mib, plan.config.memory_backend)
+                .map_err(|e| err(e.to_string()))?;
             for (i, region) in vm_memory::GuestMemoryBackend::iter(&mem).enumerate() {
                 // SAFETY: the region was just mapped by us, nothing else
                 // refers to it yet, and its length is what we pass.
@@ -192,7 +193,8 @@ pub fn load_memory(
             mem
         }
         RestoreMode::Background => {
-            let mem = memory::allocate(plan.config.memory_mib).map_err(|e| err(e.to_string()))?;
+            let mem = memory::allocate(plan.config.memory_mib, plan.config.memory_backend)
+                .map_err(|e| err(e.to_string()))?;
             let (prefetch, record) = match options.working_set {
                 WorkingSetUse::Ignore => (Vec::new(), None),
                 WorkingSetUse::Record(d) => (Vec::new(), Some(d)),

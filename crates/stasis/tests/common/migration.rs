@@ -129,12 +129,13 @@ pub struct Receiver {
     pub address: String,
 }
 
-/// Starts `stasis receive --listen tcp:LISTEN_IP:0 EXTRA` (in `netns`) and
-/// waits until it says where it listens.
+/// Starts `stasis receive --listen tcp:LISTEN:0 EXTRA` (in `netns`), or
+/// `--listen LISTEN` when it is a `unix:PATH`, and waits until it says
+/// where it listens.
 pub fn receiver(
     tag: &str,
     netns: Option<&str>,
-    listen_ip: &str,
+    listen: &str,
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Receiver {
@@ -148,7 +149,10 @@ pub fn receiver(
         .envs(env.iter().copied())
         .arg("receive")
         .arg("--listen")
-        .arg(format!("tcp:{listen_ip}:0"))
+        .arg(match listen.starts_with("unix:") {
+            true => listen.to_string(),
+            false => format!("tcp:{listen}:0"),
+        })
         .arg("--serial")
         .arg(format!("file:{}", serial.display()))
         .args(extra)

@@ -253,6 +253,11 @@ impl MmioTransport {
         self.device.announce()
     }
 
+    /// See [`super::VirtioDevice::handover_file`].
+    pub fn handover_file(&self) -> Option<std::io::Result<(String, std::fs::File)>> {
+        self.device.handover_file()
+    }
+
     /// See [`super::VirtioDevice::hand_over_backend`].
     pub fn hand_over_backend(&self, release: bool) -> std::io::Result<()> {
         self.device.hand_over_backend(release)

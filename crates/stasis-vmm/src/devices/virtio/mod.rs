@@ -304,6 +304,14 @@ pub trait VirtioDevice: Send {
         Ok(())
     }
 
+    /// The backend's host descriptor for a local upgrade to hand over
+    /// to the new process, and the name it is known by (a tap). `None`
+    /// for backends the new process opens itself (disk images are opened
+    /// by path once their lock is released).
+    fn handover_file(&self) -> Option<std::io::Result<(String, std::fs::File)>> {
+        None
+    }
+
     /// Makes the network learn where the guest is now (a migration's
     /// destination, after switchover): a network card sends a frame from
     /// the guest's MAC. Nothing by default.
@@ -422,9 +430,18 @@ pub fn open_devices(
     Ok(out)
 }
 
+/// Keeps a tap descriptor handed over by a local upgrade's source for the
+/// network card on tap `name` (see [`tap::inherit`]).
+pub fn inherit_tap(name: &str, file: std::fs::File) -> Result<(), String> {
+    tap::inherit(name, file)
+}
+
 /// Checks that the tap `name` exists and can be attached (it is opened
-/// and closed again).
+/// and closed again), or was handed over by a local upgrade's source.
 pub fn probe_tap(name: &str) -> Result<(), String> {
+    if tap::is_inherited(name) {
+        return Ok(());
+    }
     tap::Tap::open(name).map(drop)
 }
 

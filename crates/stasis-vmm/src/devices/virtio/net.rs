@@ -303,6 +303,16 @@ impl VirtioDevice for Net {
         })
     }
 
+    fn handover_file(&self) -> Option<std::io::Result<(String, std::fs::File)>> {
+        // SAFETY: the descriptor belongs to `self.io`, which lives as long
+        // as `self`; it is only borrowed to be duplicated.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.io.as_raw_fd()) };
+        Some(
+            fd.try_clone_to_owned()
+                .map(|owned| (self.io.name(), std::fs::File::from(owned))),
+        )
+    }
+
     fn announce(&self) {
         if let Err(e) = self.io.write_frame(&rarp_announcement(self.config)) {
             tracing::warn!("virtio-net '{}': cannot announce the guest: {e}", self.id);
