@@ -188,7 +188,7 @@ struct config {
     char workload[32];
     char action[32];
     u64 smp, hb_ms, mem_mib, mem_rate, report_ms, timer_hz, after_ms;
-    u64 mmio_addr, regs_hold_ms, regs_inject, mem_inject, mem_hot_mib, mem_fill, tsc_khz;
+    u64 mmio_addr, regs_hold_ms, regs_inject, mem_inject, mem_hot_mib, mem_fill, mem_words, tsc_khz;
     u64 touch_hot_mib;
     u64 ncpus;
     u64 avx, avx512, kmovq, xcr0, xsave;

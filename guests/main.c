@@ -183,7 +183,7 @@ static void parse_cmdline(u32 cpu)
             { "mmio_addr", &cfg.mmio_addr }, { "regs_hold_ms", &cfg.regs_hold_ms },
             { "regs_inject", &cfg.regs_inject },
             { "mem_inject", &cfg.mem_inject }, { "mem_hot_mib", &cfg.mem_hot_mib },
-            { "mem_fill", &cfg.mem_fill },
+            { "mem_fill", &cfg.mem_fill }, { "mem_words", &cfg.mem_words },
             { "touch_hot_mib", &cfg.touch_hot_mib },
             { "disk_index", &cfg.disk_index }, { "disk_slot", &cfg.disk_slot },
             { "disk_blocks", &cfg.disk_blocks }, { "disk_start", &cfg.disk_start },

@@ -120,12 +120,16 @@ static u64 page_checksum(const volatile u64 *w)
     return c;
 }
 
+/* mem_words=N: only the first N words after the header are random, the
+ * rest zero (a page that compresses); 0 = all of them. The checksum
+ * covers the zeros too. */
 static void stamp_page(volatile u64 *w, u64 addr, u64 pass)
 {
     u64 st = addr ^ (pass * 0xD1B54A32D192ED03ul);
     u64 c = 0xCBF29CE484222325ul;
+    u64 random_end = cfg.mem_words ? 4 + cfg.mem_words : PAGE_WORDS;
     for (u32 i = 4; i < PAGE_WORDS; i++) {
-        u64 v = splitmix64(&st);
+        u64 v = i < random_end ? splitmix64(&st) : 0;
         w[i] = v;
         c = (c ^ v) * 0x100000001B3ul;
     }

@@ -54,11 +54,13 @@ pub enum FrameKind {
     Files = 11,
     /// Destination → source (version 2): send the file descriptors now.
     FilesReady = 12,
+    /// Source → destination (version 2): a zstd-compressed memory batch.
+    MemoryBatchZstd = 13,
 }
 
 impl FrameKind {
-    /// The kind with this number (11 and 12 exist from protocol
-    /// version 2).
+    /// The kind with this number (11 to 13 exist from protocol version
+    /// 2).
     pub fn from_u8(v: u8) -> Option<FrameKind> {
         use FrameKind::*;
         Some(match v {
@@ -74,6 +76,7 @@ impl FrameKind {
             10 => Resumed,
             11 => Files,
             12 => FilesReady,
+            13 => MemoryBatchZstd,
             _ => return None,
         })
     }
@@ -94,6 +97,7 @@ impl FrameKind {
             Resumed => "resumed",
             Files => "files",
             FilesReady => "files-ready",
+            MemoryBatchZstd => "memory-batch-zstd",
         }
     }
 }

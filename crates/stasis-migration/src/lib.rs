@@ -8,6 +8,7 @@
 //!   CRC-32C);
 //! * [`message`]: what the frames carry (handshake, VM description,
 //!   memory batches, state sections, switchover);
+//! * [`compress`]: zstd-compressed memory batches;
 //! * [`negotiate`]: which protocol version two sides speak;
 //! * [`handshake`]: the opening of a migration on either side (versions,
 //!   then the VM), before any memory moves;
@@ -19,12 +20,14 @@
 //! this small is less code than adapting a general-purpose one.
 
 pub mod auth;
+pub mod compress;
 pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
 
 pub use auth::{secure, Auth, ChannelReader, ChannelWriter, Key, Role};
+pub use compress::CompressedBatch;
 pub use error::{Error, Result};
 pub use frame::{FrameKind, FrameReader, FrameWriter, MAX_PAYLOAD, PREAMBLE};
 pub use message::{
@@ -34,12 +37,14 @@ pub use message::{
 
 /// The newest protocol version this build speaks. Version 2 added the
 /// files and files-ready frames (a local upgrade's hand-over of memory
-/// files and taps); everything else is as in version 1.
+/// files and taps) and zstd-compressed memory batches; everything else is
+/// as in version 1.
 pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still speaks. A receiver always
 /// accepts at least the version before its newest one.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
-/// The first protocol version with the files frames.
+/// The first protocol version with the files frames and compressed
+/// batches.
 pub const FILES_PROTOCOL_VERSION: u32 = 2;
 
 /// Picks the protocol version for a peer that speaks `peer_min..=peer_max`:

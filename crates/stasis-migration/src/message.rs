@@ -19,6 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compress::CompressedBatch;
 use crate::error::{Error, Result};
 use crate::frame::{Frame, FrameKind};
 
@@ -126,6 +127,12 @@ pub struct PageEntry<'a> {
 }
 
 impl<'a> MemoryBatch<'a> {
+    /// Decodes a memory-batch payload (a frame's, or a decompressed
+    /// memory-batch-zstd one).
+    pub fn decode(payload: &'a [u8]) -> Result<Self> {
+        decode_batch(payload)
+    }
+
     /// Number of pages.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -239,6 +246,29 @@ impl BatchBuilder {
             self.wire.extend_from_slice(&e.to_le_bytes());
         }
         let sent = w.write_parts(FrameKind::MemoryBatch, &[&self.wire, &self.data]);
+        self.entries.clear();
+        self.data.clear();
+        sent
+    }
+
+    /// Sends the batch as one memory-batch-zstd frame (protocol version
+    /// 2; nothing if it is empty), compressed through `scratch`.
+    pub fn send_zstd<W: std::io::Write>(
+        &mut self,
+        w: &mut crate::FrameWriter<W>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        self.wire.clear();
+        self.wire
+            .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            self.wire.extend_from_slice(&e.to_le_bytes());
+        }
+        crate::compress::compress_parts(&[&self.wire, &self.data], scratch)?;
+        let sent = w.write(FrameKind::MemoryBatchZstd, scratch);
         self.entries.clear();
         self.data.clear();
         sent
@@ -358,6 +388,8 @@ pub enum Message<'a> {
     Resumed,
     /// See [`FilesOffer`].
     Files(FilesOffer),
+    /// A compressed memory batch: see [`CompressedBatch`].
+    MemoryBatchZstd(CompressedBatch<'a>),
     /// The destination waits for the descriptors.
     FilesReady,
 }
@@ -401,6 +433,7 @@ impl<'a> Message<'a> {
                 Message::Resumed
             }
             FrameKind::Files => Message::Files(json(kind, p)?),
+            FrameKind::MemoryBatchZstd => Message::MemoryBatchZstd(CompressedBatch::decode(p)?),
             FrameKind::FilesReady => {
                 empty(kind, p)?;
                 Message::FilesReady
@@ -424,6 +457,12 @@ impl<'a> Message<'a> {
             Message::StateDone => (FrameKind::StateDone, Vec::new()),
             Message::Resumed => (FrameKind::Resumed, Vec::new()),
             Message::Files(f) => (FrameKind::Files, j(serde_json::to_vec(f))),
+            Message::MemoryBatchZstd(c) => {
+                let mut out = Vec::with_capacity(4 + c.data.len());
+                out.extend_from_slice(&(c.len as u32).to_le_bytes());
+                out.extend_from_slice(c.data);
+                (FrameKind::MemoryBatchZstd, out)
+            }
             Message::FilesReady => (FrameKind::FilesReady, Vec::new()),
             Message::Section(s) => (FrameKind::Section, s.encode()?),
             Message::MemoryBatch(b) => {
@@ -452,6 +491,7 @@ impl<'a> Message<'a> {
             Message::StateDone => FrameKind::StateDone,
             Message::Resumed => FrameKind::Resumed,
             Message::Files(_) => FrameKind::Files,
+            Message::MemoryBatchZstd(_) => FrameKind::MemoryBatchZstd,
             Message::FilesReady => FrameKind::FilesReady,
         }
     }

@@ -310,3 +310,54 @@ fn a_files_offer_round_trips_and_files_ready_carries_nothing() {
         "{e}"
     );
 }
+
+#[test]
+fn a_compressed_batch_round_trips_and_hostile_ones_are_refused() {
+    use stasis_migration::{CompressedBatch, MemoryBatch};
+    let mut b = BatchBuilder::new();
+    b.add(0x1000, &page(7));
+    b.add(0x2000, &page(0));
+    b.add(0x3000, &page(9));
+    let mut scratch = Vec::new();
+    let mut w = FrameWriter::start(Vec::new()).unwrap();
+    b.send_zstd(&mut w, &mut scratch).unwrap();
+    let bytes = w.into_inner();
+    let mut r = FrameReader::start(Cursor::new(&bytes)).unwrap();
+    let f = r.next_frame().unwrap().unwrap();
+    assert!(
+        f.payload.len() < 2 * 4096,
+        "compressed: {}",
+        f.payload.len()
+    );
+    let Message::MemoryBatchZstd(c) = Message::decode(&f).unwrap() else {
+        panic!("not a compressed batch");
+    };
+    let mut out = Vec::new();
+    c.decompress(&mut out).unwrap();
+    let batch = MemoryBatch::decode(&out).unwrap();
+    let pages: Vec<_> = batch.pages().collect();
+    assert_eq!(pages.len(), 3);
+    assert_eq!(pages[1].data, None);
+    assert_eq!(pages[2].data.unwrap(), &page(9)[..]);
+
+    // Hostile: a length over the frame limit, a length that is not what
+    // the data decompresses to, data that is not zstd.
+    let e = CompressedBatch::decode(&u32::MAX.to_le_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("claims 4294967295 bytes uncompressed"), "{e}");
+    for (len, what) in [(c.len - 1, "decompress"), (c.len + 1, "announced")] {
+        let hostile = CompressedBatch { len, data: c.data };
+        let e = hostile.decompress(&mut out).unwrap_err().to_string();
+        assert!(e.contains(what), "{len}: {e}");
+    }
+    let garbage = CompressedBatch {
+        len: 100,
+        data: b"not zstd at all",
+    };
+    let e = garbage.decompress(&mut out).unwrap_err().to_string();
+    assert!(
+        e.contains("memory-batch-zstd frame: it does not decompress"),
+        "{e}"
+    );
+}

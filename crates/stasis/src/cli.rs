@@ -291,6 +291,10 @@ pub struct MigrateArgs {
     /// by step when the guest dirties memory faster than it can be sent).
     #[arg(long)]
     pub no_auto_converge: bool,
+    /// Compress memory with zstd (level 1): fewer bytes on a slow link,
+    /// more CPU on both sides; the receiver must be this version or newer.
+    #[arg(long, default_value = "none", value_parser = ["none", "zstd"])]
+    pub compress: String,
     /// The key shared with the receiver (see `stasis receive --psk`); the
     /// VMM reads the file.
     #[arg(long, value_name = "FILE")]

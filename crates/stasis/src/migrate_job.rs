@@ -57,6 +57,15 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
             .max_time_s
             .map_or(defaults.max_time, Duration::from_secs),
         auto_converge: req.auto_converge.unwrap_or(defaults.auto_converge),
+        compress: match req.compress.as_deref() {
+            None | Some("none") => false,
+            Some("zstd") => true,
+            Some(other) => {
+                return Err(format!(
+                    "unknown compression '{other}' (expected none or zstd)"
+                ))
+            }
+        },
         destination: address.to_string(),
         progress: Arc::default(),
         handover: None,

@@ -46,6 +46,7 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
         max_rounds: Some(args.max_rounds),
         max_time_s: Some(args.max_time),
         auto_converge: Some(!args.no_auto_converge),
+        compress: Some(args.compress.clone()),
         psk_file,
         insecure: args.insecure,
         detach: args.detach,

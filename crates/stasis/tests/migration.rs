@@ -35,6 +35,19 @@ fn migrate_memory_guest(
     mem_mib: u64,
     extra: &[&str],
 ) -> serde_json::Value {
+    migrate_memory_guest_with(tag, vcpus, rate, mem_mib, "", extra)
+}
+
+/// [`migrate_memory_guest`] with `guest_args` added to the guest's
+/// command line.
+fn migrate_memory_guest_with(
+    tag: &str,
+    vcpus: u32,
+    rate: u64,
+    mem_mib: u64,
+    guest_args: &str,
+    extra: &[&str],
+) -> serde_json::Value {
     let set = Setting::new(tag, &[]);
     let smp = if vcpus > 1 { " smp=1" } else { "" };
     let mut src = VmProcess::start(
@@ -43,7 +56,7 @@ fn migrate_memory_guest(
             vcpus,
             memory: "256M",
             cmdline: &format!(
-                "console=ttyS0 workload=memory mem_mib={mem_mib} mem_rate={rate} report_ms=200{smp}"
+                "console=ttyS0 workload=memory mem_mib={mem_mib} mem_rate={rate} report_ms=200{smp} {guest_args}"
             ),
             netns: Some(set.hosts.a.name.clone()),
             ..Default::default()
@@ -132,6 +145,27 @@ fn live_migration_of_a_guest_dirtying_10_mb_per_s_loses_no_page() {
 fn live_migration_of_a_guest_dirtying_100_mb_per_s_loses_no_page() {
     let r = migrate_memory_guest("mig100", 1, 25600, 128, &[]);
     assert!(r["rounds"].as_array().unwrap().len() >= 2, "{r}");
+}
+
+#[test]
+fn a_zstd_compressed_migration_loses_no_page_and_sends_fewer_bytes() {
+    // Pages with 16 random words and zeros after them.
+    let zstd = ["--compress", "zstd"];
+    let r = migrate_memory_guest_with("migzstd", 1, 2560, 32, "mem_words=16", &zstd);
+    let data_pages: u64 = r["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["pages"].as_u64().unwrap() - x["zero_pages"].as_u64().unwrap())
+        .sum();
+    // Such pages compress to well under a quarter; uncompressed they
+    // would be 4 KiB each on the wire.
+    let sent = r["bytes_sent"].as_u64().unwrap();
+    assert!(data_pages >= 32 * 256, "{r}");
+    assert!(
+        sent < data_pages * 4096 / 4,
+        "{sent} bytes for {data_pages} pages of data: {r}"
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 
 use stasis_config::VmConfig;
 use stasis_migration::{
-    handshake, Error as ProtocolError, FilesOffer, FrameReader, FrameWriter, Message,
+    handshake, Error as ProtocolError, FilesOffer, FrameReader, FrameWriter, MemoryBatch, Message,
     FILES_PROTOCOL_VERSION,
 };
 use stasis_snapshot::{CpuInfo, Progress, SectionSet, SectionSink, SectionSource, SectionWarning};
@@ -166,6 +166,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
         let mut pages = PageReceiver::new(&memory);
         let mut sections = SectionSet::new();
         let mut rounds = 0;
+        let mut unpacked = Vec::new();
         progress.phase("receiving memory", config.memory_mib << 20);
         loop {
             let frame = self
@@ -177,6 +178,20 @@ impl<R: Read, W: Write> Incoming<R, W> {
                             .into(),
                 })?;
             let done = match Message::decode(&frame)? {
+                Message::MemoryBatchZstd(c) => {
+                    if memory_handed_over || !sections.entries().is_empty() {
+                        return Err(unexpected(
+                            "no memory batch here",
+                            "a memory-batch-zstd frame",
+                        ));
+                    }
+                    c.decompress(&mut unpacked)?;
+                    let b = MemoryBatch::decode(&unpacked)?;
+                    stasis_failpoint::hit("migrate.memory_batch");
+                    pages.apply(&b)?;
+                    progress.add(b.len() as u64 * 4096);
+                    false
+                }
                 Message::MemoryBatch(b) => {
                     if memory_handed_over {
                         return Err(unexpected(

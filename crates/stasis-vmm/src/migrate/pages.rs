@@ -43,6 +43,8 @@ fn host_page(regions: &[Region], gpa: u64) -> Option<*mut u8> {
 pub struct PageSender<'m> {
     regions: Vec<Region>,
     batch: BatchBuilder,
+    /// Compress batches with zstd, through this buffer.
+    compress: Option<Vec<u8>>,
     _mem: &'m GuestRam,
     /// Pages sent since the counters were last taken.
     pub pages: u64,
@@ -56,10 +58,17 @@ impl<'m> PageSender<'m> {
         Self {
             regions: regions(mem),
             batch: BatchBuilder::new(),
+            compress: None,
             _mem: mem,
             pages: 0,
             zero_pages: 0,
         }
+    }
+
+    /// Sends batches zstd-compressed (protocol version 2).
+    pub fn compressed(mut self) -> Self {
+        self.compress = Some(Vec::new());
+        self
     }
 
     /// Every page of guest RAM as `(gpa, len)` ranges.
@@ -103,7 +112,10 @@ impl<'m> PageSender<'m> {
 
     /// Sends what is batched.
     pub fn flush<W: Write>(&mut self, w: &mut FrameWriter<W>) -> Result<(), MigrateError> {
-        self.batch.send(w)?;
+        match &mut self.compress {
+            Some(scratch) => self.batch.send_zstd(w, scratch)?,
+            None => self.batch.send(w)?,
+        }
         Ok(())
     }
 }

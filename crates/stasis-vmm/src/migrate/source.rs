@@ -35,6 +35,9 @@ pub struct MigrateOptions {
     /// Live: slow the vCPUs down step by step when the guest dirties
     /// memory faster than rounds shrink.
     pub auto_converge: bool,
+    /// Compress memory batches with zstd (the receiver must speak
+    /// protocol version 2).
+    pub compress: bool,
     /// Where the VM goes, for messages and the report.
     pub destination: String,
     /// Progress and cancellation (the job's).
@@ -53,6 +56,7 @@ impl Default for MigrateOptions {
             max_rounds: 30,
             max_time: Duration::from_secs(600),
             auto_converge: true,
+            compress: false,
             destination: String::new(),
             progress: Arc::default(),
             handover: None,
@@ -161,6 +165,14 @@ pub fn migrate<R: Read, W: Write>(
     let mut w = FrameWriter::start(writer)?;
     let mut r = FrameReader::start(reader)?;
     let welcome = handshake::source_hello(&mut r, &mut w, &software())?;
+    if opts.compress && welcome.protocol < FILES_PROTOCOL_VERSION {
+        let e = MigrateError::Local(format!(
+            "the receiver ({}) speaks migration protocol {}, without compressed batches: migrate without --compress",
+            welcome.software, welcome.protocol
+        ));
+        bail(&mut w, &e);
+        return Err(e);
+    }
     let d = control.description();
     let memory_bytes = d.config.memory_mib << 20;
     let cpu = CpuInfo {
@@ -190,6 +202,9 @@ pub fn migrate<R: Read, W: Write>(
     };
     let mem = control.memory();
     let mut sender = PageSender::new(mem);
+    if opts.compress {
+        sender = sender.compressed();
+    }
     if let Some(stream) = &opts.handover {
         let handed = memory_files.is_some();
         if let Err(e) = hand_over_files(
