@@ -315,6 +315,15 @@ pub struct MigrateRequest {
     /// on a link slower than the CPUs compress, about 1 GB/s per core).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<String>,
+    /// Live: switch to post-copy when pre-copy does not converge within
+    /// the limits, instead of failing. After the switch a lost link loses
+    /// the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<bool>,
+    /// Live: switch to post-copy after this many pre-copy rounds (implies
+    /// `postcopy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after_rounds: Option<u32>,
     /// A file with the key shared with the receiver (`--psk`); read by
     /// the VMM, which must be able to open it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

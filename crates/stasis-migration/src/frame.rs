@@ -56,10 +56,21 @@ pub enum FrameKind {
     FilesReady = 12,
     /// Source → destination (version 2): a zstd-compressed memory batch.
     MemoryBatchZstd = 13,
+    /// Source → destination (version 2, post-copy): pages the destination
+    /// must not use: they come after the switchover.
+    StalePages = 14,
+    /// Destination → source (version 2, post-copy): pages a vCPU or
+    /// device is waiting for (none: a keepalive).
+    PageRequest = 15,
+    /// Source → destination (version 2, post-copy): every stale page sent.
+    PostcopyDone = 16,
+    /// Destination → source (version 2, post-copy): every page in place;
+    /// the source may end.
+    PostcopyComplete = 17,
 }
 
 impl FrameKind {
-    /// The kind with this number (11 to 13 exist from protocol version
+    /// The kind with this number (11 to 17 exist from protocol version
     /// 2).
     pub fn from_u8(v: u8) -> Option<FrameKind> {
         use FrameKind::*;
@@ -77,6 +88,10 @@ impl FrameKind {
             11 => Files,
             12 => FilesReady,
             13 => MemoryBatchZstd,
+            14 => StalePages,
+            15 => PageRequest,
+            16 => PostcopyDone,
+            17 => PostcopyComplete,
             _ => return None,
         })
     }
@@ -98,6 +113,10 @@ impl FrameKind {
             Files => "files",
             FilesReady => "files-ready",
             MemoryBatchZstd => "memory-batch-zstd",
+            StalePages => "stale-pages",
+            PageRequest => "page-request",
+            PostcopyDone => "postcopy-done",
+            PostcopyComplete => "postcopy-complete",
         }
     }
 }

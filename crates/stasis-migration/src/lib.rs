@@ -32,13 +32,13 @@ pub use error::{Error, Result};
 pub use frame::{FrameKind, FrameReader, FrameWriter, MAX_PAYLOAD, PREAMBLE};
 pub use message::{
     is_zero, BatchBuilder, FilesOffer, Hello, MemoryBatch, MemoryFile, Message, PageEntry, Refusal,
-    RoundEnd, Section, VmDescription, Welcome, MAX_BATCH_PAGES, PAGE_SIZE,
+    RoundEnd, Section, VmDescription, Welcome, MAX_BATCH_PAGES, MAX_RANGES, PAGE_SIZE,
 };
 
 /// The newest protocol version this build speaks. Version 2 added the
 /// files and files-ready frames (a local upgrade's hand-over of memory
-/// files and taps) and zstd-compressed memory batches; everything else is
-/// as in version 1.
+/// files and taps), zstd-compressed memory batches and post-copy;
+/// everything else is as in version 1.
 pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still speaks. A receiver always
 /// accepts at least the version before its newest one.

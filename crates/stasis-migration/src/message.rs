@@ -390,6 +390,15 @@ pub enum Message<'a> {
     Files(FilesOffer),
     /// A compressed memory batch: see [`CompressedBatch`].
     MemoryBatchZstd(CompressedBatch<'a>),
+    /// Post-copy: guest-physical `(start, length)` ranges the destination
+    /// must not use before they arrive again.
+    StalePages(Vec<(u64, u64)>),
+    /// Post-copy: ranges the destination waits for (empty: keepalive).
+    PageRequest(Vec<(u64, u64)>),
+    /// Post-copy: every stale page was sent.
+    PostcopyDone,
+    /// Post-copy: every page is in place at the destination.
+    PostcopyComplete,
     /// The destination waits for the descriptors.
     FilesReady,
 }
@@ -434,6 +443,16 @@ impl<'a> Message<'a> {
             }
             FrameKind::Files => Message::Files(json(kind, p)?),
             FrameKind::MemoryBatchZstd => Message::MemoryBatchZstd(CompressedBatch::decode(p)?),
+            FrameKind::StalePages => Message::StalePages(decode_ranges(kind, p)?),
+            FrameKind::PageRequest => Message::PageRequest(decode_ranges(kind, p)?),
+            FrameKind::PostcopyDone => {
+                empty(kind, p)?;
+                Message::PostcopyDone
+            }
+            FrameKind::PostcopyComplete => {
+                empty(kind, p)?;
+                Message::PostcopyComplete
+            }
             FrameKind::FilesReady => {
                 empty(kind, p)?;
                 Message::FilesReady
@@ -457,6 +476,10 @@ impl<'a> Message<'a> {
             Message::StateDone => (FrameKind::StateDone, Vec::new()),
             Message::Resumed => (FrameKind::Resumed, Vec::new()),
             Message::Files(f) => (FrameKind::Files, j(serde_json::to_vec(f))),
+            Message::StalePages(r) => (FrameKind::StalePages, encode_ranges(r)),
+            Message::PageRequest(r) => (FrameKind::PageRequest, encode_ranges(r)),
+            Message::PostcopyDone => (FrameKind::PostcopyDone, Vec::new()),
+            Message::PostcopyComplete => (FrameKind::PostcopyComplete, Vec::new()),
             Message::MemoryBatchZstd(c) => {
                 let mut out = Vec::with_capacity(4 + c.data.len());
                 out.extend_from_slice(&(c.len as u32).to_le_bytes());
@@ -492,9 +515,57 @@ impl<'a> Message<'a> {
             Message::Resumed => FrameKind::Resumed,
             Message::Files(_) => FrameKind::Files,
             Message::MemoryBatchZstd(_) => FrameKind::MemoryBatchZstd,
+            Message::StalePages(_) => FrameKind::StalePages,
+            Message::PageRequest(_) => FrameKind::PageRequest,
+            Message::PostcopyDone => FrameKind::PostcopyDone,
+            Message::PostcopyComplete => FrameKind::PostcopyComplete,
             Message::FilesReady => FrameKind::FilesReady,
         }
     }
+}
+
+/// The most ranges one stale-pages or page-request frame carries.
+pub const MAX_RANGES: usize = 1 << 16;
+
+fn encode_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * ranges.len());
+    for (start, len) in ranges {
+        out.extend_from_slice(&start.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    out
+}
+
+/// `(start, length)` pairs of u64, both page aligned, lengths non-zero,
+/// no range wrapping around, at most [`MAX_RANGES`].
+fn decode_ranges(kind: FrameKind, p: &[u8]) -> Result<Vec<(u64, u64)>> {
+    let bad = |m: String| decode_error(kind, m);
+    if !p.len().is_multiple_of(16) {
+        return Err(bad(format!(
+            "{} bytes is not a whole number of 16-byte ranges",
+            p.len()
+        )));
+    }
+    if p.len() / 16 > MAX_RANGES {
+        return Err(bad(format!(
+            "{} ranges (at most {MAX_RANGES})",
+            p.len() / 16
+        )));
+    }
+    let page = PAGE_SIZE as u64;
+    p.chunks_exact(16)
+        .map(|c| {
+            let start = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+            let len = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
+            if start % page != 0 || len % page != 0 || len == 0 || start.checked_add(len).is_none()
+            {
+                return Err(bad(format!(
+                    "range {start:#x}+{len:#x} is not a non-empty run of whole pages"
+                )));
+            }
+            Ok((start, len))
+        })
+        .collect()
 }
 
 fn decode_batch(p: &[u8]) -> Result<MemoryBatch<'_>> {

@@ -361,3 +361,42 @@ fn a_compressed_batch_round_trips_and_hostile_ones_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn page_ranges_round_trip_and_bad_ones_are_named() {
+    let ranges = vec![(0x1000, 0x3000), (0x1_0000_0000, 0x1000)];
+    for m in [
+        Message::StalePages(ranges.clone()),
+        Message::PageRequest(ranges.clone()),
+        Message::PageRequest(Vec::new()),
+        Message::PostcopyDone,
+        Message::PostcopyComplete,
+    ] {
+        let (k, p) = m.encode().unwrap();
+        let mut w = FrameWriter::start(Vec::new()).unwrap();
+        w.write(k, &p).unwrap();
+        let bytes = w.into_inner();
+        let mut r = FrameReader::start(Cursor::new(&bytes)).unwrap();
+        let f = r.next_frame().unwrap().unwrap();
+        assert_eq!(Message::decode(&f).unwrap(), m);
+    }
+    let raw = |start: u64, len: u64| {
+        let mut p = start.to_le_bytes().to_vec();
+        p.extend_from_slice(&len.to_le_bytes());
+        p
+    };
+    for (payload, want) in [
+        (raw(0x1001, 0x1000), "not a non-empty run of whole pages"),
+        (raw(0x1000, 0), "not a non-empty run of whole pages"),
+        (raw(u64::MAX - 0xfff, 0x2000), "not a non-empty run of whole pages"),
+        (vec![0; 15], "not a whole number of 16-byte ranges"),
+    ] {
+        let mut w = FrameWriter::start(Vec::new()).unwrap();
+        w.write(FrameKind::StalePages, &payload).unwrap();
+        let bytes = w.into_inner();
+        let mut r = FrameReader::start(Cursor::new(&bytes)).unwrap();
+        let f = r.next_frame().unwrap().unwrap();
+        let e = Message::decode(&f).unwrap_err().to_string();
+        assert!(e.contains("stale-pages frame") && e.contains(want), "{e}");
+    }
+}

@@ -51,6 +51,14 @@ pub enum ExitReason {
         /// Where it went.
         destination: String,
     },
+    /// Post-copy failed after the destination ran the VM: part of its
+    /// memory was here, part there; it is lost.
+    MigrationLost {
+        /// Where it went.
+        destination: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 impl ExitReason {
@@ -63,6 +71,7 @@ impl ExitReason {
     /// | 4 | triple fault |
     /// | 5 | KVM internal error |
     /// | 6 | other vCPU error |
+    /// | 9 | lost in post-copy |
     /// | 128+N | signal N (130 for SIGINT, 143 for SIGTERM) |
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -74,6 +83,7 @@ impl ExitReason {
             Self::TripleFault { .. } => 4,
             Self::KvmInternalError { .. } => 5,
             Self::VcpuError { .. } => 6,
+            Self::MigrationLost { .. } => 9,
             Self::Signal(n) => 128 + n,
         }
     }
@@ -103,6 +113,13 @@ impl std::fmt::Display for ExitReason {
             Self::Migrated { destination } => {
                 write!(f, "migrated to {destination}, where it runs now")
             }
+            Self::MigrationLost {
+                destination,
+                message,
+            } => write!(
+                f,
+                "lost in post-copy to {destination}: {message} (it ran there while part of its memory was here)"
+            ),
         }
     }
 }

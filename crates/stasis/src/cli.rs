@@ -295,6 +295,16 @@ pub struct MigrateArgs {
     /// more CPU on both sides; the receiver must be this version or newer.
     #[arg(long, default_value = "none", value_parser = ["none", "zstd"])]
     pub compress: String,
+    /// Live: when pre-copy does not converge within the limits, switch to
+    /// post-copy instead of failing: the destination runs the VM at once
+    /// and pulls the pages it still lacks. From then on a lost link or a
+    /// failed side LOSES THE VM.
+    #[arg(long)]
+    pub postcopy: bool,
+    /// Live: switch to post-copy after N pre-copy rounds (implies
+    /// --postcopy).
+    #[arg(long, value_name = "N")]
+    pub postcopy_after: Option<u32>,
     /// The key shared with the receiver (see `stasis receive --psk`); the
     /// VMM reads the file.
     #[arg(long, value_name = "FILE")]

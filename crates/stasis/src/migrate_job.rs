@@ -47,6 +47,14 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
         }
     };
     let defaults = MigrateOptions::default();
+    let postcopy = match (req.postcopy_after_rounds, req.postcopy) {
+        (Some(n), _) => Some(n.max(1)),
+        (None, Some(true)) => Some(u32::MAX),
+        _ => None,
+    };
+    if postcopy.is_some() && mode == MigrationMode::Warm {
+        return Err("post-copy is a way to end a live migration: not with --mode warm".into());
+    }
     let options = MigrateOptions {
         mode,
         max_downtime: req
@@ -66,6 +74,7 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
                 ))
             }
         },
+        postcopy,
         destination: address.to_string(),
         progress: Arc::default(),
         handover: None,

@@ -39,6 +39,11 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
         },
     };
     let destination = args.destination.to_string();
+    if args.postcopy || args.postcopy_after.is_some() {
+        eprintln!(
+            "stasis: warning: post-copy allowed: once the destination runs the VM with part of its memory still here, a lost link or a failure of either side loses the VM"
+        );
+    }
     let request = MigrateRequest {
         destination: destination.clone(),
         mode: Some(args.mode.clone()),
@@ -47,6 +52,8 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
         max_time_s: Some(args.max_time),
         auto_converge: Some(!args.no_auto_converge),
         compress: Some(args.compress.clone()),
+        postcopy: Some(args.postcopy || args.postcopy_after.is_some()),
+        postcopy_after_rounds: args.postcopy_after,
         psk_file,
         insecure: args.insecure,
         detach: args.detach,
@@ -86,6 +93,13 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
     };
     let value = match result {
         Ok(v) => v,
+        Err(e) if e.to_string().contains("the VM is lost") => {
+            eprintln!(
+                "stasis: migration of '{}' to {destination} failed in post-copy: {e}",
+                args.name
+            );
+            return EXIT_MIGRATION_FAILED;
+        }
         Err(e) => {
             eprintln!(
                 "stasis: migration of '{}' to {destination} failed; the VM runs on here: {e}",
@@ -141,6 +155,12 @@ fn print_report(name: &str, r: &MigrationReport) {
         println!(
             "  auto-converge throttled the vCPUs up to {}%",
             r.throttle_percent
+        );
+    }
+    if r.postcopy_pages > 0 {
+        println!(
+            "  post-copy: {} pages sent after the destination ran the VM ({} ranges asked for by page faults), in {:.1} ms",
+            r.postcopy_pages, r.postcopy_requests, r.postcopy_ms
         );
     }
 }
@@ -237,6 +257,20 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
     };
     for w in &arrival.warnings {
         eprintln!("stasis: warning: {w}");
+    }
+    let mut arrival = arrival;
+    if let Some(target) = arrival.postcopy.take() {
+        eprintln!(
+            "stasis: post-copy: the VM starts here with {} pages still on the source",
+            target.stale_pages()
+        );
+        let lost = std::sync::Arc::new(|message: String| {
+            crate::panics::fatal_exit(&message, stasis_vmm::migrate::postcopy::EXIT_POSTCOPY_LOST)
+        });
+        if let Err(e) = incoming.start_postcopy(target, lost) {
+            incoming.refuse(&e.to_string());
+            return Err(e.to_string());
+        }
     }
     // From here on the VM is this process's: termination signals end it
     // cleanly (blocked before its threads exist, so they inherit it).

@@ -35,17 +35,18 @@ fn migrate_memory_guest(
     mem_mib: u64,
     extra: &[&str],
 ) -> serde_json::Value {
-    migrate_memory_guest_with(tag, vcpus, rate, mem_mib, "", extra)
+    migrate_memory_guest_with(tag, vcpus, rate, mem_mib, "", &[], extra)
 }
 
 /// [`migrate_memory_guest`] with `guest_args` added to the guest's
-/// command line.
+/// command line and `env` to the source VMM's environment.
 fn migrate_memory_guest_with(
     tag: &str,
     vcpus: u32,
     rate: u64,
     mem_mib: u64,
     guest_args: &str,
+    env: &[(&str, &str)],
     extra: &[&str],
 ) -> serde_json::Value {
     let set = Setting::new(tag, &[]);
@@ -59,6 +60,10 @@ fn migrate_memory_guest_with(
                 "console=ttyS0 workload=memory mem_mib={mem_mib} mem_rate={rate} report_ms=200{smp} {guest_args}"
             ),
             netns: Some(set.hosts.a.name.clone()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         },
     );
@@ -151,7 +156,7 @@ fn live_migration_of_a_guest_dirtying_100_mb_per_s_loses_no_page() {
 fn a_zstd_compressed_migration_loses_no_page_and_sends_fewer_bytes() {
     // Pages with 16 random words and zeros after them.
     let zstd = ["--compress", "zstd"];
-    let r = migrate_memory_guest_with("migzstd", 1, 2560, 32, "mem_words=16", &zstd);
+    let r = migrate_memory_guest_with("migzstd", 1, 2560, 32, "mem_words=16", &[], &zstd);
     let data_pages: u64 = r["rounds"]
         .as_array()
         .unwrap()
@@ -304,4 +309,20 @@ fn a_nic_carries_frames_after_migration_and_the_guest_is_announced() {
     assert_eq!(seen[1], guest_mac);
     assert_eq!(seen[3], guest_mac);
     assert_eq!(seen[4], guest_mac);
+}
+
+#[test]
+fn post_copy_runs_the_vm_on_the_destination_first_and_loses_no_page() {
+    // A guest that dirties 100 MB/s cannot converge to a 1 ms pause: after
+    // the first round the destination runs it and pulls the rest. The
+    // background stream is slowed down (50 ms per 256 KiB) so that the
+    // guest surely comes back to pages it wrote before the switch while
+    // they are still missing: it waits for them, and they are asked for.
+    let args = ["--postcopy-after", "1", "--max-downtime", "1"];
+    let slow = [("STASIS_FAILPOINTS", "migrate.postcopy_background=sleep(50)")];
+    let r = migrate_memory_guest_with("migpost", 1, 25600, 128, "", &slow, &args);
+    assert!(r["postcopy_pages"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["postcopy_requests"].as_u64().unwrap() > 0, "{r}");
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "one pre-copy round, then the switch: {r}");
 }

@@ -323,3 +323,38 @@ fn a_cancelled_migration_leaves_the_source_running_even_on_a_stalled_link() {
     dst.vm.signal(libc::SIGKILL);
     runs_on(&mut src);
 }
+
+#[test]
+fn a_source_lost_in_post_copy_ends_the_destination_with_the_reason() {
+    // Post-copy at once; the source stops before sending a stale page and
+    // is killed: the VM, running on the destination with pages missing,
+    // is lost. The destination must say so and end, not hang.
+    let mut src = VmProcess::start(
+        "mflost",
+        VmOpts {
+            memory: "256M",
+            cmdline:
+                "console=ttyS0 workload=memory mem_mib=128 mem_fill=1 mem_rate=25600 report_ms=200",
+            env: vec![(
+                "STASIS_FAILPOINTS".into(),
+                "migrate.postcopy_background=1*hold".into(),
+            )],
+            ..Default::default()
+        },
+    );
+    src.wait_tagged("MEM", 1, T);
+    src.wait_socket();
+    let mut dst = receiver("mflost-dst", None, "127.0.0.1", &["--insecure"], &[]);
+    let dest = dst.address.clone();
+    let out_flags = ["--insecure", "--postcopy-after", "1", "--max-downtime", "1"];
+    let _job = migrate_detached(&src, &dest, &out_flags);
+    wait_stderr(&mut src, "STASIS-FAILPOINT migrate.postcopy_background", T);
+    src.signal(libc::SIGKILL);
+    let st = dst.vm.wait_exit(T);
+    assert_eq!(st.code(), Some(9), "{}", dst.vm.stderr());
+    let e = dst.vm.stderr();
+    assert!(
+        e.contains("post-copy failed after the VM started here") && e.contains("the VM is lost"),
+        "{e}"
+    );
+}

@@ -6,6 +6,8 @@
 //! then confirms ([`Incoming::confirm`]) once it runs.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use stasis_config::VmConfig;
 use stasis_migration::{
@@ -15,6 +17,8 @@ use stasis_migration::{
 use stasis_snapshot::{CpuInfo, Progress, SectionSet, SectionSink, SectionSource, SectionWarning};
 
 use super::pages::{PageReceiver, Prefault};
+use super::postcopy::target::{LostHook, Target};
+use super::postcopy::StaleSet;
 use super::transport::MigrationStream;
 use super::{software, MigrateError};
 use crate::cpu::setup::RestoreCpu;
@@ -43,12 +47,19 @@ pub struct Arrival {
     /// Whether guest memory was handed over as files (a local upgrade)
     /// rather than copied.
     pub memory_handed_over: bool,
+    /// Post-copy: guest RAM prepared for the pages still to come; start
+    /// it ([`Incoming::start_postcopy`]) before building the VM.
+    pub postcopy: Option<Target>,
 }
 
 /// An incoming migration on one connection.
 pub struct Incoming<R: Read, W: Write> {
-    r: FrameReader<R>,
-    w: FrameWriter<W>,
+    /// Taken by post-copy's page thread.
+    r: Option<FrameReader<R>>,
+    /// Shared with post-copy's threads.
+    w: Arc<Mutex<FrameWriter<W>>>,
+    /// Set once the source was told the VM runs here.
+    resumed: Arc<AtomicBool>,
     /// The source's software, from its hello.
     pub source_software: String,
     cpu: Option<CpuInfo>,
@@ -68,8 +79,9 @@ impl<R: Read, W: Write> Incoming<R, W> {
         let mut r = FrameReader::start(reader)?;
         let (hello, protocol) = handshake::destination_hello(&mut r, &mut w, &software())?;
         Ok(Self {
-            r,
-            w,
+            r: Some(r),
+            w: Arc::new(Mutex::new(w)),
+            resumed: Arc::new(AtomicBool::new(false)),
             source_software: hello.software,
             cpu: None,
             allow_tsc_mismatch: false,
@@ -91,9 +103,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
             let m = Message::Refuse(stasis_migration::Refusal {
                 reason: reason.clone(),
             });
-            if let Ok((kind, payload)) = m.encode() {
-                let _ = self.w.write(kind, &payload).and_then(|()| self.w.flush());
-            }
+            self.send_best_effort(&m);
             return Err(local(reason));
         }
         self.handover = Some(stream);
@@ -113,7 +123,9 @@ impl<R: Read, W: Write> Incoming<R, W> {
     ) -> Result<VmConfig, MigrateError> {
         let mut out = None;
         let allow_tsc = overrides.allow_tsc_mismatch;
-        handshake::destination_check(&mut self.r, &mut self.w, |d| {
+        let r = self.r.as_mut().expect("read before post-copy");
+        let mut w = self.w.lock().expect("migration writer");
+        handshake::destination_check(r, &mut w, |d| {
             let config = restore::configure(&d.vm_config, overrides).map_err(|e| e.to_string())?;
             let want = config.memory_mib << 20;
             if d.memory_bytes != want {
@@ -167,16 +179,14 @@ impl<R: Read, W: Write> Incoming<R, W> {
         let mut sections = SectionSet::new();
         let mut rounds = 0;
         let mut unpacked = Vec::new();
+        let mut stale = Vec::new();
         progress.phase("receiving memory", config.memory_mib << 20);
+        let r = self.r.as_mut().expect("read before post-copy");
         loop {
-            let frame = self
-                .r
-                .next_frame()?
-                .ok_or_else(|| ProtocolError::Truncated {
-                    what:
-                        "the migration (the source closed the connection before all state was sent)"
-                            .into(),
-                })?;
+            let frame = r.next_frame()?.ok_or_else(|| ProtocolError::Truncated {
+                what: "the migration (the source closed the connection before all state was sent)"
+                    .into(),
+            })?;
             let done = match Message::decode(&frame)? {
                 Message::MemoryBatchZstd(c) => {
                     if memory_handed_over || !sections.entries().is_empty() {
@@ -231,6 +241,16 @@ impl<R: Read, W: Write> Incoming<R, W> {
                         })?;
                     false
                 }
+                Message::StalePages(ranges) => {
+                    if memory_handed_over || !sections.entries().is_empty() {
+                        return Err(unexpected(
+                            "no stale-pages frame here",
+                            "a stale-pages frame",
+                        ));
+                    }
+                    stale.extend(ranges);
+                    false
+                }
                 Message::StateDone => true,
                 Message::Refuse(r) => {
                     return Err(ProtocolError::Refused { reason: r.reason }.into())
@@ -242,7 +262,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
                     ))
                 }
             };
-            self.r.recycle(frame);
+            r.recycle(frame);
             if done {
                 break;
             }
@@ -263,6 +283,11 @@ impl<R: Read, W: Write> Incoming<R, W> {
             )));
         }
         let state = restore::state_from_sections(&sections, &config, vcpus, None).map_err(local)?;
+        let postcopy = match stale.is_empty() {
+            true => None,
+            false => Some(Target::prepare(&memory, StaleSet::new(stale))?),
+        };
+        let bytes = r.bytes_read();
         Ok(Arrival {
             config,
             memory,
@@ -271,8 +296,9 @@ impl<R: Read, W: Write> Incoming<R, W> {
             warnings,
             rounds,
             pages: received,
-            bytes: self.r.bytes_read(),
+            bytes,
             memory_handed_over,
+            postcopy,
         })
     }
 
@@ -287,6 +313,8 @@ impl<R: Read, W: Write> Incoming<R, W> {
     ) -> Result<Option<GuestRam>, MigrateError> {
         let frame = self
             .r
+            .as_mut()
+            .expect("read before post-copy")
             .next_frame()?
             .ok_or_else(|| ProtocolError::Truncated {
                 what: "the hand-over (the source closed the connection before its files frame)"
@@ -309,9 +337,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
                 super::transport::MAX_FILES
             )));
         }
-        let (kind, payload) = Message::FilesReady.encode()?;
-        self.w.write(kind, &payload)?;
-        self.w.flush()?;
+        self.send(&Message::FilesReady)?;
         let mut files = stream
             .recv_files(offer.count())
             .map_err(|e| local(format!("receiving the source's file descriptors: {e}")))?
@@ -340,22 +366,47 @@ impl<R: Read, W: Write> Incoming<R, W> {
 
     /// Tells the source the VM runs here; it ends there. Call only once
     /// the VM's vCPUs run.
-    pub fn confirm(mut self) -> Result<(), MigrateError> {
-        let (kind, payload) = Message::Resumed.encode()?;
-        self.w.write(kind, &payload)?;
-        self.w.flush()?;
+    pub fn confirm(self) -> Result<(), MigrateError> {
+        // Set first: from now on a post-copy failure loses the VM.
+        self.resumed.store(true, Ordering::SeqCst);
+        self.send(&Message::Resumed)
+    }
+
+    /// Post-copy: starts putting the stale pages in place as they come
+    /// and asking for the ones faulted on (see [`Target::start`]). Call
+    /// before anything touches guest memory, then build the VM.
+    pub fn start_postcopy(&mut self, target: Target, lost: LostHook) -> Result<(), MigrateError>
+    where
+        R: Send + 'static,
+        W: Send + 'static,
+    {
+        let r = self
+            .r
+            .take()
+            .ok_or_else(|| local("post-copy started twice"))?;
+        target.start(r, self.w.clone(), self.resumed.clone(), lost)
+    }
+
+    fn send(&self, m: &Message) -> Result<(), MigrateError> {
+        let (kind, payload) = m.encode()?;
+        let mut w = self.w.lock().expect("migration writer");
+        w.write(kind, &payload)?;
+        w.flush()?;
         Ok(())
+    }
+
+    fn send_best_effort(&self, m: &Message) {
+        if let Err(e) = self.send(m) {
+            tracing::debug!("cannot tell the source: {e}");
+        }
     }
 
     /// Tells the source this host will not run the VM and why (best
     /// effort: the connection may be what failed); the source resumes it.
-    pub fn refuse(mut self, reason: &str) {
-        let m = Message::Refuse(stasis_migration::Refusal {
+    pub fn refuse(self, reason: &str) {
+        self.send_best_effort(&Message::Refuse(stasis_migration::Refusal {
             reason: reason.to_string(),
-        });
-        if let Ok((kind, payload)) = m.encode() {
-            let _ = self.w.write(kind, &payload).and_then(|()| self.w.flush());
-        }
+        }));
     }
 }
 

@@ -13,6 +13,8 @@
 //!   sections, and hands back what [`crate::Vm::arrive`] builds the VM
 //!   from.
 //! * [`pages`]: guest pages into batches and back.
+//! * [`postcopy`]: the destination runs the VM first and pulls the pages
+//!   it still lacks.
 //! * [`address`]: where a migration goes (`tcp:HOST:PORT`, `unix:PATH`).
 //! * [`transport`]: the connection, and on a UNIX socket the hand-over
 //!   of file descriptors (a local upgrade: memory files and taps go to
@@ -21,6 +23,7 @@
 pub mod address;
 pub mod destination;
 pub mod pages;
+pub mod postcopy;
 pub mod source;
 pub mod transport;
 
@@ -93,6 +96,10 @@ pub enum MigrateError {
     /// Something this host cannot do or a local failure.
     #[error("{0}")]
     Local(String),
+    /// Post-copy failed after the destination ran the VM: it is lost (the
+    /// source has ended it).
+    #[error("the VM is lost: {0}")]
+    PostcopyLost(String),
 }
 
 impl From<stasis_snapshot::Error> for MigrateError {
@@ -146,4 +153,16 @@ pub struct MigrationReport {
     pub throttle_percent: u32,
     /// The destination's software.
     pub destination_software: String,
+    /// Post-copy: pages sent after the destination ran the VM (0 without
+    /// post-copy).
+    #[serde(default)]
+    pub postcopy_pages: u64,
+    /// Post-copy: ranges the destination asked for while they were
+    /// missing.
+    #[serde(default)]
+    pub postcopy_requests: u64,
+    /// Post-copy: from the destination running the VM to its last page,
+    /// in ms.
+    #[serde(default)]
+    pub postcopy_ms: f64,
 }

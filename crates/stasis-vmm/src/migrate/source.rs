@@ -14,6 +14,8 @@ use stasis_migration::{
 use stasis_snapshot::{CpuInfo, Progress, SectionSink};
 
 use super::pages::PageSender;
+use super::postcopy::serve::{serve, ServeError};
+use super::postcopy::StaleSet;
 use super::transport::MigrationStream;
 use super::{software, MigrateError, MigrationMode, MigrationReport, RoundReport};
 use crate::dirty::DirtyLog;
@@ -38,6 +40,10 @@ pub struct MigrateOptions {
     /// Compress memory batches with zstd (the receiver must speak
     /// protocol version 2).
     pub compress: bool,
+    /// Live: switch to post-copy instead of failing when pre-copy does
+    /// not converge within the limits, or after this many rounds
+    /// (`Some(u32::MAX)`: only at the limits). `None`: never.
+    pub postcopy: Option<u32>,
     /// Where the VM goes, for messages and the report.
     pub destination: String,
     /// Progress and cancellation (the job's).
@@ -57,6 +63,7 @@ impl Default for MigrateOptions {
             max_time: Duration::from_secs(600),
             auto_converge: true,
             compress: false,
+            postcopy: None,
             destination: String::new(),
             progress: Arc::default(),
             handover: None,
@@ -131,7 +138,7 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
 /// destination, `writer` to it). On success the VM has ended here
 /// ([`crate::ExitReason::Migrated`]) and runs on the destination; on
 /// error it runs here as before.
-pub fn migrate<R: Read, W: Write>(
+pub fn migrate<R: Read + Send, W: Write>(
     control: &VmControl,
     reader: R,
     writer: W,
@@ -165,9 +172,9 @@ pub fn migrate<R: Read, W: Write>(
     let mut w = FrameWriter::start(writer)?;
     let mut r = FrameReader::start(reader)?;
     let welcome = handshake::source_hello(&mut r, &mut w, &software())?;
-    if opts.compress && welcome.protocol < FILES_PROTOCOL_VERSION {
+    if (opts.compress || opts.postcopy.is_some()) && welcome.protocol < FILES_PROTOCOL_VERSION {
         let e = MigrateError::Local(format!(
-            "the receiver ({}) speaks migration protocol {}, without compressed batches: migrate without --compress",
+            "the receiver ({}) speaks migration protocol {}, without compressed batches or post-copy: migrate without --compress and --postcopy",
             welcome.software, welcome.protocol
         ));
         bail(&mut w, &e);
@@ -224,9 +231,9 @@ pub fn migrate<R: Read, W: Write>(
     }
     // Live: rounds while the guest runs; what is left goes while paused.
     // Memory handed over as files: nothing to send.
-    let (pending, log) = match opts.mode {
-        _ if report.mode == "local" => (Vec::new(), None),
-        MigrationMode::Warm => (sender.all_ranges(), None),
+    let (pending, log, postcopy) = match opts.mode {
+        _ if report.mode == "local" => (Vec::new(), None, false),
+        MigrationMode::Warm => (sender.all_ranges(), None, false),
         MigrationMode::Live => {
             let mut log = DirtyLog::start(mem).map_err(|e| {
                 MigrateError::Local(format!(
@@ -243,7 +250,7 @@ pub fn migrate<R: Read, W: Write>(
                 &mut report,
             );
             match pending {
-                Ok(p) => (p, Some(log)),
+                Ok((p, postcopy)) => (p, Some(log), postcopy),
                 Err(e) => {
                     bail(&mut w, &e);
                     return Err(e);
@@ -260,6 +267,7 @@ pub fn migrate<R: Read, W: Write>(
         control,
         pending,
         log,
+        postcopy,
         &mut sender,
         &mut r,
         &mut w,
@@ -268,8 +276,8 @@ pub fn migrate<R: Read, W: Write>(
         &mut handed_over,
     );
     match result {
-        Ok(()) => {
-            report.downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+        Ok(resumed) => {
+            report.downtime_ms = resumed.duration_since(paused_at).as_secs_f64() * 1e3;
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             report.bytes_sent = w.bytes_written();
             control.end(crate::ExitReason::Migrated {
@@ -277,6 +285,16 @@ pub fn migrate<R: Read, W: Write>(
             });
             drop(op);
             Ok(report)
+        }
+        Err(MigrateError::PostcopyLost(message)) => {
+            // The destination ran the VM: it must not run here too.
+            bail(&mut w, &MigrateError::PostcopyLost(message.clone()));
+            control.end(crate::ExitReason::MigrationLost {
+                destination: opts.destination.clone(),
+                message: message.clone(),
+            });
+            drop(op);
+            Err(MigrateError::PostcopyLost(message))
         }
         Err(e) => {
             bail(&mut w, &e);
@@ -381,7 +399,7 @@ fn pre_copy<W: Write>(
     w: &mut FrameWriter<W>,
     opts: &MigrateOptions,
     report: &mut MigrationReport,
-) -> Result<Vec<(u64, u64)>, MigrateError> {
+) -> Result<(Vec<(u64, u64)>, bool), MigrateError> {
     let progress = &opts.progress;
     let started = Instant::now();
     let throttle = Throttle {
@@ -414,7 +432,7 @@ fn rounds<W: Write>(
     report: &mut MigrationReport,
     throttle: &Throttle,
     started: Instant,
-) -> Result<Vec<(u64, u64)>, MigrateError> {
+) -> Result<(Vec<(u64, u64)>, bool), MigrateError> {
     let progress = &opts.progress;
     let mut ranges = Vec::new();
     let mut link: Option<f64> = None; // bytes/s
@@ -438,11 +456,22 @@ fn rounds<W: Write>(
                 "bytes_sent": w.bytes_written(),
             }));
             if expected <= opts.max_downtime {
-                return Ok(ranges);
+                return Ok((ranges, false));
             }
-            if round > opts.max_rounds || started.elapsed() > opts.max_time {
+            let limits = round > opts.max_rounds || started.elapsed() > opts.max_time;
+            if let Some(after) = opts.postcopy {
+                if limits || round > after {
+                    tracing::info!(
+                        "migration: switching to post-copy after {} rounds ({} MiB still dirty)",
+                        round - 1,
+                        dirty >> 20
+                    );
+                    return Ok((ranges, true));
+                }
+            }
+            if limits {
                 return Err(MigrateError::NotConverged(format!(
-                    "pre-copy did not converge in {} rounds ({:.1} s): the guest still dirtied {} MiB per round against a link of {:.0} MB/s, an expected pause of {:.0} ms (limit {} ms); allow more with --max-downtime, --max-rounds or --max-time, or use --mode warm",
+                    "pre-copy did not converge in {} rounds ({:.1} s): the guest still dirtied {} MiB per round against a link of {:.0} MB/s, an expected pause of {:.0} ms (limit {} ms); allow more with --max-downtime, --max-rounds or --max-time, or use --mode warm or --postcopy",
                     round - 1,
                     started.elapsed().as_secs_f64(),
                     dirty >> 20,
@@ -506,17 +535,18 @@ fn send_message<W: Write>(w: &mut FrameWriter<W>, m: &Message) -> Result<(), Mig
 
 /// The paused part: last pages, state, disks, and the destination's word.
 #[allow(clippy::too_many_arguments)]
-fn switchover<R: Read, W: Write>(
+fn switchover<R: Read + Send, W: Write>(
     control: &VmControl,
     mut pending: Vec<(u64, u64)>,
     log: Option<DirtyLog>,
+    postcopy: bool,
     sender: &mut PageSender<'_>,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
     opts: &MigrateOptions,
     report: &mut MigrationReport,
     handed_over: &mut bool,
-) -> Result<(), MigrateError> {
+) -> Result<Instant, MigrateError> {
     let progress = &opts.progress;
     let round_start = Instant::now();
     if let Some(mut log) = log {
@@ -529,21 +559,34 @@ fn switchover<R: Read, W: Write>(
         drop(log);
     }
     let total: u64 = pending.iter().map(|r| r.1).sum();
-    progress.phase("switchover: sending the last memory while paused", total);
     let bytes_before = w.bytes_written();
     let (pages_before, zero_before) = (sender.pages, sender.zero_pages);
-    for &(gpa, len) in &pending {
-        sender.send_range(w, gpa, len, progress)?;
-    }
-    sender.flush(w)?;
     let round = report.rounds.len() as u32 + 1;
-    send_message(
-        w,
-        &Message::RoundEnd(RoundEnd {
-            round,
-            pages: sender.pages - pages_before,
-        }),
-    )?;
+    let stale = if postcopy {
+        // Post-copy: the destination drops these pages; they follow once
+        // the VM runs there.
+        progress.phase("switchover: naming the pages post-copy sends later", 0);
+        let stale = StaleSet::new(pending);
+        let ranges: Vec<(u64, u64)> = stale.ranges().collect();
+        for chunk in ranges.chunks(stasis_migration::MAX_RANGES) {
+            send_message(w, &Message::StalePages(chunk.to_vec()))?;
+        }
+        Some(stale)
+    } else {
+        progress.phase("switchover: sending the last memory while paused", total);
+        for &(gpa, len) in &pending {
+            sender.send_range(w, gpa, len, progress)?;
+        }
+        sender.flush(w)?;
+        send_message(
+            w,
+            &Message::RoundEnd(RoundEnd {
+                round,
+                pages: sender.pages - pages_before,
+            }),
+        )?;
+        None
+    };
     progress.phase("switchover: sending vCPU and device state", 0);
     let state = control.capture()?;
     let mut sink = SectionFrames { w, bytes: 0 };
@@ -571,11 +614,22 @@ fn switchover<R: Read, W: Write>(
         paused: true,
     });
     progress.phase("switchover: waiting for the destination to run the VM", 0);
+    if let Some(stale) = stale {
+        let stats = match serve(&stale, sender, r, w, progress) {
+            Ok(stats) => stats,
+            Err(ServeError::BeforeResume(e)) => return Err(e),
+            Err(ServeError::Lost(e)) => return Err(MigrateError::PostcopyLost(e.to_string())),
+        };
+        report.postcopy_pages = stats.pages;
+        report.postcopy_requests = stats.requests;
+        report.postcopy_ms = stats.ms;
+        return Ok(stats.resumed.unwrap_or_else(Instant::now));
+    }
     let frame = r.next_frame()?.ok_or_else(|| stasis_migration::Error::Truncated {
         what: "the switchover (the destination closed the connection before saying the VM runs there)".into(),
     })?;
     match Message::decode(&frame)? {
-        Message::Resumed => Ok(()),
+        Message::Resumed => Ok(Instant::now()),
         Message::Refuse(r) => Err(stasis_migration::Error::Refused { reason: r.reason }.into()),
         m => Err(stasis_migration::Error::Unexpected {
             expected: "a resumed frame".into(),
