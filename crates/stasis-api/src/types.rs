@@ -324,6 +324,9 @@ pub struct MigrateRequest {
     /// `postcopy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy_after_rounds: Option<u32>,
+    /// Connections memory travels on in parallel (default 1, at most 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
     /// A file with the key shared with the receiver (`--psk`); read by
     /// the VMM, which must be able to open it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -154,7 +154,7 @@ fn io(context: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
-fn random_nonce() -> Result<[u8; 32]> {
+pub(crate) fn random_nonce() -> Result<[u8; 32]> {
     let mut n = [0u8; 32];
     let mut got = 0;
     while got < n.len() {

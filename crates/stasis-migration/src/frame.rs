@@ -67,10 +67,16 @@ pub enum FrameKind {
     /// Destination → source (version 2, post-copy): every page in place;
     /// the source may end.
     PostcopyComplete = 17,
+    /// Source → destination (version 2): the first frame of a further
+    /// connection (`--connections N`).
+    Join = 18,
+    /// Source → destination (version 2): a further connection carried
+    /// all its memory.
+    ConnectionDone = 19,
 }
 
 impl FrameKind {
-    /// The kind with this number (11 to 17 exist from protocol version
+    /// The kind with this number (11 to 19 exist from protocol version
     /// 2).
     pub fn from_u8(v: u8) -> Option<FrameKind> {
         use FrameKind::*;
@@ -92,6 +98,8 @@ impl FrameKind {
             15 => PageRequest,
             16 => PostcopyDone,
             17 => PostcopyComplete,
+            18 => Join,
+            19 => ConnectionDone,
             _ => return None,
         })
     }
@@ -117,6 +125,8 @@ impl FrameKind {
             PageRequest => "page-request",
             PostcopyDone => "postcopy-done",
             PostcopyComplete => "postcopy-complete",
+            Join => "join",
+            ConnectionDone => "connection-done",
         }
     }
 }

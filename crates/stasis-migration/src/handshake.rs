@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 
 use crate::error::{Error, Result};
 use crate::frame::{Frame, FrameKind, FrameReader, FrameWriter};
-use crate::message::{Hello, Message, Refusal, VmDescription, Welcome};
-use crate::{negotiate, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::message::{Hello, Join, Message, Refusal, VmDescription, Welcome};
+use crate::{negotiate, FILES_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 fn send<W: Write>(w: &mut FrameWriter<W>, m: &Message) -> Result<()> {
     let (kind, payload) = m.encode()?;
@@ -70,13 +70,14 @@ pub fn source_hello<R: Read, W: Write>(
 }
 
 /// Destination side of the version handshake: reads hello, answers
-/// welcome with the version chosen, or refuse naming both ranges (and
+/// welcome with the version chosen (and, from version 2, a fresh session
+/// token for further connections), or refuse naming both ranges (and
 /// returns that error).
 pub fn destination_hello<R: Read, W: Write>(
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
     software: &str,
-) -> Result<(Hello, u32)> {
+) -> Result<(Hello, Welcome)> {
     let f = expect_frame(r, "hello")?;
     let hello = match Message::decode(&f)? {
         Message::Hello(h) => h,
@@ -84,14 +85,22 @@ pub fn destination_hello<R: Read, W: Write>(
     };
     match negotiate(hello.protocol_min, hello.protocol_max) {
         Ok(v) => {
-            send(
-                w,
-                &Message::Welcome(Welcome {
-                    protocol: v,
-                    software: software.into(),
-                }),
-            )?;
-            Ok((hello, v))
+            let session = match v >= FILES_PROTOCOL_VERSION {
+                true => Some(
+                    crate::auth::random_nonce()?[..16]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect(),
+                ),
+                false => None,
+            };
+            let welcome = Welcome {
+                protocol: v,
+                software: software.into(),
+                session,
+            };
+            send(w, &Message::Welcome(welcome.clone()))?;
+            Ok((hello, welcome))
         }
         Err(e) => {
             let _ = send(
@@ -149,4 +158,55 @@ pub fn destination_check<R: Read, W: Write>(
             Err(Error::Refused { reason })
         }
     }
+}
+
+/// Source side of a further connection (`--connections N`): joins the
+/// migration `session` as connection `index`; `Ok` once the destination
+/// accepted it.
+pub fn source_join<R: Read, W: Write>(
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    session: &str,
+    index: u32,
+) -> Result<()> {
+    send(
+        w,
+        &Message::Join(Join {
+            session: session.into(),
+            index,
+        }),
+    )?;
+    let f = expect_frame(r, "answer to the join")?;
+    match Message::decode(&f)? {
+        Message::Accept => Ok(()),
+        Message::Refuse(r) => Err(Error::Refused { reason: r.reason }),
+        m => Err(unexpected("an accept or refuse frame", m.kind())),
+    }
+}
+
+/// Destination side of a further connection: reads its join, checks the
+/// session token, answers accept or refuse; returns the connection's
+/// number.
+pub fn destination_join<R: Read, W: Write>(
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    session: &str,
+) -> Result<u32> {
+    let f = expect_frame(r, "join")?;
+    let join = match Message::decode(&f)? {
+        Message::Join(j) => j,
+        m => return Err(unexpected("a join frame", m.kind())),
+    };
+    if join.session != session {
+        let reason = "a connection joined with the wrong session token".to_string();
+        let _ = send(
+            w,
+            &Message::Refuse(Refusal {
+                reason: reason.clone(),
+            }),
+        );
+        return Err(Error::Refused { reason });
+    }
+    send(w, &Message::Accept)?;
+    Ok(join.index)
 }

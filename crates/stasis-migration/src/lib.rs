@@ -31,8 +31,8 @@ pub use compress::CompressedBatch;
 pub use error::{Error, Result};
 pub use frame::{FrameKind, FrameReader, FrameWriter, MAX_PAYLOAD, PREAMBLE};
 pub use message::{
-    is_zero, BatchBuilder, FilesOffer, Hello, MemoryBatch, MemoryFile, Message, PageEntry, Refusal,
-    RoundEnd, Section, VmDescription, Welcome, MAX_BATCH_PAGES, MAX_RANGES, PAGE_SIZE,
+    is_zero, BatchBuilder, FilesOffer, Hello, Join, MemoryBatch, MemoryFile, Message, PageEntry,
+    Refusal, RoundEnd, Section, VmDescription, Welcome, MAX_BATCH_PAGES, MAX_RANGES, PAGE_SIZE,
 };
 
 /// The newest protocol version this build speaks. Version 2 added the

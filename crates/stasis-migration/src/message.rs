@@ -50,6 +50,20 @@ pub struct Welcome {
     pub protocol: u32,
     /// Program and version.
     pub software: String,
+    /// Version 2: a random token a source's further connections name in
+    /// their join frame (parallel connections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// Source → destination, the first frame of a further connection
+/// (version 2, `--connections N`): which migration it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    /// The session token from the welcome.
+    pub session: String,
+    /// The connection's number, 1..N (0 is the first connection).
+    pub index: u32,
 }
 
 /// Either way: a refusal and its reason; the stream ends after it.
@@ -69,6 +83,18 @@ pub struct VmDescription {
     pub cpu: serde_json::Value,
     /// Bytes of guest memory.
     pub memory_bytes: u64,
+    /// Version 2: connections memory travels on (1 + further ones that
+    /// join); 1 when absent.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub connections: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// Source → destination (protocol version 2, over a UNIX socket only):
@@ -399,6 +425,10 @@ pub enum Message<'a> {
     PostcopyDone,
     /// Post-copy: every page is in place at the destination.
     PostcopyComplete,
+    /// See [`Join`].
+    Join(Join),
+    /// A further connection has carried all its memory.
+    ConnectionDone,
     /// The destination waits for the descriptors.
     FilesReady,
 }
@@ -453,6 +483,11 @@ impl<'a> Message<'a> {
                 empty(kind, p)?;
                 Message::PostcopyComplete
             }
+            FrameKind::Join => Message::Join(json(kind, p)?),
+            FrameKind::ConnectionDone => {
+                empty(kind, p)?;
+                Message::ConnectionDone
+            }
             FrameKind::FilesReady => {
                 empty(kind, p)?;
                 Message::FilesReady
@@ -480,6 +515,8 @@ impl<'a> Message<'a> {
             Message::PageRequest(r) => (FrameKind::PageRequest, encode_ranges(r)),
             Message::PostcopyDone => (FrameKind::PostcopyDone, Vec::new()),
             Message::PostcopyComplete => (FrameKind::PostcopyComplete, Vec::new()),
+            Message::Join(join) => (FrameKind::Join, j(serde_json::to_vec(join))),
+            Message::ConnectionDone => (FrameKind::ConnectionDone, Vec::new()),
             Message::MemoryBatchZstd(c) => {
                 let mut out = Vec::with_capacity(4 + c.data.len());
                 out.extend_from_slice(&(c.len as u32).to_le_bytes());
@@ -519,6 +556,8 @@ impl<'a> Message<'a> {
             Message::PageRequest(_) => FrameKind::PageRequest,
             Message::PostcopyDone => FrameKind::PostcopyDone,
             Message::PostcopyComplete => FrameKind::PostcopyComplete,
+            Message::Join(_) => FrameKind::Join,
+            Message::ConnectionDone => FrameKind::ConnectionDone,
             Message::FilesReady => FrameKind::FilesReady,
         }
     }

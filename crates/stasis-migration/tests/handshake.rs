@@ -20,6 +20,7 @@ fn vm() -> VmDescription {
         vm_config: serde_json::json!({"name": "vm1"}),
         cpu: serde_json::json!({"model": "x86-64-v3"}),
         memory_bytes: 1 << 30,
+        connections: 1,
     }
 }
 
@@ -135,4 +136,29 @@ fn frames_out_of_order_or_a_closed_peer_are_named() {
             || text.starts_with("sending a hello frame"),
         "{text}"
     );
+}
+
+#[test]
+fn a_further_connection_must_name_the_session() {
+    use stasis_migration::handshake::{destination_join, source_join};
+    for (token, ok) in [("s3cr3t", true), ("guess", false)] {
+        let ((sr, sw), (dr, dw)) = pair();
+        let dest = thread::spawn(move || {
+            let mut w = FrameWriter::start(dw).unwrap();
+            let mut r = FrameReader::start(dr).unwrap();
+            destination_join(&mut r, &mut w, "s3cr3t")
+        });
+        let mut w = FrameWriter::start(sw).unwrap();
+        let mut r = FrameReader::start(sr).unwrap();
+        let source = source_join(&mut r, &mut w, token, 2);
+        let dest = dest.join().unwrap();
+        if ok {
+            source.unwrap();
+            assert_eq!(dest.unwrap(), 2);
+        } else {
+            let e = source.unwrap_err().to_string();
+            assert!(e.contains("wrong session token"), "{e}");
+            assert!(dest.is_err());
+        }
+    }
 }

@@ -36,6 +36,7 @@ fn sample_stream() -> Vec<u8> {
             vm_config: serde_json::json!({"name": "vm1", "memory_mib": 64}),
             cpu: serde_json::json!({"vendor": "AuthenticAMD"}),
             memory_bytes: 64 << 20,
+            connections: 1,
         }),
     );
     let mut b = BatchBuilder::new();
@@ -121,6 +122,7 @@ fn a_conversation_round_trips() {
         Message::Welcome(Welcome {
             protocol: 1,
             software: "stasis test".into(),
+            session: None,
         }),
         Message::Accept,
         Message::Resumed,
@@ -388,7 +390,10 @@ fn page_ranges_round_trip_and_bad_ones_are_named() {
     for (payload, want) in [
         (raw(0x1001, 0x1000), "not a non-empty run of whole pages"),
         (raw(0x1000, 0), "not a non-empty run of whole pages"),
-        (raw(u64::MAX - 0xfff, 0x2000), "not a non-empty run of whole pages"),
+        (
+            raw(u64::MAX - 0xfff, 0x2000),
+            "not a non-empty run of whole pages",
+        ),
         (vec![0; 15], "not a whole number of 16-byte ranges"),
     ] {
         let mut w = FrameWriter::start(Vec::new()).unwrap();

@@ -10,6 +10,10 @@
 //!
 //! * stasis with a pre-shared key (authenticated, encrypted stream);
 //! * stasis with `--insecure` (clear stream: the cost of the encryption);
+//! * both with `--connections 2` (two connections, a thread each);
+//! * stasis `--insecure --postcopy-after 1` (the destination runs the VM
+//!   after one pre-copy round and pulls the rest), against QEMU with
+//!   `postcopy-ram` and `migrate-start-postcopy` at once;
 //! * stasis local upgrade (`unix:PATH`) of a guest whose RAM is a memory
 //!   file (`--memory-backend memfd`): memory is handed over, only state
 //!   is sent;
@@ -221,7 +225,14 @@ fn guest_tsc_khz(dir: &Path) -> u64 {
         .expect("a tsc_khz= in the stasis guest's boot line")
 }
 
-fn qemu_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, tsc_khz: u64) -> Option<Figures> {
+fn qemu_run(
+    dir: &Path,
+    kernel: &Path,
+    mib: u64,
+    rate: u64,
+    tsc_khz: u64,
+    postcopy: bool,
+) -> Option<Figures> {
     let line = format!("{} tsc_khz={tsc_khz}", cmdline(mib, rate));
     let log = dir.join("qsrc.log");
     let _ = std::fs::remove_file(&log);
@@ -234,13 +245,22 @@ fn qemu_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, tsc_khz: u64) -> Opt
         .unwrap()
         .port();
     let _dst = qemu(mib, kernel, &line, &dir.join("qdst.log"), &qd, Some(port));
-    let _dq = Qmp::connect(&qd);
+    let mut dq = Qmp::connect(&qd);
     let mut q = Qmp::connect(&qs);
     q.call(r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "auto-converge", "state": true}]}}"#);
+    if postcopy {
+        let pc = r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": true}]}}"#;
+        q.call(pc);
+        dq.call(pc);
+    }
     q.call(r#"{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 50, "max-bandwidth": 100000000000}}"#);
     q.call(&format!(
         r#"{{"execute": "migrate", "arguments": {{"uri": "tcp:127.0.0.1:{port}"}}}}"#
     ));
+    if postcopy {
+        // Switches once the first pass over memory is done.
+        q.call(r#"{"execute": "migrate-start-postcopy"}"#);
+    }
     let end = Instant::now() + Duration::from_secs(300);
     loop {
         let s = q.call(r#"{"execute": "query-migrate"}"#);
@@ -311,6 +331,8 @@ fn main() {
         for rate in [0u64, 10, 100] {
             let (mut psk, mut clear, mut q) = (Vec::new(), Vec::new(), Vec::new());
             let (mut handed, mut copied) = (Vec::new(), Vec::new());
+            let (mut psk2, mut clear2, mut post, mut qpost) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let tcp = "tcp:127.0.0.1:0".to_string();
             let unix = format!("unix:{}", dir.join("up.sock").display());
             let memfd = ["--memory-backend", "memfd"];
@@ -343,10 +365,32 @@ fn main() {
                     &at(&memfd, &unix, &[]),
                 ));
                 copied.push(stasis_run(&dir, &kernel, mib, rate, &at(&[], &unix, &[])));
+                let two = ["--connections", "2"];
+                let psk_two = ["--psk", key.as_str(), "--connections", "2"];
+                psk2.push(stasis_run(
+                    &dir,
+                    &kernel,
+                    mib,
+                    rate,
+                    &at(&[], &tcp, &psk_two),
+                ));
+                let clear_two = ["--insecure", two[0], two[1]];
+                clear2.push(stasis_run(
+                    &dir,
+                    &kernel,
+                    mib,
+                    rate,
+                    &at(&[], &tcp, &clear_two),
+                ));
+                let pc = ["--insecure", "--postcopy-after", "1"];
+                post.push(stasis_run(&dir, &kernel, mib, rate, &at(&[], &tcp, &pc)));
                 if qemu_ok {
                     let khz = guest_tsc_khz(&dir);
-                    if let Some(f) = qemu_run(&dir, &kernel, mib, rate, khz) {
+                    if let Some(f) = qemu_run(&dir, &kernel, mib, rate, khz, false) {
                         q.push(f);
+                    }
+                    if let Some(f) = qemu_run(&dir, &kernel, mib, rate, khz, true) {
+                        qpost.push(f);
                     }
                 }
             }
@@ -359,6 +403,10 @@ fn main() {
             println!("|---|---|---|---|---|");
             row("stasis, pre-shared key (encrypted)", &psk);
             row("stasis, --insecure", &clear);
+            row("stasis, pre-shared key, 2 connections", &psk2);
+            row("stasis, --insecure, 2 connections", &clear2);
+            row("stasis, --insecure, post-copy after 1 round", &post);
+            row("QEMU 7.2, post-copy at once", &qpost);
             row("stasis local upgrade, memfd RAM handed over", &handed);
             row("stasis local upgrade, anonymous RAM copied", &copied);
             row("QEMU 7.2", &q);

@@ -305,6 +305,10 @@ pub struct MigrateArgs {
     /// --postcopy).
     #[arg(long, value_name = "N")]
     pub postcopy_after: Option<u32>,
+    /// Connections memory travels on in parallel (1 to 16): more cores
+    /// encrypt, checksum and copy on both sides.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub connections: u32,
     /// The key shared with the receiver (see `stasis receive --psk`); the
     /// VMM reads the file.
     #[arg(long, value_name = "FILE")]

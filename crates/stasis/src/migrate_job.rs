@@ -75,6 +75,16 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
             }
         },
         postcopy,
+        connections: match req.connections.unwrap_or(1) {
+            n @ 1..=stasis_vmm::migrate::lanes::MAX_CONNECTIONS => n,
+            n => {
+                return Err(format!(
+                    "{n} connections: from 1 to {}",
+                    stasis_vmm::migrate::lanes::MAX_CONNECTIONS
+                ))
+            }
+        },
+        connector: None,
         destination: address.to_string(),
         progress: Arc::default(),
         handover: None,
@@ -122,6 +132,25 @@ pub fn run(control: &VmControl, plan: Plan, progress: Arc<Progress>) -> JobResul
     if stream.carries_files() {
         options.handover = Some(Arc::new(clone()?));
     }
+    // Further connections: opened and authenticated like the first; the
+    // cancel watcher shuts them too.
+    let watched = Arc::new(std::sync::Mutex::new(vec![watched]));
+    options.connector = Some({
+        let (address, auth, watched) = (address.clone(), auth.clone(), watched.clone());
+        Arc::new(move || {
+            let s = address.connect().map_err(|e| format!("{address}: {e}"))?;
+            let (rh, wh) = (
+                s.try_clone().map_err(|e| e.to_string())?,
+                s.try_clone().map_err(|e| e.to_string())?,
+            );
+            watched.lock().expect("watched connections").push(wh);
+            let (r, w) = secure(rh, s, Role::Source, &auth).map_err(|e| e.to_string())?;
+            let r: stasis_vmm::migrate::lanes::LaneReader = Box::new(BufReader::new(r));
+            let w: stasis_vmm::migrate::lanes::LaneWriter =
+                Box::new(BufWriter::with_capacity(1 << 20, w));
+            Ok((r, w))
+        })
+    });
     // A cancel must not wait for a stalled connection (a write blocks
     // until the stall timeout): it shuts the connection, and the blocked
     // call fails at once. Never once the switchover is committed.
@@ -134,7 +163,9 @@ pub fn run(control: &VmControl, plan: Plan, progress: Arc<Progress>) -> JobResul
                 while !done.load(std::sync::atomic::Ordering::SeqCst) {
                     let p = progress.read();
                     if p.cancel_requested && !p.committing {
-                        let _ = watched.shutdown();
+                        for s in watched.lock().expect("watched connections").iter() {
+                            let _ = s.shutdown();
+                        }
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(20));

@@ -54,6 +54,7 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
         compress: Some(args.compress.clone()),
         postcopy: Some(args.postcopy || args.postcopy_after.is_some()),
         postcopy_after_rounds: args.postcopy_after,
+        connections: Some(args.connections),
         psk_file,
         insecure: args.insecure,
         detach: args.detach,
@@ -205,7 +206,6 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
     let local = listener.address().map_err(|e| e.to_string())?;
     eprintln!("stasis: waiting for a migration on {local}");
     let (stream, peer) = listener.accept().map_err(|e| e.to_string())?;
-    drop(listener);
     let started = std::time::Instant::now();
     let read_half = stream.try_clone().map_err(|e| e.to_string())?;
     let source_pid = stream.peer_pid();
@@ -240,6 +240,21 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
         })
         .map_err(|e| e.to_string())?;
     let (server, socket, takeover) = bound.expect("an accepted VM has its socket");
+    for _ in 0..incoming.lanes_expected() {
+        let (stream, peer) = listener
+            .accept_within(stasis_vmm::migrate::IO_TIMEOUT)
+            .map_err(|e| format!("waiting for the source's further connections: {e}"))?;
+        let rh = stream.try_clone().map_err(|e| e.to_string())?;
+        let (r, w) = secure(rh, stream, Role::Destination, &auth)
+            .map_err(|e| format!("further connection from {peer}: {e}"))?;
+        incoming
+            .join(
+                Box::new(BufReader::with_capacity(1 << 20, r)),
+                Box::new(BufWriter::new(w)),
+            )
+            .map_err(|e| format!("further connection from {peer}: {e}"))?;
+    }
+    drop(listener);
     // The source's socket is never removed from here; a taken-over one is
     // ours only once serving starts.
     crate::panics::install(&config.name, if takeover { vec![] } else { vec![socket] });

@@ -326,3 +326,21 @@ fn post_copy_runs_the_vm_on_the_destination_first_and_loses_no_page() {
     let rounds = r["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2, "one pre-copy round, then the switch: {r}");
 }
+
+#[test]
+fn memory_on_four_connections_loses_no_page() {
+    let r = migrate_memory_guest("migconn", 1, 25600, 128, &["--connections", "4"]);
+    let per: Vec<u64> = r["bytes_per_connection"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap())
+        .collect();
+    assert_eq!(per.len(), 4, "{r}");
+    // 128 MiB of written pages dealt in 2 MiB blocks: each connection
+    // carries a quarter, give or take.
+    for b in &per {
+        assert!(*b > 16 << 20, "every connection carries memory: {per:?}");
+    }
+    assert_eq!(per.iter().sum::<u64>(), r["bytes_sent"].as_u64().unwrap());
+}

@@ -268,6 +268,7 @@ fn a_receiver_refuses_a_cpu_model_it_cannot_run_and_says_why() {
                 "guest": {"model": "x86-64-v2", "features": ["sse2", "wonderful_new_thing"]}
             }),
             memory_bytes: 64 << 20,
+            connections: 1,
         },
     )
     .unwrap_err()

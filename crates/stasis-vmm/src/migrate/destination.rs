@@ -16,6 +16,7 @@ use stasis_migration::{
 };
 use stasis_snapshot::{CpuInfo, Progress, SectionSet, SectionSink, SectionSource, SectionWarning};
 
+use super::lanes::{Lane, LaneReader, LaneWriter, MAX_CONNECTIONS};
 use super::pages::{PageReceiver, Prefault};
 use super::postcopy::target::{LostHook, Target};
 use super::postcopy::StaleSet;
@@ -66,6 +67,11 @@ pub struct Incoming<R: Read, W: Write> {
     allow_tsc_mismatch: bool,
     protocol: u32,
     handover: Option<MigrationStream>,
+    /// The session token further connections name.
+    session: Option<String>,
+    /// Connections the source announced (1 + lanes).
+    connections: u32,
+    lanes: Vec<Lane>,
 }
 
 fn local(e: impl std::fmt::Display) -> MigrateError {
@@ -77,15 +83,18 @@ impl<R: Read, W: Write> Incoming<R, W> {
     pub fn start(reader: R, writer: W) -> Result<Self, MigrateError> {
         let mut w = FrameWriter::start(writer)?;
         let mut r = FrameReader::start(reader)?;
-        let (hello, protocol) = handshake::destination_hello(&mut r, &mut w, &software())?;
+        let (hello, welcome) = handshake::destination_hello(&mut r, &mut w, &software())?;
         Ok(Self {
+            session: welcome.session,
+            connections: 1,
+            lanes: Vec::new(),
             r: Some(r),
             w: Arc::new(Mutex::new(w)),
             resumed: Arc::new(AtomicBool::new(false)),
             source_software: hello.software,
             cpu: None,
             allow_tsc_mismatch: false,
-            protocol,
+            protocol: welcome.protocol,
             handover: None,
         })
     }
@@ -123,9 +132,19 @@ impl<R: Read, W: Write> Incoming<R, W> {
     ) -> Result<VmConfig, MigrateError> {
         let mut out = None;
         let allow_tsc = overrides.allow_tsc_mismatch;
+        let has_session = self.session.is_some();
         let r = self.r.as_mut().expect("read before post-copy");
         let mut w = self.w.lock().expect("migration writer");
         handshake::destination_check(r, &mut w, |d| {
+            if d.connections == 0 || d.connections > MAX_CONNECTIONS {
+                return Err(format!(
+                    "{} connections asked for (1 to {MAX_CONNECTIONS})",
+                    d.connections
+                ));
+            }
+            if d.connections > 1 && !has_session {
+                return Err("further connections need migration protocol 2".into());
+            }
             let config = restore::configure(&d.vm_config, overrides).map_err(|e| e.to_string())?;
             let want = config.memory_mib << 20;
             if d.memory_bytes != want {
@@ -145,13 +164,34 @@ impl<R: Read, W: Write> Incoming<R, W> {
             }
             check_backends(&config, self.handover.is_none())?;
             accept(&config)?;
-            out = Some((config, cpu));
+            out = Some((config, cpu, d.connections));
             Ok(())
         })?;
-        let (config, cpu) = out.expect("an accepted VM was checked");
+        let (config, cpu, connections) = out.expect("an accepted VM was checked");
+        self.connections = connections;
         self.cpu = Some(cpu);
         self.allow_tsc_mismatch = allow_tsc;
         Ok(config)
+    }
+
+    /// Further connections the accepted VM's memory comes on: accept that
+    /// many more connections and [`Incoming::join`] each.
+    pub fn lanes_expected(&self) -> u32 {
+        self.connections - 1
+    }
+
+    /// Adds a further connection (authenticated by the caller): checks
+    /// its join frame against this migration's session token.
+    pub fn join(&mut self, r: LaneReader, w: LaneWriter) -> Result<(), MigrateError> {
+        let session = self
+            .session
+            .as_deref()
+            .ok_or_else(|| local("further connections need migration protocol 2"))?;
+        if self.lanes.len() as u32 >= self.lanes_expected() {
+            return Err(local("more connections than the source announced"));
+        }
+        self.lanes.push(Lane::accept(r, w, session)?);
+        Ok(())
     }
 
     /// Receives memory and state until the source has sent everything
@@ -182,92 +222,124 @@ impl<R: Read, W: Write> Incoming<R, W> {
         let mut stale = Vec::new();
         progress.phase("receiving memory", config.memory_mib << 20);
         let r = self.r.as_mut().expect("read before post-copy");
-        loop {
-            let frame = r.next_frame()?.ok_or_else(|| ProtocolError::Truncated {
-                what: "the migration (the source closed the connection before all state was sent)"
-                    .into(),
-            })?;
-            let done = match Message::decode(&frame)? {
-                Message::MemoryBatchZstd(c) => {
-                    if memory_handed_over || !sections.entries().is_empty() {
-                        return Err(unexpected(
-                            "no memory batch here",
-                            "a memory-batch-zstd frame",
-                        ));
+        let mut lanes = std::mem::take(&mut self.lanes);
+        let lane_pages = std::thread::scope(|scope| -> Result<u64, MigrateError> {
+            let handles: Vec<_> = lanes
+                .iter_mut()
+                .map(|lane| {
+                    let memory = &memory;
+                    scope.spawn(move || lane.receive(memory, progress))
+                })
+                .collect();
+            let mut first_connection = || -> Result<(), MigrateError> {
+                loop {
+                    let frame = r.next_frame()?.ok_or_else(|| ProtocolError::Truncated {
+                        what: "the migration (the source closed the connection before all state was sent)"
+                            .into(),
+                    })?;
+                    let done = match Message::decode(&frame)? {
+                        Message::MemoryBatchZstd(c) => {
+                            if memory_handed_over || !sections.entries().is_empty() {
+                                return Err(unexpected(
+                                    "no memory batch here",
+                                    "a memory-batch-zstd frame",
+                                ));
+                            }
+                            c.decompress(&mut unpacked)?;
+                            let b = MemoryBatch::decode(&unpacked)?;
+                            stasis_failpoint::hit("migrate.memory_batch");
+                            pages.apply(&b)?;
+                            progress.add(b.len() as u64 * 4096);
+                            false
+                        }
+                        Message::MemoryBatch(b) => {
+                            if memory_handed_over {
+                                return Err(unexpected(
+                                    "no memory batch (memory was handed over as files)",
+                                    "a memory-batch frame",
+                                ));
+                            }
+                            if !sections.entries().is_empty() {
+                                return Err(unexpected(
+                                    "a section or state-done frame",
+                                    "a memory-batch frame",
+                                ));
+                            }
+                            stasis_failpoint::hit("migrate.memory_batch");
+                            pages.apply(&b)?;
+                            progress.add(b.len() as u64 * 4096);
+                            false
+                        }
+                        Message::RoundEnd(e) => {
+                            if e.round != rounds + 1 {
+                                return Err(local(format!(
+                                    "the source ended round {} after round {rounds}",
+                                    e.round
+                                )));
+                            }
+                            rounds = e.round;
+                            stasis_failpoint::hit("migrate.round_end");
+                            false
+                        }
+                        Message::Section(s) => {
+                            stasis_failpoint::hit("migrate.receive_section");
+                            sections
+                                .add_raw_section(s.name, s.instance, s.version, s.optional, s.bytes)
+                                .map_err(|e| ProtocolError::Decode {
+                                    kind: "section".into(),
+                                    message: e.to_string(),
+                                })?;
+                            false
+                        }
+                        Message::StalePages(ranges) => {
+                            if memory_handed_over || !sections.entries().is_empty() {
+                                return Err(unexpected(
+                                    "no stale-pages frame here",
+                                    "a stale-pages frame",
+                                ));
+                            }
+                            stale.extend(ranges);
+                            false
+                        }
+                        Message::StateDone => true,
+                        Message::Refuse(r) => {
+                            return Err(ProtocolError::Refused { reason: r.reason }.into())
+                        }
+                        m => {
+                            return Err(unexpected(
+                                "a memory-batch, round-end or section frame",
+                                &format!("a {} frame", m.kind()),
+                            ))
+                        }
+                    };
+                    r.recycle(frame);
+                    if done {
+                        break;
                     }
-                    c.decompress(&mut unpacked)?;
-                    let b = MemoryBatch::decode(&unpacked)?;
-                    stasis_failpoint::hit("migrate.memory_batch");
-                    pages.apply(&b)?;
-                    progress.add(b.len() as u64 * 4096);
-                    false
                 }
-                Message::MemoryBatch(b) => {
-                    if memory_handed_over {
-                        return Err(unexpected(
-                            "no memory batch (memory was handed over as files)",
-                            "a memory-batch frame",
-                        ));
-                    }
-                    if !sections.entries().is_empty() {
-                        return Err(unexpected(
-                            "a section or state-done frame",
-                            "a memory-batch frame",
-                        ));
-                    }
-                    stasis_failpoint::hit("migrate.memory_batch");
-                    pages.apply(&b)?;
-                    progress.add(b.len() as u64 * 4096);
-                    false
-                }
-                Message::RoundEnd(e) => {
-                    if e.round != rounds + 1 {
-                        return Err(local(format!(
-                            "the source ended round {} after round {rounds}",
-                            e.round
-                        )));
-                    }
-                    rounds = e.round;
-                    stasis_failpoint::hit("migrate.round_end");
-                    false
-                }
-                Message::Section(s) => {
-                    stasis_failpoint::hit("migrate.receive_section");
-                    sections
-                        .add_raw_section(s.name, s.instance, s.version, s.optional, s.bytes)
-                        .map_err(|e| ProtocolError::Decode {
-                            kind: "section".into(),
-                            message: e.to_string(),
-                        })?;
-                    false
-                }
-                Message::StalePages(ranges) => {
-                    if memory_handed_over || !sections.entries().is_empty() {
-                        return Err(unexpected(
-                            "no stale-pages frame here",
-                            "a stale-pages frame",
-                        ));
-                    }
-                    stale.extend(ranges);
-                    false
-                }
-                Message::StateDone => true,
-                Message::Refuse(r) => {
-                    return Err(ProtocolError::Refused { reason: r.reason }.into())
-                }
-                m => {
-                    return Err(unexpected(
-                        "a memory-batch, round-end or section frame",
-                        &format!("a {} frame", m.kind()),
-                    ))
-                }
+                Ok(())
             };
-            r.recycle(frame);
-            if done {
-                break;
+            let main = first_connection();
+            let mut total = 0;
+            let mut lane_error = None;
+            for h in handles {
+                match h.join() {
+                    Ok(Ok(n)) => total += n,
+                    Ok(Err(e)) => {
+                        lane_error.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        lane_error.get_or_insert(local("a receiving thread panicked"));
+                    }
+                }
             }
-        }
-        let received = pages.pages;
+            main?;
+            match lane_error {
+                Some(e) => Err(e),
+                None => Ok(total),
+            }
+        })?;
+        let received = pages.pages + lane_pages;
         drop(prefault);
         drop(pages);
         progress.phase("checking the VM's state", 0);

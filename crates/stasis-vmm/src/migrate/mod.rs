@@ -13,6 +13,7 @@
 //!   sections, and hands back what [`crate::Vm::arrive`] builds the VM
 //!   from.
 //! * [`pages`]: guest pages into batches and back.
+//! * [`lanes`]: further connections that carry memory in parallel.
 //! * [`postcopy`]: the destination runs the VM first and pulls the pages
 //!   it still lacks.
 //! * [`address`]: where a migration goes (`tcp:HOST:PORT`, `unix:PATH`).
@@ -22,6 +23,7 @@
 
 pub mod address;
 pub mod destination;
+pub mod lanes;
 pub mod pages;
 pub mod postcopy;
 pub mod source;
@@ -153,6 +155,10 @@ pub struct MigrationReport {
     pub throttle_percent: u32,
     /// The destination's software.
     pub destination_software: String,
+    /// Bytes sent on each connection (`--connections`), the first one
+    /// first.
+    #[serde(default)]
+    pub bytes_per_connection: Vec<u64>,
     /// Post-copy: pages sent after the destination ran the VM (0 without
     /// post-copy).
     #[serde(default)]

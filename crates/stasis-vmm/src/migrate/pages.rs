@@ -45,6 +45,8 @@ pub struct PageSender<'m> {
     batch: BatchBuilder,
     /// Compress batches with zstd, through this buffer.
     compress: Option<Vec<u8>>,
+    /// Zero pages other senders sent for this one ([`Self::add_counts`]).
+    other_zero_pages: u64,
     _mem: &'m GuestRam,
     /// Pages sent since the counters were last taken.
     pub pages: u64,
@@ -59,6 +61,7 @@ impl<'m> PageSender<'m> {
             regions: regions(mem),
             batch: BatchBuilder::new(),
             compress: None,
+            other_zero_pages: 0,
             _mem: mem,
             pages: 0,
             zero_pages: 0,
@@ -69,6 +72,24 @@ impl<'m> PageSender<'m> {
     pub fn compressed(mut self) -> Self {
         self.compress = Some(Vec::new());
         self
+    }
+
+    /// Counts pages another sender sent on this one's behalf (a further
+    /// connection's share).
+    pub fn add_counts(&mut self, pages: u64, zero_pages: u64) {
+        self.pages += pages;
+        self.other_zero_pages += zero_pages;
+        self.zero_pages += zero_pages;
+    }
+
+    /// The guest RAM it sends from.
+    pub fn memory(&self) -> &'m GuestRam {
+        self._mem
+    }
+
+    /// Whether it compresses batches.
+    pub fn is_compressed(&self) -> bool {
+        self.compress.is_some()
     }
 
     /// Every page of guest RAM as `(gpa, len)` ranges.
@@ -99,7 +120,7 @@ impl<'m> PageSender<'m> {
                 // dirty log.
                 unsafe { std::ptr::copy_nonoverlapping(host, dst.as_mut_ptr(), PAGE_SIZE) }
             });
-            self.zero_pages = self.batch.zero_pages();
+            self.zero_pages = self.other_zero_pages + self.batch.zero_pages();
             if full {
                 self.flush(w)?;
                 progress.check()?;

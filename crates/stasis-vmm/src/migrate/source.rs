@@ -13,6 +13,7 @@ use stasis_migration::{
 };
 use stasis_snapshot::{CpuInfo, Progress, SectionSink};
 
+use super::lanes::{self, Connector, Lane};
 use super::pages::PageSender;
 use super::postcopy::serve::{serve, ServeError};
 use super::postcopy::StaleSet;
@@ -23,7 +24,7 @@ use crate::memory::{self, RegionFile};
 use crate::vm::{OperationGuard, RunState, VmControl};
 
 /// What the caller asks of a migration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MigrateOptions {
     /// Live (pre-copy) or warm.
     pub mode: MigrationMode,
@@ -44,6 +45,12 @@ pub struct MigrateOptions {
     /// not converge within the limits, or after this many rounds
     /// (`Some(u32::MAX)`: only at the limits). `None`: never.
     pub postcopy: Option<u32>,
+    /// Connections memory travels on (1: only the first one); the
+    /// further ones are opened with `connector`.
+    pub connections: u32,
+    /// Opens a further connection, authenticated (needed when
+    /// `connections` > 1).
+    pub connector: Option<Connector>,
     /// Where the VM goes, for messages and the report.
     pub destination: String,
     /// Progress and cancellation (the job's).
@@ -64,6 +71,8 @@ impl Default for MigrateOptions {
             auto_converge: true,
             compress: false,
             postcopy: None,
+            connections: 1,
+            connector: None,
             destination: String::new(),
             progress: Arc::default(),
             handover: None,
@@ -198,13 +207,14 @@ pub fn migrate<R: Read + Send, W: Write>(
             vm_config: describe(serde_json::to_value(&d.config))?,
             cpu: describe(serde_json::to_value(&cpu))?,
             memory_bytes,
+            connections: opts.connections,
         },
     )?;
     let mut report = MigrationReport {
         destination: opts.destination.clone(),
         mode: opts.mode.to_string(),
         memory_bytes,
-        destination_software: welcome.software,
+        destination_software: welcome.software.clone(),
         ..Default::default()
     };
     let mem = control.memory();
@@ -229,6 +239,13 @@ pub fn migrate<R: Read + Send, W: Write>(
             report.mode = "local".into();
         }
     }
+    let mut lanes = match open_lanes(opts, welcome.session.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            bail(&mut w, &e);
+            return Err(e);
+        }
+    };
     // Live: rounds while the guest runs; what is left goes while paused.
     // Memory handed over as files: nothing to send.
     let (pending, log, postcopy) = match opts.mode {
@@ -246,6 +263,7 @@ pub fn migrate<R: Read + Send, W: Write>(
                 &mut log,
                 &mut sender,
                 &mut w,
+                &mut lanes,
                 opts,
                 &mut report,
             );
@@ -271,6 +289,7 @@ pub fn migrate<R: Read + Send, W: Write>(
         &mut sender,
         &mut r,
         &mut w,
+        &mut lanes,
         opts,
         &mut report,
         &mut handed_over,
@@ -279,7 +298,10 @@ pub fn migrate<R: Read + Send, W: Write>(
         Ok(resumed) => {
             report.downtime_ms = resumed.duration_since(paused_at).as_secs_f64() * 1e3;
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
-            report.bytes_sent = w.bytes_written();
+            report.bytes_sent = total_bytes(&w, &lanes);
+            report.bytes_per_connection = std::iter::once(w.bytes_written())
+                .chain(lanes.iter().map(Lane::bytes_written))
+                .collect();
             control.end(crate::ExitReason::Migrated {
                 destination: opts.destination.clone(),
             });
@@ -313,6 +335,30 @@ pub fn migrate<R: Read + Send, W: Write>(
             Err(e)
         }
     }
+}
+
+/// Opens the further connections `opts` asks for, joining `session`.
+fn open_lanes(opts: &MigrateOptions, session: Option<&str>) -> Result<Vec<Lane>, MigrateError> {
+    if opts.connections <= 1 {
+        return Ok(Vec::new());
+    }
+    let session = session.ok_or_else(|| {
+        MigrateError::Local(
+            "the receiver speaks migration protocol 1, with one connection only: migrate without --connections".into(),
+        )
+    })?;
+    let connect = opts
+        .connector
+        .as_ref()
+        .ok_or_else(|| MigrateError::Local("no way to open further connections".into()))?;
+    (1..opts.connections)
+        .map(|i| Lane::open(connect, session, i))
+        .collect()
+}
+
+/// Bytes written on the first connection and every lane.
+fn total_bytes<W: Write>(w: &FrameWriter<W>, lanes: &[Lane]) -> u64 {
+    w.bytes_written() + lanes.iter().map(Lane::bytes_written).sum::<u64>()
 }
 
 /// A local upgrade's hand-over: the files frame naming what follows, the
@@ -391,12 +437,14 @@ fn bail<W: Write>(w: &mut FrameWriter<W>, e: &MigrateError) {
 
 /// Pre-copy rounds until the rest fits the downtime; returns the ranges
 /// still to send (collected, not yet sent).
+#[allow(clippy::too_many_arguments)]
 fn pre_copy<W: Write>(
     control: &VmControl,
     op: &OperationGuard<'_>,
     log: &mut DirtyLog,
     sender: &mut PageSender<'_>,
     w: &mut FrameWriter<W>,
+    lanes: &mut [Lane],
     opts: &MigrateOptions,
     report: &mut MigrationReport,
 ) -> Result<(Vec<(u64, u64)>, bool), MigrateError> {
@@ -415,7 +463,7 @@ fn pre_copy<W: Write>(
                 .spawn_scoped(scope, move || t.run(control, op))
                 .map_err(|e| MigrateError::Local(format!("cannot start auto-converge: {e}")))?;
         }
-        let outcome = rounds(log, sender, w, opts, report, &throttle, started);
+        let outcome = rounds(log, sender, w, lanes, opts, report, &throttle, started);
         throttle.stop.store(true, Ordering::SeqCst);
         outcome
     });
@@ -424,10 +472,12 @@ fn pre_copy<W: Write>(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn rounds<W: Write>(
     log: &mut DirtyLog,
     sender: &mut PageSender<'_>,
     w: &mut FrameWriter<W>,
+    lanes: &mut [Lane],
     opts: &MigrateOptions,
     report: &mut MigrationReport,
     throttle: &Throttle,
@@ -453,7 +503,7 @@ fn rounds<W: Write>(
                 "link_mb_per_s": bw / 1e6,
                 "expected_downtime_ms": expected.as_secs_f64() * 1e3,
                 "throttle_percent": throttle.percent.load(Ordering::SeqCst),
-                "bytes_sent": w.bytes_written(),
+                "bytes_sent": total_bytes(w, lanes),
             }));
             if expected <= opts.max_downtime {
                 return Ok((ranges, false));
@@ -492,16 +542,13 @@ fn rounds<W: Write>(
         }
         last_dirty = Some(dirty);
         progress.phase("pre-copy: sending memory while the guest runs", dirty);
-        let bytes_before = w.bytes_written();
+        let bytes_before = total_bytes(w, lanes);
         let (pages_before, zero_before) = (sender.pages, sender.zero_pages);
-        for &(gpa, len) in &ranges {
-            sender.send_range(w, gpa, len, progress)?;
-        }
-        sender.flush(w)?;
+        lanes::send(&ranges, sender, w, lanes, progress)?;
         let pages = sender.pages - pages_before;
         send_message(w, &Message::RoundEnd(RoundEnd { round, pages }))?;
         let elapsed = round_start.elapsed();
-        let bytes = w.bytes_written() - bytes_before;
+        let bytes = total_bytes(w, lanes) - bytes_before;
         // A round of a few pages says little about the link: keep the
         // estimate from a round that moved at least 1 MiB.
         if bytes >= 1 << 20 || link.is_none() {
@@ -543,6 +590,7 @@ fn switchover<R: Read + Send, W: Write>(
     sender: &mut PageSender<'_>,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
+    lanes: &mut [Lane],
     opts: &MigrateOptions,
     report: &mut MigrationReport,
     handed_over: &mut bool,
@@ -559,7 +607,7 @@ fn switchover<R: Read + Send, W: Write>(
         drop(log);
     }
     let total: u64 = pending.iter().map(|r| r.1).sum();
-    let bytes_before = w.bytes_written();
+    let bytes_before = total_bytes(w, lanes);
     let (pages_before, zero_before) = (sender.pages, sender.zero_pages);
     let round = report.rounds.len() as u32 + 1;
     let stale = if postcopy {
@@ -574,10 +622,7 @@ fn switchover<R: Read + Send, W: Write>(
         Some(stale)
     } else {
         progress.phase("switchover: sending the last memory while paused", total);
-        for &(gpa, len) in &pending {
-            sender.send_range(w, gpa, len, progress)?;
-        }
-        sender.flush(w)?;
+        lanes::send(&pending, sender, w, lanes, progress)?;
         send_message(
             w,
             &Message::RoundEnd(RoundEnd {
@@ -587,6 +632,9 @@ fn switchover<R: Read + Send, W: Write>(
         )?;
         None
     };
+    for lane in lanes.iter_mut() {
+        lane.finish()?;
+    }
     progress.phase("switchover: sending vCPU and device state", 0);
     let state = control.capture()?;
     let mut sink = SectionFrames { w, bytes: 0 };
@@ -604,7 +652,7 @@ fn switchover<R: Read + Send, W: Write>(
         .map_err(|e| MigrateError::Local(e.to_string()))?;
     *handed_over = true;
     send_message(w, &Message::StateDone)?;
-    let bytes = w.bytes_written() - bytes_before;
+    let bytes = total_bytes(w, lanes) - bytes_before;
     report.rounds.push(RoundReport {
         round,
         pages: sender.pages - pages_before,

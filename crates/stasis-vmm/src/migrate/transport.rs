@@ -238,6 +238,35 @@ impl MigrationListener {
     }
 }
 
+impl MigrationListener {
+    /// [`Self::accept`], giving up after `timeout` with `TimedOut`.
+    pub fn accept_within(
+        &self,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<(MigrationStream, String)> {
+        let fd = match self {
+            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Unix(l, _) => l.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one pollfd, valid for the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match n {
+            n if n < 0 => Err(std::io::Error::last_os_error()),
+            0 => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {} s", timeout.as_secs()),
+            )),
+            _ => self.accept(),
+        }
+    }
+}
+
 impl Drop for MigrationListener {
     fn drop(&mut self) {
         if let Self::Unix(_, path) = self {
