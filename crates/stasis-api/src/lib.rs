@@ -39,5 +39,5 @@ pub use server::{ApiHandler, ApiServer, ApiServerHandle, ServerError};
 pub use types::{
     ActionResponse, CpuInfo, DeviceInfo, EmptyRequest, ErrorBody, JobAccepted, JobInfo, JobList,
     JobState, MemoryFillInfo, MigrateRequest, PingResponse, SavedDiskInfo, SnapshotRequest,
-    SnapshotResponse, VmInfo, VmState,
+    SnapshotResponse, TlsPaths, VmInfo, VmState,
 };

@@ -331,6 +331,10 @@ pub struct MigrateRequest {
     /// the VMM, which must be able to open it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub psk_file: Option<String>,
+    /// Mutual TLS: this side's certificate, key (owner-only) and the CA of
+    /// the receiver's certificate, as files the VMM reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsPaths>,
     /// Send without authentication, to a receiver on a loopback address
     /// started with `--insecure`.
     #[serde(default)]
@@ -338,6 +342,18 @@ pub struct MigrateRequest {
     /// Answer at once with `202` and a job id.
     #[serde(default)]
     pub detach: bool,
+}
+
+/// Certificate files for mutual TLS (`stasis migrate --tls-cert ...`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// This side's certificate chain (PEM).
+    pub cert: String,
+    /// Its private key (PEM), readable by its owner only.
+    pub key: String,
+    /// The CA certificate the other side's certificate chains to (PEM).
+    pub ca: String,
 }
 
 /// The answer to a request started as a job (`202 Accepted`); its

@@ -12,8 +12,8 @@
 //! * [`negotiate`]: which protocol version two sides speak;
 //! * [`handshake`]: the opening of a migration on either side (versions,
 //!   then the VM), before any memory moves;
-//! * [`auth`]: under the frames, who the peer is (a pre-shared key) and
-//!   an encrypted, tamper-evident stream.
+//! * [`auth`]: under the frames, who the peer is (a pre-shared key, or
+//!   mutual TLS: [`tls`]) and an encrypted, tamper-evident stream.
 //!
 //! Written here rather than taken from a crate: the protocol is stasis's
 //! own (QEMU's and Cloud Hypervisor's streams are theirs), and a framing
@@ -25,6 +25,7 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod tls;
 
 pub use auth::{secure, Auth, ChannelReader, ChannelWriter, Key, Role};
 pub use compress::CompressedBatch;
@@ -34,6 +35,7 @@ pub use message::{
     is_zero, BatchBuilder, FilesOffer, Hello, Join, MemoryBatch, MemoryFile, Message, PageEntry,
     Refusal, RoundEnd, Section, VmDescription, Welcome, MAX_BATCH_PAGES, MAX_RANGES, PAGE_SIZE,
 };
+pub use tls::{TlsAuth, TlsFiles};
 
 /// The newest protocol version this build speaks. Version 2 added the
 /// files and files-ready frames (a local upgrade's hand-over of memory

@@ -258,6 +258,17 @@ pub struct ReceiveArgs {
     /// address.
     #[arg(long, conflicts_with = "psk")]
     pub insecure: bool,
+    /// Mutual TLS instead of a key: this receiver's certificate (PEM, for
+    /// the name the source connects to), with --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], conflicts_with_all = ["psk", "insecure"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the private key of --tls-cert (readable by its owner
+    /// only).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: the CA that signed the other side's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// What differs on this host.
     #[command(flatten)]
     pub vm: OverrideArgs,
@@ -317,6 +328,18 @@ pub struct MigrateArgs {
     /// --insecure.
     #[arg(long, conflicts_with = "psk")]
     pub insecure: bool,
+    /// Mutual TLS instead of a key: this side's client certificate (PEM),
+    /// with --tls-key and --tls-ca (the CA of the receiver's certificate,
+    /// which must name the host of the destination address).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], conflicts_with_all = ["psk", "insecure"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the private key of --tls-cert (readable by its owner
+    /// only).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: the CA that signed the receiver's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// Print the migration report as JSON.
     #[arg(long)]
     pub json: bool,

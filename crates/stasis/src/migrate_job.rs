@@ -28,6 +28,22 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
         Some(m) => m.parse()?,
     };
     let auth = match (&req.psk_file, req.insecure) {
+        _ if req.tls.is_some() && (req.psk_file.is_some() || req.insecure) => {
+            return Err("give TLS certificates, a key file or insecure, only one".into())
+        }
+        _ if req.tls.is_some() => {
+            let t = req.tls.as_ref().expect("checked");
+            let files = stasis_migration::TlsFiles {
+                cert: t.cert.clone().into(),
+                key: t.key.clone().into(),
+                ca: t.ca.clone().into(),
+            };
+            let host = match &address {
+                MigrationAddress::Tcp { host, .. } => host.clone(),
+                MigrationAddress::Unix { .. } => "localhost".into(),
+            };
+            Auth::Tls(stasis_migration::TlsAuth::from_files(&files)?.for_server(&host))
+        }
         (Some(_), true) => return Err("give a key file or insecure, not both".into()),
         (Some(p), false) => Auth::Psk(Key::from_file(std::path::Path::new(p))?),
         // A UNIX socket is this host's: the receiver made it its user's

@@ -38,6 +38,18 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
             Err(e) => return fail(format!("{}: {e}", p.display())),
         },
     };
+    let abs = |p: &std::path::Path| {
+        std::path::absolute(p)
+            .map(|p| p.display().to_string())
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(c), Some(k), Some(a)) => match (abs(c), abs(k), abs(a)) {
+            (Ok(cert), Ok(key), Ok(ca)) => Some(stasis_api::TlsPaths { cert, key, ca }),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
+        },
+        _ => None,
+    };
     let destination = args.destination.to_string();
     if args.postcopy || args.postcopy_after.is_some() {
         eprintln!(
@@ -56,6 +68,7 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
         postcopy_after_rounds: args.postcopy_after,
         connections: Some(args.connections),
         psk_file,
+        tls,
         insecure: args.insecure,
         detach: args.detach,
     };
@@ -179,6 +192,14 @@ pub fn receive(args: ReceiveArgs) -> i32 {
 
 /// How the receiver authenticates its source.
 fn receiver_auth(args: &ReceiveArgs) -> Result<Auth, String> {
+    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        let files = stasis_migration::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        };
+        return Ok(Auth::Tls(stasis_migration::TlsAuth::from_files(&files)?));
+    }
     match (&args.psk, args.insecure) {
         (Some(p), _) => Ok(Auth::Psk(Key::from_file(p)?)),
         // Only this user (or root) can connect to the socket; the peer's
@@ -190,7 +211,7 @@ fn receiver_auth(args: &ReceiveArgs) -> Result<Auth, String> {
             args.listen
         )),
         (None, false) => Err(
-            "a receiver needs authentication: --psk FILE (the key file the source uses too), or --insecure on a loopback address"
+            "a receiver needs authentication: --psk FILE (the key file the source uses too), mutual TLS (--tls-cert, --tls-key, --tls-ca), or --insecure on a loopback address"
                 .into(),
         ),
     }

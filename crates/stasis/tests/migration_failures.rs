@@ -359,3 +359,50 @@ fn a_source_lost_in_post_copy_ends_the_destination_with_the_reason() {
         "{e}"
     );
 }
+
+#[test]
+fn mutual_tls_refuses_a_certificate_of_another_ca_then_carries_the_migration() {
+    use common::tls::Ca;
+    let set = Setting::new("mftls", &[]);
+    let (ca, other) = (Ca::new("stasis test CA"), Ca::new("another CA"));
+    let dir = set.scratch.path();
+    let dst_flags = ca.issue(dir, "dst", &[&set.hosts.ip_b], &ca);
+    let src_flags = ca.issue(dir, "src", &["hosta"], &ca);
+    let stranger = other.issue(dir, "stranger", &["hosta"], &ca);
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let mut src = source("mftls", Some(set.hosts.a.name.clone()));
+    let name = src.name.clone();
+    let recv = |tag: &str| {
+        receiver(
+            tag,
+            Some(&set.hosts.b.name),
+            &set.hosts.ip_b,
+            &strs(&dst_flags),
+            &[],
+        )
+        .named(&name)
+    };
+    // A client certificate from another CA: refused before any VM state.
+    let mut dst = recv("mftls-bad");
+    let out = migrate(&src, &dst.address, &strs(&stranger));
+    assert_eq!(out.status.code(), Some(1), "{}", err_text(&out));
+    assert!(err_text(&out).contains("TLS"), "{}", err_text(&out));
+    assert_ne!(dst.vm.wait_exit(T).code(), Some(0));
+    let e = dst.vm.stderr();
+    assert!(e.contains("TLS") && !e.contains("receiving"), "{e}");
+    runs_on(&mut src);
+    // The right one: the VM moves, every page verifies there.
+    let mut dst = recv("mftls-ok");
+    let out = migrate(&src, &dst.address, &strs(&src_flags));
+    assert!(out.status.success(), "{}", err_text(&out));
+    assert_eq!(src.wait_exit(T).code(), Some(0));
+    dst.vm
+        .wait_until("two verified passes on the destination", T, |ls| {
+            ls.iter().filter(|l| l.starts_with("MEM ")).count() >= 2
+        });
+    for l in dst.vm.tagged("MEM") {
+        assert_eq!(num(&l, "bad"), 0, "{l}");
+    }
+}

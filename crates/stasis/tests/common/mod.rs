@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod migration;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
