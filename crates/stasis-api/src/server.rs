@@ -256,12 +256,16 @@ impl ApiServer {
             takeover,
         } = self;
         if let Some(path) = takeover {
-            fs::rename(&file.path, &path).map_err(|source| ServerError::Io {
-                what: "cannot move the control socket over",
-                path: path.clone(),
-                source,
-            })?;
-            file.path = path;
+            // Not fatal: the VM runs here already; it stays reachable at
+            // the socket's own path.
+            match fs::rename(&file.path, &path) {
+                Ok(()) => file.path = path,
+                Err(e) => eprintln!(
+                    "stasis: warning: cannot move the control socket over {}: {e}; it stays at {}",
+                    path.display(),
+                    file.path.display()
+                ),
+            }
         }
         let listener = Arc::new(listener);
         let shared = Arc::new(Shared::default());

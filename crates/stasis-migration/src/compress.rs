@@ -64,14 +64,14 @@ impl<'a> CompressedBatch<'a> {
     /// Decompresses into `out` (resized to the announced length): then a
     /// memory-batch payload for [`crate::MemoryBatch::decode`].
     pub fn decompress(&self, out: &mut Vec<u8>) -> Result<()> {
-        // Room for exactly the announced length: a payload that
-        // decompresses to more fails ("destination buffer too small").
+        // Exactly the announced length: a payload that decompresses to
+        // more fails ("destination buffer too small").
         out.clear();
-        out.reserve_exact(self.len);
+        out.resize(self.len, 0);
         let mut d =
             zstd::bulk::Decompressor::new().map_err(io_ctx("starting a zstd decompressor"))?;
         let n = d
-            .decompress_to_buffer(self.data, out)
+            .decompress_to_buffer(self.data, &mut out[..])
             .map_err(|e| bad(format!("it does not decompress: {e}")))?;
         if n != self.len {
             return Err(bad(format!(

@@ -39,14 +39,15 @@ pub use tls::{TlsAuth, TlsFiles};
 
 /// The newest protocol version this build speaks. Version 2 added the
 /// files and files-ready frames (a local upgrade's hand-over of memory
-/// files and taps), zstd-compressed memory batches and post-copy;
-/// everything else is as in version 1.
+/// files and taps), zstd-compressed memory batches, post-copy, and
+/// further connections (join, connection-done, the welcome's session
+/// token); everything else is as in version 1.
 pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still speaks. A receiver always
 /// accepts at least the version before its newest one.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
-/// The first protocol version with the files frames and compressed
-/// batches.
+/// The first protocol version with frames 11-19 (files, compressed
+/// batches, post-copy, further connections).
 pub const FILES_PROTOCOL_VERSION: u32 = 2;
 
 /// Picks the protocol version for a peer that speaks `peer_min..=peer_max`:

@@ -348,9 +348,19 @@ fn a_compressed_batch_round_trips_and_hostile_ones_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("claims 4294967295 bytes uncompressed"), "{e}");
-    for (len, what) in [(c.len - 1, "decompress"), (c.len + 1, "announced")] {
+    // A reused buffer larger than the claim must not let more through.
+    let mut big = Vec::with_capacity(1 << 20);
+    let more = format!(
+        "it decompresses to {} bytes, {} announced",
+        c.len,
+        c.len + 1
+    );
+    for (len, what) in [
+        (c.len - 1, "it does not decompress"),
+        (c.len + 1, more.as_str()),
+    ] {
         let hostile = CompressedBatch { len, data: c.data };
-        let e = hostile.decompress(&mut out).unwrap_err().to_string();
+        let e = hostile.decompress(&mut big).unwrap_err().to_string();
         assert!(e.contains(what), "{len}: {e}");
     }
     let garbage = CompressedBatch {

@@ -101,17 +101,36 @@ pub fn allocate(mib: u64, backend: MemoryBackend) -> Result<GuestRam, MemoryErro
     Ok(mem)
 }
 
-/// A new memory file of `len` bytes (`memfd_create`, close-on-exec).
+/// A new memory file of `len` bytes (`memfd_create`, close-on-exec),
+/// sealed against shrinking and growing: a process it is handed to can
+/// rely on every mapped page existing (a truncated file would fault the
+/// guest with SIGBUS).
 fn memory_file(len: u64) -> std::io::Result<File> {
     // SAFETY: the name is a NUL-terminated string; the call makes a new
     // fd, which we own at once.
-    let fd = unsafe { libc::memfd_create(c"stasis-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"stasis-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` was just returned to us and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len)?;
+    // SAFETY: F_ADD_SEALS on a memfd we own, with seal flags only.
+    let r = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(file)
 }
 
@@ -188,6 +207,14 @@ pub fn from_region_files(mib: u64, files: Vec<RegionFile>) -> Result<GuestRam, M
         }
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(bad("a region's file is not a memory file".into()));
+        }
+        // SAFETY: F_GET_SEALS reads the seals of an open fd; no memory.
+        let seals = unsafe { libc::fcntl(f.file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(bad(format!(
+                "the file of the region at {:#x} is not sealed against shrinking: the sender could cut pages from under the guest",
+                f.gpa
+            )));
         }
         let end = f.offset.checked_add(f.size);
         if end.is_none_or(|e| e > st.st_size as u64) {

@@ -77,11 +77,13 @@ fn wait_full(log: &Path, rate: u64) {
 }
 
 /// How a stasis run is set up: flags of `stasis run`, where the receiver
-/// listens, and flags of both `receive` and `migrate`.
+/// listens, authentication flags (of both `receive` and `migrate`) and
+/// flags of `migrate` only.
 struct Setup<'a> {
     run: &'a [&'a str],
     listen: String,
-    extra: &'a [&'a str],
+    auth: &'a [&'a str],
+    migrate: &'a [&'a str],
 }
 
 fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, setup: &Setup) -> Figures {
@@ -101,7 +103,7 @@ fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, setup: &Setup) -> 
     let mut dst = Vmm(stasis(&dir.join("run-dst"))
         .args(["receive", "--listen", &setup.listen, "--serial"])
         .arg(format!("file:{}", dir.join("dst.log").display()))
-        .args(setup.extra)
+        .args(setup.auth)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -118,7 +120,8 @@ fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, setup: &Setup) -> 
     std::thread::spawn(move || for _ in lines {});
     let out = stasis(&runtime)
         .args(["migrate", "mbench", &address, "--json"])
-        .args(setup.extra)
+        .args(setup.auth)
+        .args(setup.migrate)
         .output()
         .unwrap();
     assert!(
@@ -329,61 +332,52 @@ fn main() {
     }
     for mib in sizes {
         for rate in [0u64, 10, 100] {
-            let (mut psk, mut clear, mut q) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut handed, mut copied) = (Vec::new(), Vec::new());
-            let (mut psk2, mut clear2, mut post, mut qpost) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let tcp = "tcp:127.0.0.1:0".to_string();
             let unix = format!("unix:{}", dir.join("up.sock").display());
-            let memfd = ["--memory-backend", "memfd"];
+            let psk_flags = ["--psk", key.as_str()];
+            let setup = |run, listen: &String, auth, migrate| Setup {
+                run,
+                listen: listen.clone(),
+                auth,
+                migrate,
+            };
+            let two = ["--connections", "2"];
+            let configs = [
+                (
+                    "stasis, pre-shared key (encrypted)",
+                    setup(&[], &tcp, &psk_flags[..], &[][..]),
+                ),
+                (
+                    "stasis, `--insecure`",
+                    setup(&[], &tcp, &["--insecure"], &[]),
+                ),
+                (
+                    "stasis, pre-shared key, 2 connections",
+                    setup(&[], &tcp, &psk_flags, &two),
+                ),
+                (
+                    "stasis, `--insecure`, 2 connections",
+                    setup(&[], &tcp, &["--insecure"], &two),
+                ),
+                (
+                    "stasis, `--insecure`, post-copy after 1 round",
+                    setup(&[], &tcp, &["--insecure"], &["--postcopy-after", "1"]),
+                ),
+                (
+                    "stasis local upgrade, memfd RAM handed over",
+                    setup(&["--memory-backend", "memfd"], &unix, &[], &[]),
+                ),
+                (
+                    "stasis local upgrade, anonymous RAM copied",
+                    setup(&[], &unix, &[], &[]),
+                ),
+            ];
+            let mut figures = vec![Vec::new(); configs.len()];
+            let (mut q, mut qpost) = (Vec::new(), Vec::new());
             for _ in 0..runs() {
-                let psk_flags = ["--psk", key.as_str()];
-                let at = |run, listen: &String, extra| Setup {
-                    run,
-                    listen: listen.clone(),
-                    extra,
-                };
-                psk.push(stasis_run(
-                    &dir,
-                    &kernel,
-                    mib,
-                    rate,
-                    &at(&[], &tcp, &psk_flags),
-                ));
-                clear.push(stasis_run(
-                    &dir,
-                    &kernel,
-                    mib,
-                    rate,
-                    &at(&[], &tcp, &["--insecure"]),
-                ));
-                handed.push(stasis_run(
-                    &dir,
-                    &kernel,
-                    mib,
-                    rate,
-                    &at(&memfd, &unix, &[]),
-                ));
-                copied.push(stasis_run(&dir, &kernel, mib, rate, &at(&[], &unix, &[])));
-                let two = ["--connections", "2"];
-                let psk_two = ["--psk", key.as_str(), "--connections", "2"];
-                psk2.push(stasis_run(
-                    &dir,
-                    &kernel,
-                    mib,
-                    rate,
-                    &at(&[], &tcp, &psk_two),
-                ));
-                let clear_two = ["--insecure", two[0], two[1]];
-                clear2.push(stasis_run(
-                    &dir,
-                    &kernel,
-                    mib,
-                    rate,
-                    &at(&[], &tcp, &clear_two),
-                ));
-                let pc = ["--insecure", "--postcopy-after", "1"];
-                post.push(stasis_run(&dir, &kernel, mib, rate, &at(&[], &tcp, &pc)));
+                for (i, (_, c)) in configs.iter().enumerate() {
+                    figures[i].push(stasis_run(&dir, &kernel, mib, rate, c));
+                }
                 if qemu_ok {
                     let khz = guest_tsc_khz(&dir);
                     if let Some(f) = qemu_run(&dir, &kernel, mib, rate, khz, false) {
@@ -401,21 +395,18 @@ fn main() {
             );
             println!("| | downtime ms [min–max] | total ms | MiB sent | rounds |");
             println!("|---|---|---|---|---|");
-            row("stasis, pre-shared key (encrypted)", &psk);
-            row("stasis, --insecure", &clear);
-            row("stasis, pre-shared key, 2 connections", &psk2);
-            row("stasis, --insecure, 2 connections", &clear2);
-            row("stasis, --insecure, post-copy after 1 round", &post);
-            row("QEMU 7.2, post-copy at once", &qpost);
-            row("stasis local upgrade, memfd RAM handed over", &handed);
-            row("stasis local upgrade, anonymous RAM copied", &copied);
+            for ((name, _), f) in configs.iter().zip(&figures) {
+                row(name, f);
+            }
             row("QEMU 7.2", &q);
+            row("QEMU 7.2, post-copy at once", &qpost);
+            let psk = &figures[0];
             if !psk.is_empty() && !q.is_empty() {
                 let r = |f: fn(&Figures) -> f64, v: &[Figures]| median(v.iter().map(f).collect());
                 println!(
                     "\nratio stasis (encrypted) / QEMU: downtime {:.2}, total {:.2}",
-                    r(|f| f.downtime_ms, &psk) / r(|f| f.downtime_ms, &q),
-                    r(|f| f.total_ms, &psk) / r(|f| f.total_ms, &q)
+                    r(|f| f.downtime_ms, psk) / r(|f| f.downtime_ms, &q),
+                    r(|f| f.total_ms, psk) / r(|f| f.total_ms, &q)
                 );
             }
         }

@@ -52,12 +52,12 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
         (None, true) if address.is_loopback() => Auth::None,
         (None, true) => {
             return Err(format!(
-                "insecure migration is only allowed to a loopback address, not {address}: use a pre-shared key (--psk FILE)"
+                "insecure migration is only allowed to a loopback address, not {address}: use a pre-shared key (--psk FILE) or mutual TLS (--tls-cert, --tls-key, --tls-ca)"
             ))
         }
         (None, false) => {
             return Err(
-                "a migration needs authentication: a pre-shared key (--psk FILE, the receiver's too), or --insecure to a receiver on a loopback address"
+                "a migration needs authentication: a pre-shared key (--psk FILE, the receiver's too), mutual TLS (--tls-cert, --tls-key, --tls-ca), or --insecure to a receiver on a loopback address"
                     .into(),
             )
         }
@@ -92,6 +92,11 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
         },
         postcopy,
         connections: match req.connections.unwrap_or(1) {
+            n if n > 1 && address.is_local() => {
+                return Err(format!(
+                    "{n} connections: a local upgrade (unix:) uses one connection"
+                ))
+            }
             n @ 1..=stasis_vmm::migrate::lanes::MAX_CONNECTIONS => n,
             n => {
                 return Err(format!(

@@ -112,7 +112,7 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
                 "stasis: migration of '{}' to {destination} failed in post-copy: {e}",
                 args.name
             );
-            return EXIT_MIGRATION_FAILED;
+            return stasis_vmm::migrate::postcopy::EXIT_POSTCOPY_LOST;
         }
         Err(e) => {
             eprintln!(
@@ -300,8 +300,12 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
             "stasis: post-copy: the VM starts here with {} pages still on the source",
             target.stale_pages()
         );
-        let lost = std::sync::Arc::new(|message: String| {
-            crate::panics::fatal_exit(&message, stasis_vmm::migrate::postcopy::EXIT_POSTCOPY_LOST)
+        let lost = std::sync::Arc::new(|message: String, after_resumed: bool| {
+            let code = match after_resumed {
+                true => stasis_vmm::migrate::postcopy::EXIT_POSTCOPY_LOST,
+                false => EXIT_START_FAILED,
+            };
+            crate::panics::fatal_exit(&message, code)
         });
         if let Err(e) = incoming.start_postcopy(target, lost) {
             incoming.refuse(&e.to_string());

@@ -88,6 +88,14 @@ fn a_memfd_vm_is_handed_over_with_only_its_state_and_takes_its_api_socket() {
 fn anonymous_ram_is_copied_over_the_unix_socket() {
     let src = memory_guest("upanon", "anonymous");
     let mut dst = unix_receiver(&src, "upanon-dst", &[]);
+    // One connection only: refused before anything is sent.
+    let out = migrate(&src, &dst.address, &["--connections", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", err_text(&out));
+    assert!(
+        err_text(&out).contains("a local upgrade (unix:) uses one connection"),
+        "{}",
+        err_text(&out)
+    );
     let out = migrate(&src, &dst.address, &[]);
     if !out.status.success() {
         dst.vm
@@ -129,6 +137,7 @@ fn a_tap_is_handed_over_and_frames_flow_after() {
         &[],
     )
     .named(&src.name);
+    let replies_before = src.tagged("NET").last().map_or(0, |l| num(l, "replies"));
     let out = migrate(&src, &dst.address, &[]);
     if !out.status.success() {
         dst.vm
@@ -139,9 +148,28 @@ fn a_tap_is_handed_over_and_frames_flow_after() {
         .wait_until("replies through the handed-over tap", T, |_| {
             ns.requests_seen("ut0") >= before + 5
         });
-    assert!(dst
-        .vm
-        .tagged("NET")
-        .last()
-        .is_some_and(|l| num(l, "replies") > 0));
+    dst.vm
+        .wait_until("the guest counts replies after the hand-over", T, |ls| {
+            ls.iter()
+                .rev()
+                .find(|l| l.starts_with("NET "))
+                .is_some_and(|l| num(l, "replies") > replies_before)
+        });
+}
+
+#[test]
+fn a_receiver_stuck_after_taking_shared_memory_is_ended_before_the_source_resumes() {
+    use std::os::unix::process::ExitStatusExt;
+    // The receiver has the memory file and the state and built the VM,
+    // then never confirms: after the stall timeout the source ends it
+    // (both would otherwise run the guest on one memory) and resumes.
+    let mut src = memory_guest("upstuck", "memfd");
+    let fp = [("STASIS_FAILPOINTS", "migrate.before_confirm=1*hold")];
+    let mut dst = unix_receiver(&src, "upstuck-dst", &fp);
+    let job = migrate_detached(&src, &dst.address, &[]);
+    wait_stderr(&mut dst.vm, "STASIS-FAILPOINT migrate.before_confirm", T);
+    let j = wait_job(&src, job, T);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(dst.vm.wait_exit(T).signal(), Some(libc::SIGKILL));
+    verifies_on(&mut src);
 }

@@ -6,7 +6,6 @@
 //! then confirms ([`Incoming::confirm`]) once it runs.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use stasis_config::VmConfig;
@@ -19,7 +18,7 @@ use stasis_snapshot::{CpuInfo, Progress, SectionSet, SectionSink, SectionSource,
 use super::lanes::{Lane, LaneReader, LaneWriter, MAX_CONNECTIONS};
 use super::pages::{PageReceiver, Prefault};
 use super::postcopy::target::{LostHook, Target};
-use super::postcopy::StaleSet;
+use super::postcopy::{Commit, StaleSet};
 use super::transport::MigrationStream;
 use super::{software, MigrateError};
 use crate::cpu::setup::RestoreCpu;
@@ -59,8 +58,9 @@ pub struct Incoming<R: Read, W: Write> {
     r: Option<FrameReader<R>>,
     /// Shared with post-copy's threads.
     w: Arc<Mutex<FrameWriter<W>>>,
-    /// Set once the source was told the VM runs here.
-    resumed: Arc<AtomicBool>,
+    /// Whether the source was told the VM runs here, or post-copy failed
+    /// first.
+    commit: Arc<Commit>,
     /// The source's software, from its hello.
     pub source_software: String,
     cpu: Option<CpuInfo>,
@@ -90,7 +90,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
             lanes: Vec::new(),
             r: Some(r),
             w: Arc::new(Mutex::new(w)),
-            resumed: Arc::new(AtomicBool::new(false)),
+            commit: Arc::new(Commit::default()),
             source_software: hello.software,
             cpu: None,
             allow_tsc_mismatch: false,
@@ -133,6 +133,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
         let mut out = None;
         let allow_tsc = overrides.allow_tsc_mismatch;
         let has_session = self.session.is_some();
+        let local_upgrade = self.handover.is_some();
         let r = self.r.as_mut().expect("read before post-copy");
         let mut w = self.w.lock().expect("migration writer");
         handshake::destination_check(r, &mut w, |d| {
@@ -144,6 +145,9 @@ impl<R: Read, W: Write> Incoming<R, W> {
             }
             if d.connections > 1 && !has_session {
                 return Err("further connections need migration protocol 2".into());
+            }
+            if d.connections > 1 && local_upgrade {
+                return Err("a local upgrade uses one connection".into());
             }
             let config = restore::configure(&d.vm_config, overrides).map_err(|e| e.to_string())?;
             let want = config.memory_mib << 20;
@@ -220,6 +224,9 @@ impl<R: Read, W: Write> Incoming<R, W> {
         let mut rounds = 0;
         let mut unpacked = Vec::new();
         let mut stale = Vec::new();
+        let mut stale_pages = 0u64;
+        let ram_pages = config.memory_mib << 8;
+        let v2 = self.protocol >= FILES_PROTOCOL_VERSION;
         progress.phase("receiving memory", config.memory_mib << 20);
         let r = self.r.as_mut().expect("read before post-copy");
         let mut lanes = std::mem::take(&mut self.lanes);
@@ -239,7 +246,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
                     })?;
                     let done = match Message::decode(&frame)? {
                         Message::MemoryBatchZstd(c) => {
-                            if memory_handed_over || !sections.entries().is_empty() {
+                            if !v2 || memory_handed_over || !sections.entries().is_empty() {
                                 return Err(unexpected(
                                     "no memory batch here",
                                     "a memory-batch-zstd frame",
@@ -292,11 +299,21 @@ impl<R: Read, W: Write> Incoming<R, W> {
                             false
                         }
                         Message::StalePages(ranges) => {
-                            if memory_handed_over || !sections.entries().is_empty() {
+                            if !v2 || memory_handed_over || !sections.entries().is_empty() {
                                 return Err(unexpected(
                                     "no stale-pages frame here",
                                     "a stale-pages frame",
                                 ));
+                            }
+                            // Bounded by guest RAM: every range is at
+                            // least a page.
+                            stale_pages = ranges
+                                .iter()
+                                .fold(stale_pages, |n, &(_, len)| n.saturating_add(len >> 12));
+                            if stale_pages > ram_pages {
+                                return Err(local(format!(
+                                    "the source named {stale_pages} stale pages; the VM has {ram_pages}"
+                                )));
                             }
                             stale.extend(ranges);
                             false
@@ -439,8 +456,13 @@ impl<R: Read, W: Write> Incoming<R, W> {
     /// Tells the source the VM runs here; it ends there. Call only once
     /// the VM's vCPUs run.
     pub fn confirm(self) -> Result<(), MigrateError> {
-        // Set first: from now on a post-copy failure loses the VM.
-        self.resumed.store(true, Ordering::SeqCst);
+        // From now on a post-copy failure loses the VM; one that came
+        // first means this VM must not run.
+        if !self.commit.resume() {
+            return Err(local(
+                "post-copy failed before the VM ran here: not confirming it",
+            ));
+        }
         self.send(&Message::Resumed)
     }
 
@@ -456,7 +478,7 @@ impl<R: Read, W: Write> Incoming<R, W> {
             .r
             .take()
             .ok_or_else(|| local("post-copy started twice"))?;
-        target.start(r, self.w.clone(), self.resumed.clone(), lost)
+        target.start(r, self.w.clone(), self.commit.clone(), lost)
     }
 
     fn send(&self, m: &Message) -> Result<(), MigrateError> {

@@ -170,6 +170,15 @@ pub fn migrate<R: Read + Send, W: Write>(
             .map_err(|e| MigrateError::Local(format!("cannot hand guest memory over: {e}")))?,
         None => None,
     };
+    // Memory handed over is shared with the receiving process: if the
+    // switchover fails after the state went, that process is ended before
+    // the VM runs here again.
+    let receiver = match (&opts.handover, &memory_files) {
+        (Some(stream), Some(_)) => Some(stream.peer_process().ok_or_else(|| {
+            MigrateError::Local("cannot get hold of the receiving process".into())
+        })?),
+        _ => None,
+    };
     if opts.mode == MigrationMode::Live && memory_files.is_none() {
         if let Some(why) = crate::dirty::unavailable_reason() {
             return Err(MigrateError::Local(format!(
@@ -320,6 +329,13 @@ pub fn migrate<R: Read + Send, W: Write>(
         }
         Err(e) => {
             bail(&mut w, &e);
+            if let (true, Some(p)) = (handed_over, &receiver) {
+                if let Err(ke) = p.kill_and_wait(Duration::from_secs(5)) {
+                    return Err(MigrateError::Local(format!(
+                        "{e}; and the receiving process, which shares the VM's memory, cannot be ended ({ke}): the VM stays paused here"
+                    )));
+                }
+            }
             if handed_over {
                 if let Err(le) = control.hand_over_disks(false) {
                     // Someone else holds an image now: the destination

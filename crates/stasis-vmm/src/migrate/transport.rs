@@ -70,6 +70,21 @@ impl MigrationStream {
         }
     }
 
+    /// The process at the other end of a UNIX socket, held by a pidfd (a
+    /// handle that cannot come to name another process).
+    pub fn peer_process(&self) -> Option<PeerProcess> {
+        let pid = self.peer_pid()?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: the fd was just returned to us and nothing else owns it.
+        Some(PeerProcess(unsafe {
+            std::os::fd::OwnedFd::from_raw_fd(fd as RawFd)
+        }))
+    }
+
     /// Whether file descriptors can travel over it.
     pub fn carries_files(&self) -> bool {
         matches!(self, Self::Unix(_))
@@ -112,12 +127,19 @@ impl MigrationStream {
         // SAFETY: the iovec points at `mark`, one byte we own for the call.
         let (n, got) =
             unsafe { s.recv_with_fds(&mut iov, &mut fds) }.map_err(std::io::Error::from)?;
-        // Own every descriptor received first, so that none leaks.
+        // Own every descriptor received first, so that none leaks, and
+        // keep them from any program this process might start.
         let files: Vec<File> = fds[..got]
             .iter()
-            // SAFETY: recvmsg installed these descriptors in this process
-            // for us; each is wrapped once and closed on drop.
-            .map(|&fd| unsafe { File::from_raw_fd(fd) })
+            .map(|&fd| {
+                // SAFETY: recvmsg installed these descriptors in this
+                // process for us; each is wrapped once and closed on drop,
+                // and F_SETFD only sets its close-on-exec flag.
+                unsafe {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                    File::from_raw_fd(fd)
+                }
+            })
             .collect();
         if n != 1 || mark[0] != FILES_MARK {
             return Err(std::io::Error::other(
@@ -161,6 +183,50 @@ impl Write for MigrationStream {
     }
 }
 
+/// The process a local upgrade handed a VM to.
+#[derive(Debug)]
+pub struct PeerProcess(std::os::fd::OwnedFd);
+
+impl PeerProcess {
+    /// Kills it (SIGKILL) and waits up to `timeout` until it is gone: a
+    /// process that may have started running a VM on memory it shares
+    /// with this one must be gone before this one runs it again.
+    pub fn kill_and_wait(&self, timeout: std::time::Duration) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: pidfd_send_signal on our pidfd, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e);
+            }
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one pollfd, valid for the call; a pidfd polls readable
+        // once its process has exited.
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            1 => Ok(()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the receiving process did not end",
+            )),
+        }
+    }
+}
+
 /// A receiver's listening socket. A UNIX socket is made readable and
 /// writable by its owner only, and removed once the connection arrived.
 #[derive(Debug)]
@@ -196,7 +262,14 @@ impl MigrationListener {
                 Err(e) => return Err(e),
             }
         }
-        let l = UnixListener::bind(path)?;
+        // Created owner-only from the start (no moment with the umask's
+        // mode); the receiver has no other threads yet.
+        // SAFETY: umask only swaps the process's file creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring it.
+        unsafe { libc::umask(old) };
+        let l = bound?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         Ok(Self::Unix(l, path.to_path_buf()))
     }
@@ -220,20 +293,22 @@ impl MigrationListener {
                 s.set_timeouts()?;
                 Ok((s, peer.to_string()))
             }
-            Self::Unix(l, _) => {
+            Self::Unix(l, _) => loop {
                 let (s, _) = l.accept()?;
                 let (pid, uid) = peer_credentials(&s)?;
                 // SAFETY: geteuid has no preconditions.
                 let me = unsafe { libc::geteuid() };
                 if uid != me && uid != 0 {
-                    return Err(std::io::Error::other(format!(
-                        "process {pid} of user {uid} connected; only user {me} or root may hand a VM over"
-                    )));
+                    // Turned away; the receiver waits on for its source.
+                    eprintln!(
+                        "stasis: refused a connection from process {pid} of user {uid}: only user {me} or root may hand a VM over"
+                    );
+                    continue;
                 }
                 let s = MigrationStream::Unix(s);
                 s.set_timeouts()?;
-                Ok((s, format!("process {pid}")))
-            }
+                return Ok((s, format!("process {pid}")));
+            },
         }
     }
 }

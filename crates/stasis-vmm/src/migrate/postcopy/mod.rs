@@ -18,6 +18,8 @@
 pub mod serve;
 pub mod target;
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use stasis_migration::PAGE_SIZE;
 
 /// How many bytes the destination asks for around a faulting page: the
@@ -26,6 +28,43 @@ pub const REQUEST_CHUNK: u64 = 64 << 10;
 
 /// The process exit status of a VM lost in post-copy (on both sides).
 pub const EXIT_POSTCOPY_LOST: i32 = 9;
+
+/// On the destination: whether it told the source the VM runs here, or
+/// post-copy failed first. Exactly one of the two happens first, so a
+/// destination never confirms a VM whose pages stopped coming, and a
+/// failure is "lost" only after the confirmation.
+#[derive(Debug, Default)]
+pub struct Commit(AtomicU8);
+
+const OPEN: u8 = 0;
+const FAILED: u8 = 1;
+const RESUMED: u8 = 2;
+
+impl Commit {
+    /// About to say resumed: `false` if post-copy failed first.
+    pub fn resume(&self) -> bool {
+        self.0
+            .compare_exchange(OPEN, RESUMED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Post-copy failed: `Some(false)` before resumed (the source keeps
+    /// the VM), `Some(true)` after (the VM is lost), `None` if a failure
+    /// was already reported.
+    pub fn fail(&self) -> Option<bool> {
+        match self
+            .0
+            .compare_exchange(OPEN, FAILED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => Some(false),
+            Err(RESUMED) => {
+                self.0.store(FAILED, Ordering::SeqCst);
+                Some(true)
+            }
+            Err(_) => None,
+        }
+    }
+}
 
 /// The stale pages: sorted, non-overlapping guest-physical ranges, with
 /// each page's index among all of them.

@@ -48,6 +48,10 @@ enum FromDestination {
     Failed(MigrateError),
 }
 
+/// The most bytes one requested range may span (the destination asks for
+/// 64 KiB around a fault).
+const MAX_REQUEST: u64 = 1 << 20;
+
 /// Pages written to the stream between two looks at the requests.
 const BACKGROUND_STEP: u64 = 64 * PAGE_SIZE as u64;
 
@@ -61,8 +65,11 @@ pub fn serve<R: Read + Send, W: Write>(
     w: &mut FrameWriter<W>,
     progress: &Progress,
 ) -> Result<ServeStats, ServeError> {
-    let (tx, rx) = channel();
     std::thread::scope(|scope| {
+        // Made here, so that an early return drops the receiving end
+        // before the scope joins the reader, which then ends at its next
+        // message (a keepalive comes every second).
+        let (tx, rx) = channel();
         let spawned = std::thread::Builder::new()
             .name("postcopy-requests".into())
             .spawn_scoped(scope, move || loop {
@@ -194,6 +201,11 @@ impl<W: Write> Server<'_, '_, W> {
         self.stats.requests += ranges.len() as u64;
         let page = PAGE_SIZE as u64;
         for &(start, len) in ranges {
+            if len > MAX_REQUEST {
+                return Err(MigrateError::Local(format!(
+                    "the destination asked for {len} bytes at once (at most {MAX_REQUEST})"
+                )));
+            }
             let mut gpa = start;
             while gpa < start.saturating_add(len) {
                 if self.stale.index(gpa).is_some()

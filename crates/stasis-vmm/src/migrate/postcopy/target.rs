@@ -16,14 +16,16 @@ use std::time::{Duration, Instant};
 use stasis_migration::{FrameReader, FrameWriter, MemoryBatch, Message, PAGE_SIZE};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{StaleSet, REQUEST_CHUNK};
+use super::{Commit, StaleSet, REQUEST_CHUNK};
 use crate::memory::GuestRam;
 use crate::migrate::MigrateError;
 use crate::uffd::{self, Userfaultfd};
 
-/// Called when post-copy fails after the VM ran here: the VM is lost;
-/// the hook ends the process.
-pub type LostHook = Arc<dyn Fn(String) + Send + Sync>;
+/// Called when post-copy fails, with the message and whether the source
+/// had been told the VM runs here (then the VM is lost; before, the
+/// source keeps it). The hook ends the process: a VM whose pages stopped
+/// coming must not run.
+pub type LostHook = Arc<dyn Fn(String, bool) + Send + Sync>;
 
 /// A RAM region as plain numbers (the threads outlive no borrow: guest
 /// RAM lives as long as the VM, which the process ends with).
@@ -118,13 +120,13 @@ impl Target {
     }
 
     /// Starts the two threads on the connection (`r` from the source, `w`
-    /// shared with whoever confirms). Until `resumed` is set a failure
-    /// only ends them (the source keeps the VM); after, `lost` is called.
+    /// shared with whoever confirms, through `commit`). A failure calls
+    /// `lost`, saying whether the confirmation went first.
     pub fn start<R, W>(
         self,
         r: FrameReader<R>,
         w: Arc<Mutex<FrameWriter<W>>>,
-        resumed: Arc<AtomicBool>,
+        commit: Arc<Commit>,
         lost: LostHook,
     ) -> Result<(), MigrateError>
     where
@@ -143,7 +145,7 @@ impl Target {
             stale: self.stale,
             received,
             done,
-            resumed,
+            commit,
             lost,
             faults: AtomicU64::new(0),
         });
@@ -171,7 +173,7 @@ struct Shared {
     /// One bit per stale page: in place.
     received: Arc<Vec<AtomicU64>>,
     done: Arc<AtomicBool>,
-    resumed: Arc<AtomicBool>,
+    commit: Arc<Commit>,
     lost: LostHook,
     faults: AtomicU64,
 }
@@ -181,12 +183,20 @@ impl Shared {
         if self.done.swap(true, Ordering::SeqCst) {
             return; // finished, or the other thread already failed
         }
-        if self.resumed.load(Ordering::SeqCst) {
-            (self.lost)(format!(
-                "post-copy failed after the VM started here: {why}; part of its memory was still on the source, so the VM is lost"
-            ));
-        } else {
-            tracing::warn!("post-copy ended before the VM ran here: {why}");
+        match self.commit.fail() {
+            Some(true) => (self.lost)(
+                format!(
+                    "post-copy failed after the VM started here: {why}; part of its memory was still on the source, so the VM is lost"
+                ),
+                true,
+            ),
+            Some(false) => (self.lost)(
+                format!(
+                    "post-copy failed before the VM ran here: {why}; the source keeps the VM"
+                ),
+                false,
+            ),
+            None => {}
         }
     }
 
