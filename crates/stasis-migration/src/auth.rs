@@ -74,35 +74,46 @@ impl Key {
     /// owner only, of 16 to 4096 bytes (a trailing newline is not part of
     /// the key). Every refusal names the file and what to do.
     pub fn from_file(path: &Path) -> std::result::Result<Key, String> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        let p = path.display();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            // No symlinks, and a FIFO does not hang the open.
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| format!("pre-shared key file {p}: {e}"))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| format!("pre-shared key file {p}: {e}"))?;
-        if !meta.is_file() {
-            return Err(format!("pre-shared key file {p} is not a regular file"));
-        }
-        if meta.mode() & 0o077 != 0 {
-            return Err(format!(
-                "pre-shared key file {p} can be read by others (mode {:o}): make it readable by its owner only (chmod 600)",
-                meta.mode() & 0o777
-            ));
-        }
-        let mut bytes = Vec::new();
-        file.take(MAX_KEY as u64 + 2)
-            .read_to_end(&mut bytes)
-            .map_err(|e| format!("pre-shared key file {p}: {e}"))?;
+        let what = "pre-shared key file";
+        let mut bytes = read_private_file(path, what, MAX_KEY as u64 + 2)?;
         while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             bytes.pop();
         }
-        Key::new(bytes).map_err(|e| format!("pre-shared key file {p}: {e}"))
+        Key::new(bytes).map_err(|e| format!("{what} {}: {e}", path.display()))
     }
+}
+
+/// Reads a secret (`what`, for messages: "pre-shared key file"): a
+/// regular file (no symlink; a FIFO does not hang the open), readable by
+/// its owner only; at most `limit` bytes. Every refusal names the file
+/// and what to do.
+pub(crate) fn read_private_file(
+    path: &Path,
+    what: &str,
+    limit: u64,
+) -> std::result::Result<Vec<u8>, String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let p = path.display();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{what} {p}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{what} {p}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{what} {p} is not a regular file"));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{what} {p} can be read by others (mode {:o}): make it readable by its owner only (chmod 600)",
+            meta.mode() & 0o777
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{what} {p}: {e}"))?;
+    Ok(bytes)
 }
 
 /// How a connection is authenticated.

@@ -265,12 +265,7 @@ impl BatchBuilder {
         if self.entries.is_empty() {
             return Ok(());
         }
-        self.wire.clear();
-        self.wire
-            .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
-        for e in &self.entries {
-            self.wire.extend_from_slice(&e.to_le_bytes());
-        }
+        self.encode_entries();
         let sent = w.write_parts(FrameKind::MemoryBatch, &[&self.wire, &self.data]);
         self.entries.clear();
         self.data.clear();
@@ -287,17 +282,22 @@ impl BatchBuilder {
         if self.entries.is_empty() {
             return Ok(());
         }
+        self.encode_entries();
+        crate::compress::compress_parts(&[&self.wire, &self.data], scratch)?;
+        let sent = w.write(FrameKind::MemoryBatchZstd, scratch);
+        self.entries.clear();
+        self.data.clear();
+        sent
+    }
+
+    /// The page count and entries as bytes, into `wire`.
+    fn encode_entries(&mut self) {
         self.wire.clear();
         self.wire
             .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for e in &self.entries {
             self.wire.extend_from_slice(&e.to_le_bytes());
         }
-        crate::compress::compress_parts(&[&self.wire, &self.data], scratch)?;
-        let sent = w.write(FrameKind::MemoryBatchZstd, scratch);
-        self.entries.clear();
-        self.data.clear();
-        sent
     }
 
     /// Pages of zeros added since the builder was made (they travel as an

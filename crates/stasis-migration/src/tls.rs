@@ -54,33 +54,6 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
-fn read_owner_only(path: &Path) -> std::result::Result<Vec<u8>, String> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let p = path.display();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("TLS key file {p}: {e}"))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("TLS key file {p}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("TLS key file {p} is not a regular file"));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(format!(
-            "TLS key file {p} can be read by others (mode {:o}): make it readable by its owner only (chmod 600)",
-            meta.mode() & 0o777
-        ));
-    }
-    let mut bytes = Vec::new();
-    file.take(1 << 20)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("TLS key file {p}: {e}"))?;
-    Ok(bytes)
-}
-
 fn certs(path: &Path, what: &str) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
     let p = path.display();
     let all: std::result::Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
@@ -98,7 +71,7 @@ impl TlsAuth {
     /// its owner only) and the CA. Every refusal names the file.
     pub fn from_files(files: &TlsFiles) -> std::result::Result<TlsAuth, String> {
         let chain = certs(&files.cert, "TLS certificate file")?;
-        let key_pem = read_owner_only(&files.key)?;
+        let key_pem = crate::auth::read_private_file(&files.key, "TLS key file", 1 << 20)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| format!("TLS key file {}: {e}", files.key.display()))?;
         let mut roots = RootCertStore::empty();
@@ -209,10 +182,14 @@ fn confirm<R: Read, W: Write, D>(
     w: &mut W,
 ) -> Result<()> {
     conn.writer().write_all(READY).map_err(tls_error)?;
-    while conn.wants_write() {
-        conn.write_tls(w).map_err(tls_error)?;
+    // A peer that refused this side's certificate has sent its alert and
+    // may have closed already: a failed write here is not the story, the
+    // alert waiting to be read is.
+    let mut sent: io::Result<()> = Ok(());
+    while conn.wants_write() && sent.is_ok() {
+        sent = conn.write_tls(w).map(drop);
     }
-    w.flush().map_err(tls_error)?;
+    let sent = sent.and_then(|()| w.flush());
     let mut reader = RecordReader { inner: r, left: 0 };
     let mut got = Vec::new();
     while got.len() < READY.len() {
@@ -237,6 +214,7 @@ fn confirm<R: Read, W: Write, D>(
             Err(e) => return Err(tls_error(e)),
         }
     }
+    sent.map_err(tls_error)?;
     if got != READY {
         return Err(Error::Auth(
             "TLS: the peer is not a stasis migration endpoint".into(),

@@ -2,39 +2,18 @@
 //! thread: the same key carries frames both ways; a wrong key, a missing
 //! key and a changed byte are refused by name; key files are checked.
 
+mod common;
+use common::exchange;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::thread;
 
-use stasis_migration::{secure, Auth, Error, FrameKind, FrameReader, FrameWriter, Key, Role};
+use stasis_migration::{secure, Auth, FrameKind, FrameReader, FrameWriter, Key, Role};
 
 fn key(b: u8) -> Auth {
     Auth::Psk(Key::new(vec![b; 32]).unwrap())
-}
-
-/// Source on a thread, destination here: the source sends a frame of
-/// `payload` and reads one back; the destination echoes.
-fn exchange(src: Auth, dst: Auth, payload: Vec<u8>) -> (Result<Vec<u8>, Error>, Result<(), Error>) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let source = thread::spawn(move || {
-        let (r, w) = secure(a.try_clone().unwrap(), a, Role::Source, &src)?;
-        let mut w = FrameWriter::start(w)?;
-        let mut r = FrameReader::start(r)?;
-        w.write(FrameKind::Section, &payload)?;
-        w.flush()?;
-        let f = r.next_frame()?.expect("an echo");
-        Ok(f.payload)
-    });
-    let dest = (|| {
-        let (r, w) = secure(b.try_clone().unwrap(), b, Role::Destination, &dst)?;
-        let mut w = FrameWriter::start(w)?;
-        let mut r = FrameReader::start(r)?;
-        let f = r.next_frame()?.expect("a frame");
-        w.write(FrameKind::Section, &f.payload)?;
-        w.flush()
-    })();
-    (source.join().unwrap(), dest)
 }
 
 #[test]

@@ -4,13 +4,14 @@
 //! certificate names another host, and a key file others can read are
 //! refused by name.
 
+mod common;
+use common::exchange;
+
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::thread;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use stasis_migration::{secure, Auth, Error, FrameKind, FrameReader, FrameWriter, Role};
+use stasis_migration::Auth;
 use stasis_migration::{TlsAuth, TlsFiles};
 
 struct Ca {
@@ -54,28 +55,6 @@ fn scratch(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn exchange(src: Auth, dst: Auth, payload: Vec<u8>) -> (Result<Vec<u8>, Error>, Result<(), Error>) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let source = thread::spawn(move || {
-        let (r, w) = secure(a.try_clone().unwrap(), a, Role::Source, &src)?;
-        let mut w = FrameWriter::start(w)?;
-        let mut r = FrameReader::start(r)?;
-        w.write(FrameKind::Section, &payload)?;
-        w.flush()?;
-        let f = r.next_frame()?.expect("an echo");
-        Ok(f.payload)
-    });
-    let dest = (|| {
-        let (r, w) = secure(b.try_clone().unwrap(), b, Role::Destination, &dst)?;
-        let mut w = FrameWriter::start(w)?;
-        let mut r = FrameReader::start(r)?;
-        let f = r.next_frame()?.expect("a frame");
-        w.write(FrameKind::Section, &f.payload)?;
-        w.flush()
-    })();
-    (source.join().unwrap(), dest)
 }
 
 fn tls(f: &TlsFiles, server: Option<&str>) -> Auth {

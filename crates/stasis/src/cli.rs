@@ -240,6 +240,38 @@ impl OverrideArgs {
     }
 }
 
+/// Mutual TLS for a migration, on both sides (docs/MIGRATION.md §6).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Mutual TLS instead of a key: this side's certificate (PEM; the
+    /// receiver's must name the host the source connects to), with
+    /// --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], conflicts_with_all = ["psk", "insecure"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the private key of --tls-cert (readable by its owner
+    /// only).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: the CA that signed the other side's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The three files, if TLS was asked for (clap makes them come
+    /// together).
+    pub fn files(&self) -> Option<stasis_migration::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(stasis_migration::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// `stasis receive --listen tcp:ADDR:PORT|unix:PATH`.
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
@@ -258,17 +290,9 @@ pub struct ReceiveArgs {
     /// address.
     #[arg(long, conflicts_with = "psk")]
     pub insecure: bool,
-    /// Mutual TLS instead of a key: this receiver's certificate (PEM, for
-    /// the name the source connects to), with --tls-key and --tls-ca.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], conflicts_with_all = ["psk", "insecure"])]
-    pub tls_cert: Option<PathBuf>,
-    /// Mutual TLS: the private key of --tls-cert (readable by its owner
-    /// only).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Mutual TLS: the CA that signed the other side's certificate.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS instead of a key.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// What differs on this host.
     #[command(flatten)]
     pub vm: OverrideArgs,
@@ -328,18 +352,9 @@ pub struct MigrateArgs {
     /// --insecure.
     #[arg(long, conflicts_with = "psk")]
     pub insecure: bool,
-    /// Mutual TLS instead of a key: this side's client certificate (PEM),
-    /// with --tls-key and --tls-ca (the CA of the receiver's certificate,
-    /// which must name the host of the destination address).
-    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], conflicts_with_all = ["psk", "insecure"])]
-    pub tls_cert: Option<PathBuf>,
-    /// Mutual TLS: the private key of --tls-cert (readable by its owner
-    /// only).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Mutual TLS: the CA that signed the receiver's certificate.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS instead of a key.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Print the migration report as JSON.
     #[arg(long)]
     pub json: bool,

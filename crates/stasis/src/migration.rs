@@ -43,12 +43,12 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
             .map(|p| p.display().to_string())
             .map_err(|e| format!("{}: {e}", p.display()))
     };
-    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
-        (Some(c), Some(k), Some(a)) => match (abs(c), abs(k), abs(a)) {
+    let tls = match args.tls.files() {
+        Some(f) => match (abs(&f.cert), abs(&f.key), abs(&f.ca)) {
             (Ok(cert), Ok(key), Ok(ca)) => Some(stasis_api::TlsPaths { cert, key, ca }),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
         },
-        _ => None,
+        None => None,
     };
     let destination = args.destination.to_string();
     if args.postcopy || args.postcopy_after.is_some() {
@@ -192,12 +192,7 @@ pub fn receive(args: ReceiveArgs) -> i32 {
 
 /// How the receiver authenticates its source.
 fn receiver_auth(args: &ReceiveArgs) -> Result<Auth, String> {
-    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
-        let files = stasis_migration::TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            ca: ca.clone(),
-        };
+    if let Some(files) = args.tls.files() {
         return Ok(Auth::Tls(stasis_migration::TlsAuth::from_files(&files)?));
     }
     match (&args.psk, args.insecure) {
