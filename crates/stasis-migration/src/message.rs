@@ -449,6 +449,23 @@ fn empty(kind: FrameKind, payload: &[u8]) -> Result<()> {
 }
 
 impl<'a> Message<'a> {
+    /// The memory batch this message carries, plain or zstd-compressed
+    /// (decompressed into `unpacked`, bounded as [`CompressedBatch`]
+    /// says); `None` for any other message.
+    pub fn memory_batch<'b>(
+        &'b self,
+        unpacked: &'b mut Vec<u8>,
+    ) -> Result<Option<MemoryBatch<'b>>> {
+        match self {
+            Message::MemoryBatch(b) => Ok(Some(b.clone())),
+            Message::MemoryBatchZstd(c) => {
+                c.decompress(unpacked)?;
+                MemoryBatch::decode(unpacked).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Decodes a frame's payload as its kind says, checking every length
     /// and field against the payload it came in.
     pub fn decode(frame: &'a Frame) -> Result<Message<'a>> {

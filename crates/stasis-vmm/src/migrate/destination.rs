@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use stasis_config::VmConfig;
 use stasis_migration::{
-    handshake, Error as ProtocolError, FilesOffer, FrameReader, FrameWriter, MemoryBatch, Message,
+    handshake, Error as ProtocolError, FilesOffer, FrameReader, FrameWriter, Message,
     FILES_PROTOCOL_VERSION,
 };
 use stasis_snapshot::{CpuInfo, Progress, SectionSet, SectionSink, SectionSource, SectionWarning};
@@ -245,33 +245,27 @@ impl<R: Read, W: Write> Incoming<R, W> {
                             .into(),
                     })?;
                     let done = match Message::decode(&frame)? {
-                        Message::MemoryBatchZstd(c) => {
-                            if !v2 || memory_handed_over || !sections.entries().is_empty() {
+                        m @ (Message::MemoryBatch(_) | Message::MemoryBatchZstd(_)) => {
+                            let zstd = matches!(m, Message::MemoryBatchZstd(_));
+                            if zstd && !v2 {
                                 return Err(unexpected(
-                                    "no memory batch here",
+                                    "no compressed batch in protocol version 1",
                                     "a memory-batch-zstd frame",
                                 ));
                             }
-                            c.decompress(&mut unpacked)?;
-                            let b = MemoryBatch::decode(&unpacked)?;
-                            stasis_failpoint::hit("migrate.memory_batch");
-                            pages.apply(&b)?;
-                            progress.add(b.len() as u64 * 4096);
-                            false
-                        }
-                        Message::MemoryBatch(b) => {
                             if memory_handed_over {
                                 return Err(unexpected(
                                     "no memory batch (memory was handed over as files)",
-                                    "a memory-batch frame",
+                                    &format!("a {} frame", m.kind()),
                                 ));
                             }
                             if !sections.entries().is_empty() {
                                 return Err(unexpected(
                                     "a section or state-done frame",
-                                    "a memory-batch frame",
+                                    &format!("a {} frame", m.kind()),
                                 ));
                             }
+                            let b = m.memory_batch(&mut unpacked)?.expect("a memory batch");
                             stasis_failpoint::hit("migrate.memory_batch");
                             pages.apply(&b)?;
                             progress.add(b.len() as u64 * 4096);

@@ -99,24 +99,17 @@ impl Lane {
             let frame = self.r.next_frame()?.ok_or_else(|| {
                 MigrateError::Local("a further connection closed before it was done".into())
             })?;
-            match Message::decode(&frame)? {
-                Message::MemoryBatch(b) => {
-                    pages.apply(&b)?;
-                    progress.add(b.len() as u64 * 4096);
-                }
-                Message::MemoryBatchZstd(c) => {
-                    c.decompress(&mut unpacked)?;
-                    let b = stasis_migration::MemoryBatch::decode(&unpacked)?;
-                    pages.apply(&b)?;
-                    progress.add(b.len() as u64 * 4096);
-                }
-                Message::ConnectionDone => return Ok(pages.pages),
-                m => {
-                    return Err(MigrateError::Local(format!(
-                        "a {} frame on a further connection",
-                        m.kind()
-                    )))
-                }
+            let m = Message::decode(&frame)?;
+            if let Some(b) = m.memory_batch(&mut unpacked)? {
+                pages.apply(&b)?;
+                progress.add(b.len() as u64 * 4096);
+            } else if matches!(m, Message::ConnectionDone) {
+                return Ok(pages.pages);
+            } else {
+                return Err(MigrateError::Local(format!(
+                    "a {} frame on a further connection",
+                    m.kind()
+                )));
             }
             self.r.recycle(frame);
         }

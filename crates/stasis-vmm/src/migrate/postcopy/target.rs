@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use stasis_migration::{FrameReader, FrameWriter, MemoryBatch, Message, PAGE_SIZE};
+use stasis_migration::{FrameReader, FrameWriter, Message, PAGE_SIZE};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{Commit, StaleSet, REQUEST_CHUNK};
@@ -272,21 +272,20 @@ impl Shared {
                 Ok(None) => return self.fail("the source closed the connection".into()),
                 Err(e) => return self.fail(e.to_string()),
             };
-            let batch = match Message::decode(&frame) {
-                Ok(Message::MemoryBatch(b)) => Ok(b),
-                Ok(Message::MemoryBatchZstd(c)) => c
-                    .decompress(&mut unpacked)
-                    .and_then(|()| MemoryBatch::decode(&unpacked)),
-                Ok(Message::PostcopyDone) => break,
-                Ok(Message::Refuse(refusal)) => {
+            let m = match Message::decode(&frame) {
+                Ok(m) => m,
+                Err(e) => return self.fail(e.to_string()),
+            };
+            let batch = match (m.memory_batch(&mut unpacked), &m) {
+                (Ok(Some(b)), _) => b,
+                (Err(e), _) => return self.fail(e.to_string()),
+                (Ok(None), Message::PostcopyDone) => break,
+                (Ok(None), Message::Refuse(refusal)) => {
                     return self.fail(format!("the source gave up: {}", refusal.reason))
                 }
-                Ok(m) => return self.fail(format!("a {} frame during post-copy", m.kind())),
-                Err(e) => Err(e),
-            };
-            let batch = match batch {
-                Ok(b) => b,
-                Err(e) => return self.fail(e.to_string()),
+                (Ok(None), m) => {
+                    return self.fail(format!("a {} frame during post-copy", m.kind()))
+                }
             };
             for p in batch.pages() {
                 let Some(i) = self.stale.index(p.gpa) else {
