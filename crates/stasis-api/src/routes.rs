@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::http;
 use crate::types::{
-    ActionResponse, EmptyRequest, ErrorBody, MigrateRequest, SnapshotRequest, VmState,
+    ActionResponse, CheckpointRequest, EmptyRequest, ErrorBody, MigrateRequest, SnapshotRequest,
+    VmState,
 };
 
 /// The parameter placeholder a path may end with.
@@ -40,6 +41,9 @@ pub enum ApiRequest {
     /// or with `detach` start it as a job (`202` with a
     /// [`JobAccepted`](crate::types::JobAccepted)).
     Snapshot(SnapshotRequest),
+    /// `PUT /v1/vm/checkpoint`: take (or with `delete`, delete) a
+    /// checkpoint of the VM and its disks, as a job like a snapshot.
+    Checkpoint(CheckpointRequest),
     /// `PUT /v1/vm/migrate`: send the VM to another stasis as a job; the
     /// answer is the job's result (a migration report) once the VM runs
     /// there, or with `detach` a `202` with a
@@ -173,6 +177,11 @@ const ENDPOINTS: &[Endpoint] = &[
         method: "PUT",
         path: "/v1/vm/snapshot",
         parse: |body, _| json_body::<SnapshotRequest>(body).map(ApiRequest::Snapshot),
+    },
+    Endpoint {
+        method: "PUT",
+        path: "/v1/vm/checkpoint",
+        parse: |body, _| json_body::<CheckpointRequest>(body).map(ApiRequest::Checkpoint),
     },
     Endpoint {
         method: "PUT",

@@ -251,6 +251,28 @@ mod tests {
     }
 }
 
+/// The body of `PUT /v1/vm/checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// The checkpoint's name (1-64 letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    /// Freeze every disk and continue on new qcow2 overlays instead of
+    /// qcow2 internal snapshots and reflink clones.
+    #[serde(default)]
+    pub external: bool,
+    /// The checkpoint store; by default `<vm>.checkpoints` beside the
+    /// VM's first writable disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// Delete checkpoint `name` instead of taking it.
+    #[serde(default)]
+    pub delete: bool,
+    /// Answer at once with `202` and a job id.
+    #[serde(default)]
+    pub detach: bool,
+}
+
 /// The body of `PUT /v1/vm/snapshot`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

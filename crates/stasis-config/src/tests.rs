@@ -268,7 +268,8 @@ fn device_flag_forms() {
         DiskConfig {
             id: "root".into(),
             path: "/x.img".into(),
-            readonly: true
+            readonly: true,
+            format: None,
         }
     );
     let d: DiskConfig = "path=/x.img,id=r".parse().unwrap();
@@ -313,6 +314,7 @@ fn virtio_validation_errors_name_the_device() {
         id: "root".into(),
         path: img.clone(),
         readonly: false,
+        format: None,
     });
     cfg.validate().unwrap();
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{ConfigError, SerialConfig};
+pub use stasis_disk::DiskFormat;
 
 /// The most virtio devices a VM can have, all kinds together (the VMM has
 /// that many MMIO slots and interrupt lines for them).
@@ -24,7 +25,7 @@ pub const MAX_DEVICE_ID_LEN: usize = 32;
 /// The longest tap interface name (Linux's `IFNAMSIZ` less the NUL).
 pub const MAX_TAP_NAME_LEN: usize = 15;
 
-/// A virtio-blk disk backed by a raw image file.
+/// A virtio-blk disk backed by an image file (raw or qcow2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -36,6 +37,10 @@ pub struct DiskConfig {
     /// read-only.
     #[serde(default, skip_serializing_if = "is_false")]
     pub readonly: bool,
+    /// The image format (`raw` or `qcow2`); detected from the file when
+    /// not given (a file that starts with qcow2's magic is qcow2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
 }
 
 /// A virtio-net interface attached to a host tap device.
@@ -235,9 +240,9 @@ fn parse_bool(
 
 impl std::str::FromStr for DiskConfig {
     type Err = DeviceParseError;
-    /// `id=ID,path=PATH[,readonly=on|off]`.
+    /// `id=ID,path=PATH[,readonly=on|off][,format=raw|qcow2]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let kv = key_values("disk", s, &["id", "path", "readonly"])?;
+        let kv = key_values("disk", s, &["id", "path", "readonly", "format"])?;
         let path = take(&kv, "path").ok_or_else(|| DeviceParseError {
             flag: "disk",
             value: s.to_string(),
@@ -247,10 +252,20 @@ impl std::str::FromStr for DiskConfig {
             Some(v) => parse_bool("disk", s, "readonly", &v)?,
             None => false,
         };
+        let format = take(&kv, "format")
+            .map(|v| {
+                v.parse().map_err(|problem| DeviceParseError {
+                    flag: "disk",
+                    value: s.to_string(),
+                    problem,
+                })
+            })
+            .transpose()?;
         Ok(Self {
             id: take(&kv, "id").unwrap_or_default(),
             path: path.into(),
             readonly,
+            format,
         })
     }
 }

@@ -7,6 +7,8 @@
 //! threads (the API server); [`Vm::wait`] blocks until a reason to end
 //! arrives and tears the VM down.
 
+mod disks;
+
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};

@@ -77,7 +77,9 @@ impl VmApi {
             started_at_unix_ms: d.created_unix_ms,
             uptime_ms: now.saturating_sub(d.created_unix_ms),
             stasis_version: env!("CARGO_PKG_VERSION").to_string(),
-            devices: devices(&d.config),
+            // The disks' current images (a checkpoint may have moved
+            // them onto overlays).
+            devices: devices(&self.control.current_config()),
             cpu: Some(CpuInfo {
                 model: d.config.cpu_spec().to_string(),
                 vendor: d.cpu_vendor.clone(),
@@ -190,6 +192,7 @@ impl VmApi {
                     mode,
                     disk_mode,
                     parent: parent.map(std::path::PathBuf::from),
+                    checkpoint: None,
                     progress: Some(progress),
                 };
                 // Same field names as stasis_api::SnapshotResponse, which the
@@ -203,6 +206,48 @@ impl VmApi {
                         })
                     })
             });
+        answer_job(started, req.detach)
+    }
+
+    /// A checkpoint (or its deletion) is a job like a snapshot.
+    fn checkpoint(&self, req: &stasis_api::types::CheckpointRequest) -> ApiResponse {
+        use stasis_vmm::persist::checkpoint;
+        let control = self.control.clone();
+        let store = match &req.store {
+            Some(s) => std::path::PathBuf::from(s),
+            None => match checkpoint::default_store(&control) {
+                Ok(s) => s,
+                Err(e) => return ApiResponse::error(400, e),
+            },
+        };
+        if let Err(e) = checkpoint::check_name(&req.name) {
+            return ApiResponse::error(400, e);
+        }
+        let spec = checkpoint::CheckpointSpec {
+            name: req.name.clone(),
+            external: req.external,
+        };
+        let delete = req.delete;
+        let what = if delete {
+            "checkpoint-delete"
+        } else {
+            "checkpoint"
+        };
+        let started = self.jobs.start(what, req.name.clone(), move |progress| {
+            let failed = |message: String| JobFailure {
+                kind: FailureKind::Internal,
+                message,
+            };
+            let report = if delete {
+                checkpoint::revert::delete(&store, &spec.name, Some(&control)).map(|d| {
+                    serde_json::json!({ "deleted": spec.name, "store": store, "kept_images": d.kept_images })
+                })
+            } else {
+                checkpoint::take(&control, &store, &spec, Some(progress))
+                    .and_then(|r| serde_json::to_value(&r).map_err(|e| e.to_string()))
+            };
+            report.map_err(failed)
+        });
         answer_job(started, req.detach)
     }
 
@@ -260,6 +305,7 @@ impl ApiHandler for VmApi {
             }
             ApiRequest::Snapshot(req) => self.snapshot(&req),
             ApiRequest::Migrate(req) => self.migrate(&req),
+            ApiRequest::Checkpoint(req) => self.checkpoint(&req),
             ApiRequest::ListJobs => {
                 ApiResponse::ok(&serde_json::json!({ "jobs": self.jobs.list() }))
             }

@@ -48,6 +48,16 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Start a VM from a snapshot directory (runs in the foreground like `run`).
     Restore(RestoreArgs),
+    /// Checkpoint a running VM and its disks: `stasis checkpoint NAME CKPT
+    /// [--external]`. qcow2 disks get an internal snapshot CKPT, raw disks a
+    /// reflink clone; --external moves every disk onto a new qcow2 overlay.
+    /// `stasis checkpoint delete NAME CKPT` deletes one (with --store and no
+    /// running VM, from a stopped VM's store).
+    Checkpoint(CheckpointArgs),
+    /// Show a VM's checkpoint tree (`stasis checkpoints NAME`, or
+    /// `--store DIR` for a stopped VM), or the internal snapshots of a
+    /// qcow2 image (`--disk PATH`, including ones QEMU made).
+    Checkpoints(CheckpointsArgs),
     /// Send a running VM to `stasis receive` on another host (or this
     /// one); it ends here once it runs there, and runs on here if anything
     /// fails before that. Waits with a progress bar (Ctrl-C cancels).
@@ -89,6 +99,44 @@ pub struct CpuModelsArgs {
     /// Also list the features each model gives a guest here.
     #[arg(long, short = 'v')]
     pub verbose: bool,
+}
+
+/// `stasis checkpoint NAME CKPT` / `stasis checkpoint delete NAME CKPT`.
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// The VM's name (or `delete`).
+    pub name: String,
+    /// The checkpoint's name (or, after `delete`, the VM's name).
+    pub checkpoint: String,
+    /// After `delete`: the checkpoint's name.
+    pub delete_checkpoint: Option<String>,
+    /// Freeze every disk and continue on new qcow2 overlays beside them
+    /// (works on raw and qcow2 images, on any filesystem).
+    #[arg(long)]
+    pub external: bool,
+    /// The checkpoint store (default: `<vm>.checkpoints` beside the VM's
+    /// first writable disk).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Print the API's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `stasis checkpoints [NAME]`.
+#[derive(Debug, Args)]
+pub struct CheckpointsArgs {
+    /// A running VM's name.
+    pub name: Option<String>,
+    /// A checkpoint store (a stopped VM's).
+    #[arg(long, value_name = "DIR", conflicts_with = "disk")]
+    pub store: Option<PathBuf>,
+    /// A qcow2 image: list its internal snapshots.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `stasis snapshot NAME DIR`.
@@ -158,8 +206,15 @@ pub struct CancelArgs {
 /// `stasis restore DIR`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The snapshot directory.
+    /// The snapshot directory (with --checkpoint: the checkpoint's
+    /// directory in its store, STORE/CKPT).
     pub dir: PathBuf,
+    /// DIR is a checkpoint: bring every disk back to it (qcow2 internal
+    /// snapshot applied, new overlay on the frozen image, or the reflink
+    /// clone put back), then start the VM from its state. Other
+    /// checkpoints, earlier or later, stay.
+    #[arg(long)]
+    pub checkpoint: bool,
     /// What differs on this host.
     #[command(flatten)]
     pub vm: OverrideArgs,
@@ -236,6 +291,8 @@ impl OverrideArgs {
                 .collect(),
             taps: self.taps.clone(),
             console_outputs: self.console_paths.clone(),
+            disk_formats: Vec::new(),
+            checkpoint_disks: false,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The `stasis` command: run VMs, and steer running ones by name.
 
 mod api_glue;
+mod checkpoints;
 mod cli;
 mod clients;
 mod cpu;
@@ -41,6 +42,8 @@ fn main() {
         cli::Command::Jobs(a) => jobs::jobs(&a),
         cli::Command::Cancel(a) => jobs::cancel(&a),
         cli::Command::Restore(a) => restore::restore(a),
+        cli::Command::Checkpoint(a) => checkpoints::checkpoint(&a),
+        cli::Command::Checkpoints(a) => checkpoints::list(&a),
         cli::Command::Migrate(a) => migration::migrate(&a),
         cli::Command::Receive(a) => migration::receive(a),
         cli::Command::Verify(a) => snapshots::verify(&a),

@@ -25,7 +25,10 @@ pub fn restore(args: RestoreArgs) -> i32 {
 }
 
 fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
-    let overrides = args.vm.overrides();
+    let mut overrides = args.vm.overrides();
+    if args.checkpoint {
+        crate::checkpoints::prepare_restore(&args.dir, &mut overrides)?;
+    }
     if args.mode != RestoreMode::Background
         && (args.record_working_set.is_some()
             || args.ignore_working_set

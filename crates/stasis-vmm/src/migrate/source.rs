@@ -213,7 +213,7 @@ pub fn migrate<R: Read + Send, W: Write>(
         &mut r,
         &mut w,
         VmDescription {
-            vm_config: describe(serde_json::to_value(&d.config))?,
+            vm_config: describe(serde_json::to_value(control.current_config()))?,
             cpu: describe(serde_json::to_value(&cpu))?,
             memory_bytes,
             connections: opts.connections,

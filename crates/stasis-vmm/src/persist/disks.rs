@@ -72,6 +72,9 @@ pub enum DiskSaved {
     InPlace,
     /// Not kept.
     Skip,
+    /// Kept by a checkpoint (an internal snapshot or a frozen image under
+    /// an overlay): restored with `stasis restore --checkpoint`.
+    Checkpoint,
 }
 
 impl DiskSaved {
@@ -82,6 +85,7 @@ impl DiskSaved {
             DiskSaved::Copy => "copy",
             DiskSaved::InPlace => "in-place",
             DiskSaved::Skip => "skip",
+            DiskSaved::Checkpoint => "checkpoint",
         }
     }
 }
@@ -187,7 +191,8 @@ pub struct DiskSaveError {
     pub message: String,
 }
 
-fn file_name(id: &str) -> String {
+/// The file name of disk `id`'s clone or copy in a snapshot.
+pub fn file_name(id: &str) -> String {
     format!("disk-{id}.img")
 }
 
@@ -357,6 +362,11 @@ pub fn check_restore_image(
     snapshot_dir: &Path,
 ) -> Result<Option<String>, String> {
     match saved.saved {
+        DiskSaved::Checkpoint => Err(format!(
+            "this is a checkpoint's VM state and disk '{}' was kept by the checkpoint: restore it with `stasis restore --checkpoint {}`",
+            saved.id,
+            snapshot_dir.display()
+        )),
         DiskSaved::Skip => Ok(Some(format!(
             "disk '{}' was not saved with the snapshot (--disk-mode=skip): the guest finds {} as it is now",
             saved.id,

@@ -28,6 +28,7 @@
 //! a device without a section.
 
 pub mod background;
+pub mod checkpoint;
 pub mod compat;
 pub mod disks;
 pub mod fill;

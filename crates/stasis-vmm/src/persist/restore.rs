@@ -50,6 +50,14 @@ pub struct RestoreOverrides {
     /// `socket:PATH`, or a bare path that replaces the path of a file or
     /// socket destination (and means `file:PATH` otherwise).
     pub console_outputs: Vec<(String, String)>,
+    /// Formats of the images given by `disk_paths`, by disk id, where
+    /// they differ from the saved ones (a checkpoint restore puts a raw
+    /// disk on a qcow2 overlay).
+    pub disk_formats: Vec<(String, stasis_disk::DiskFormat)>,
+    /// The disks were brought back by a checkpoint restore
+    /// ([`super::checkpoint::revert::prepare_disks`]): the snapshot's own
+    /// disk records are not checked.
+    pub checkpoint_disks: bool,
 }
 
 /// Ways a restore can fail before any VM exists.
@@ -221,7 +229,8 @@ pub fn prepare(
             "the guest's TSC ran at {saved_khz} kHz and this host's runs at {host_khz} kHz without scaling; restoring anyway (--allow-tsc-mismatch): time the guest derives from its TSC will drift"
         );
     }
-    let state = state_from_sections(&reader, &config, vcpus, Some(reader.dir()))?;
+    let disk_dir = (!overrides.checkpoint_disks).then(|| reader.dir());
+    let state = state_from_sections(&reader, &config, vcpus, disk_dir)?;
     let cpu = check.restore_cpu(reader.body().cpu.guest.clone());
     Ok(RestorePlan {
         config,
@@ -414,6 +423,11 @@ fn apply_device_overrides(
             }
         }
     }
+    for (id, format) in &overrides.disk_formats {
+        if let Some(d) = config.disk.iter_mut().find(|d| &d.id == id) {
+            d.format = Some(*format);
+        }
+    }
     for (id, tap) in &overrides.taps {
         match config.net.iter_mut().find(|n| &n.id == id) {
             Some(n) => n.tap = tap.clone(),
@@ -467,7 +481,15 @@ fn read_virtio_states<S: SectionSource>(
                     message,
                 };
                 let size = match std::fs::metadata(&disk.path) {
-                    Ok(m) if m.is_file() => m.len(),
+                    Ok(m) if m.is_file() => {
+                        let format = match disk.format {
+                            Some(f) => Ok(f),
+                            None => stasis_disk::detect_format(&disk.path),
+                        };
+                        format
+                            .and_then(|f| stasis_disk::virtual_size(&disk.path, f))
+                            .map_err(|e| err(format!("disk image {}: {e}", disk.path.display())))?
+                    }
                     Ok(_) => {
                         return Err(err(format!(
                             "{} is not a regular file",
@@ -546,6 +568,7 @@ mod tests {
             id: "root".into(),
             path: "/old.img".into(),
             readonly: false,
+            format: None,
         });
         c.net.push(NetConfig {
             id: "eth0".into(),

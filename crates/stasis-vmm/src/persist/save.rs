@@ -66,6 +66,8 @@ pub struct SnapshotOptions {
     /// Take a diff snapshot against this one (a full snapshot or the
     /// newest of a chain): only pages that differ from it are stored.
     pub parent: Option<PathBuf>,
+    /// Keep the disks as checkpoint `spec` asks (instead of `disk_mode`).
+    pub checkpoint: Option<super::checkpoint::CheckpointSpec>,
     /// Where to report phases and bytes, and to look for a cancel request.
     /// A cancelled snapshot stops at its next safe point (before the
     /// pause, between memory batches, before the disks are flushed, before
@@ -124,6 +126,9 @@ pub struct SnapshotReport {
     /// A diff snapshot's parent, as the manifest names it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// A checkpoint: how each writable disk is kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checkpoint_disks: Vec<super::checkpoint::CheckpointDisk>,
 }
 
 /// How one writable disk was saved with a snapshot.
@@ -315,18 +320,22 @@ pub fn snapshot(
         writer.set_parent(Arc::new(chain), &recorded)?;
         parent_recorded = Some(recorded);
     }
-    let writable: Vec<WritableDisk> = control
-        .description()
-        .config
-        .disk
-        .iter()
+    let images: Vec<_> = control
+        .disk_images()
+        .into_iter()
         .filter(|d| !d.readonly)
+        .collect();
+    let writable: Vec<WritableDisk> = images
+        .iter()
         .map(|d| WritableDisk {
             id: d.id.clone(),
             path: d.path.clone(),
         })
         .collect();
-    if !opts.stop {
+    if let Some(spec) = &opts.checkpoint {
+        super::checkpoint::preflight(&images, spec, writer.temp_dir())
+            .map_err(SnapshotError::DiskRefused)?;
+    } else if !opts.stop {
         disks::preflight(&writable, opts.disk_mode, writer.temp_dir())
             .map_err(SnapshotError::DiskRefused)?;
     }
@@ -341,7 +350,7 @@ pub fn snapshot(
     };
     progress.check()?;
     let description = control.description();
-    let vm_config = serde_json::to_value(&description.config)
+    let vm_config = serde_json::to_value(control.current_config())
         .map_err(|e| SnapshotError::Config(e.to_string()))?;
     // The guest stops being able to run at the request: the pause is
     // counted from here.
@@ -355,8 +364,14 @@ pub fn snapshot(
     };
     let mut copy = MemoryCopy::default();
     let mut paused_disks = PausedDisks::default();
+    let mut checkpoint_disks = Vec::new();
     let mut save_disks = |writer: &SnapshotWriter| -> Result<(), SnapshotError> {
-        if !opts.stop && !writable.is_empty() {
+        if let Some(spec) = &opts.checkpoint {
+            progress.phase("keeping the disks for the checkpoint", 0);
+            (paused_disks, checkpoint_disks) =
+                super::checkpoint::save_in_pause(control, &images, spec, writer.temp_dir())
+                    .map_err(SnapshotError::DiskSave)?;
+        } else if !opts.stop && !writable.is_empty() {
             progress.phase("saving the disks", 0);
             paused_disks = disks::save_in_pause(&writable, opts.disk_mode, writer.temp_dir())
                 .map_err(SnapshotError::DiskSave)?;
@@ -524,6 +539,7 @@ pub fn snapshot(
                 file: r.file.clone(),
             })
             .collect(),
+        checkpoint_disks,
         parent: parent_recorded,
     })
 }

@@ -2,6 +2,7 @@
 //! `stasis` binary on real KVM with the guest kit's guest.
 #![allow(dead_code)]
 
+pub mod loopfs;
 pub mod migration;
 pub mod tls;
 

@@ -1,24 +1,32 @@
-//! virtio-blk (device type 2) on a raw image file.
+//! virtio-blk (device type 2) on a disk image: raw or qcow2, through
+//! [`stasis_disk::DiskBackend`].
 //!
-//! One request queue. Requests: read, write, flush (`fdatasync` before the
-//! request completes), get-id (the device id, truncated to 20 bytes),
-//! discard (`fallocate(PUNCH_HOLE | KEEP_SIZE)`). A read-only disk offers
+//! One request queue. Requests: read, write, flush (the image's writes and
+//! metadata durable before the request completes), get-id (the device id,
+//! truncated to 20 bytes), discard (a hole punched in a raw image, clusters
+//! released in a qcow2 one). A read-only disk offers
 //! `VIRTIO_BLK_F_RO`, opens the image read-only, and fails writes and
 //! discards with `VIRTIO_BLK_S_IOERR` without touching the image. Every
 //! request is executed by the device's I/O thread, in batches (see the
 //! module docs of [`super`]).
 //!
 //! Data moves between the image and guest memory without a copy through
-//! the VMM ([`buffers`]: `preadv`/`pwritev` on the request's guest buffers).
+//! the VMM ([`buffers`] hands the request's guest buffers to the backend as
+//! I/O slices: `preadv`/`pwritev` for raw images).
+//!
+//! A checkpoint changes the image under a paused device
+//! ([`Block::checkpoint_disk`]): a qcow2 internal snapshot taken or
+//! applied, or the disk moved onto a new overlay.
 //!
 //! The image is locked with `flock` (exclusive for a writable disk, shared
 //! for a read-only one), so two VMs cannot write one image at once.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use stasis_config::DiskConfig;
+use stasis_disk::{DiskBackend, DiskFormat};
 use virtio_queue::{DescriptorChain, QueueT};
 
 use super::state::BackendState;
@@ -81,7 +89,10 @@ const HEADER: usize = 16;
 pub struct Block {
     id: String,
     path: PathBuf,
-    file: File,
+    backend: Box<dyn DiskBackend>,
+    /// Holds the image's `flock` (a descriptor of its own: imago opens
+    /// the image itself).
+    lock: File,
     size: u64,
     readonly: bool,
     config: Vec<u8>,
@@ -97,16 +108,12 @@ impl Block {
             id: cfg.id.clone(),
             message,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.readonly)
-            .open(&cfg.path)
-            .map_err(|e| {
-                err(format!(
-                    "cannot open disk image {}: {e}",
-                    cfg.path.display()
-                ))
-            })?;
+        let file = File::open(&cfg.path).map_err(|e| {
+            err(format!(
+                "cannot open disk image {}: {e}",
+                cfg.path.display()
+            ))
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| err(format!("cannot stat {}: {e}", cfg.path.display())))?;
@@ -135,7 +142,15 @@ impl Block {
                 format!("cannot lock {}: {e}", cfg.path.display())
             }));
         }
-        let size = meta.len();
+        // Locked before the backend opens it: a qcow2 image left dirty is
+        // repaired on open, which only its one user may do.
+        let backend = stasis_disk::open(&cfg.path, cfg.format, cfg.readonly).map_err(|e| {
+            err(format!(
+                "cannot open disk image {}: {e}",
+                cfg.path.display()
+            ))
+        })?;
+        let size = backend.size();
         if !size.is_multiple_of(SECTOR_SIZE) {
             tracing::warn!(
                 "virtio-blk '{}': {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible to the guest",
@@ -144,20 +159,16 @@ impl Block {
                 size % SECTOR_SIZE
             );
         }
-        Ok(Self::from_file(
-            &cfg.id,
-            cfg.path.clone(),
-            file,
-            size,
-            cfg.readonly,
-        ))
+        Ok(Self::from_backend(&cfg.id, backend, file, cfg.readonly))
     }
 
-    fn from_file(id: &str, path: PathBuf, file: File, size: u64, readonly: bool) -> Self {
+    fn from_backend(id: &str, backend: Box<dyn DiskBackend>, lock: File, readonly: bool) -> Self {
+        let size = backend.size();
         Self {
             id: id.to_string(),
-            path,
-            file,
+            path: backend.path().to_path_buf(),
+            backend,
+            lock,
             size,
             readonly,
             config: config_space(size / SECTOR_SIZE),
@@ -174,6 +185,11 @@ impl Block {
     /// The image's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The image's format.
+    pub fn format(&self) -> DiskFormat {
+        self.backend.format()
     }
 
     /// Capacity in sectors.
@@ -271,7 +287,7 @@ impl Block {
         let Some(off) = self.range(sector, len as u64) else {
             return (VIRTIO_BLK_S_IOERR, 0);
         };
-        match bufs.pread(&self.file, 0, len, off) {
+        match bufs.read_into_guest(self.backend.as_ref(), 0, len, off) {
             Ok(()) => (VIRTIO_BLK_S_OK, len),
             Err(e) => {
                 tracing::warn!("virtio-blk '{}': read at {off:#x}: {e}", self.id);
@@ -289,7 +305,7 @@ impl Block {
         let Some(off) = self.range(sector, len as u64) else {
             return VIRTIO_BLK_S_IOERR;
         };
-        match bufs.pwrite(&self.file, HEADER, len, off) {
+        match bufs.write_from_guest(self.backend.as_ref(), HEADER, len, off) {
             Ok(()) => VIRTIO_BLK_S_OK,
             Err(e) => {
                 tracing::warn!("virtio-blk '{}': write at {off:#x}: {e}", self.id);
@@ -302,10 +318,10 @@ impl Block {
         if self.readonly {
             return VIRTIO_BLK_S_OK;
         }
-        match self.file.sync_data() {
+        match self.backend.flush() {
             Ok(()) => VIRTIO_BLK_S_OK,
             Err(e) => {
-                tracing::warn!("virtio-blk '{}': fdatasync: {e}", self.id);
+                tracing::warn!("virtio-blk '{}': flush: {e}", self.id);
                 VIRTIO_BLK_S_IOERR
             }
         }
@@ -362,28 +378,58 @@ impl Block {
             if bytes == 0 {
                 continue;
             }
-            // SAFETY: fallocate on an fd we own with in-range, non-negative
-            // offsets (checked above); no memory is involved.
-            let r = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off as libc::off_t,
-                    bytes as libc::off_t,
-                )
-            };
-            if r != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                    // Discard is a hint: a file system that cannot punch
-                    // holes keeps the data, which the spec allows.
-                    continue;
-                }
+            if let Err(e) = self.backend.discard(off, bytes) {
                 tracing::warn!("virtio-blk '{}': discard at {off:#x}: {e}", self.id);
                 return VIRTIO_BLK_S_IOERR;
             }
         }
         VIRTIO_BLK_S_OK
+    }
+}
+
+impl Block {
+    /// Changes the image under the paused device for a checkpoint.
+    fn checkpoint(&mut self, op: &super::DiskCheckpointOp) -> std::io::Result<()> {
+        use super::DiskCheckpointOp as Op;
+        if self.readonly {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the disk is read-only",
+            ));
+        }
+        match op {
+            Op::TakeInternal(name) => self.backend.take_internal_snapshot(name),
+            Op::DeleteInternal(name) => self.backend.delete_internal_snapshot(name),
+            Op::ApplyInternal(name) => {
+                self.backend.apply_internal_snapshot(name)?;
+                if self.backend.size() != self.size {
+                    tracing::warn!(
+                        "virtio-blk '{}': snapshot '{name}' has another disk size ({} bytes, was {})",
+                        self.id,
+                        self.backend.size(),
+                        self.size
+                    );
+                }
+                Ok(())
+            }
+            Op::Overlay(path) => {
+                stasis_disk::switch_to_overlay(&mut self.backend, path)?;
+                // The lock moves to the image the guest now writes.
+                let lock = File::open(path)?;
+                // SAFETY: flock on an fd we own; no memory is involved.
+                if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    tracing::warn!(
+                        "virtio-blk '{}': cannot lock {}: {}",
+                        self.id,
+                        path.display(),
+                        std::io::Error::last_os_error()
+                    );
+                }
+                self.lock = lock;
+                self.path = path.clone();
+                Ok(())
+            }
+        }
     }
 }
 
@@ -458,7 +504,7 @@ impl VirtioDevice for Block {
         if self.readonly {
             Ok(())
         } else {
-            self.file.sync_data()
+            self.backend.flush()
         }
     }
 
@@ -469,7 +515,7 @@ impl VirtioDevice for Block {
             (false, false) => libc::LOCK_EX | libc::LOCK_NB,
         };
         // SAFETY: flock on an fd we own; no memory is involved.
-        if unsafe { libc::flock(self.file.as_raw_fd(), op) } != 0 {
+        if unsafe { libc::flock(self.lock.as_raw_fd(), op) } != 0 {
             let e = std::io::Error::last_os_error();
             return Err(std::io::Error::new(
                 e.kind(),
@@ -477,6 +523,20 @@ impl VirtioDevice for Block {
             ));
         }
         Ok(())
+    }
+
+    fn disk_image(&self) -> Option<super::DiskImage> {
+        Some(super::DiskImage {
+            id: self.id.clone(),
+            path: self.path.clone(),
+            format: self.backend.format(),
+            readonly: self.readonly,
+            size: self.size,
+        })
+    }
+
+    fn checkpoint_disk(&mut self, op: &super::DiskCheckpointOp) -> Option<std::io::Result<()>> {
+        Some(self.checkpoint(op))
     }
 
     fn save_backend(&self) -> BackendState {

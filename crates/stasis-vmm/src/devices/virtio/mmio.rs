@@ -258,6 +258,16 @@ impl MmioTransport {
         self.device.handover_file()
     }
 
+    /// See [`super::VirtioDevice::disk_image`].
+    pub fn disk_image(&self) -> Option<super::DiskImage> {
+        self.device.disk_image()
+    }
+
+    /// See [`super::VirtioDevice::checkpoint_disk`].
+    pub fn checkpoint_disk(&mut self, op: &super::DiskCheckpointOp) -> Option<std::io::Result<()>> {
+        self.device.checkpoint_disk(op)
+    }
+
     /// See [`super::VirtioDevice::hand_over_backend`].
     pub fn hand_over_backend(&self, release: bool) -> std::io::Result<()> {
         self.device.hand_over_backend(release)

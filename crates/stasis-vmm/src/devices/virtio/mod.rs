@@ -70,6 +70,7 @@ pub mod state;
 mod tap;
 
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -238,6 +239,34 @@ impl GuestWarnings {
     }
 }
 
+/// A disk's image as it is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskImage {
+    /// The disk's id.
+    pub id: String,
+    /// The image the guest writes.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: stasis_disk::DiskFormat,
+    /// Offered read-only.
+    pub readonly: bool,
+    /// The size the guest sees.
+    pub size: u64,
+}
+
+/// What a checkpoint does to one disk, under the paused device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskCheckpointOp {
+    /// Take the qcow2 internal snapshot of this name.
+    TakeInternal(String),
+    /// Make the qcow2 internal snapshot of this name the disk's contents.
+    ApplyInternal(String),
+    /// Delete the qcow2 internal snapshot of this name.
+    DeleteInternal(String),
+    /// Freeze the image and go on writing a new overlay at this path.
+    Overlay(PathBuf),
+}
+
 /// A virtio device model behind an [`MmioTransport`]. Every method runs
 /// with the transport's mutex held.
 pub trait VirtioDevice: Send {
@@ -302,6 +331,19 @@ pub trait VirtioDevice: Send {
     fn hand_over_backend(&self, release: bool) -> std::io::Result<()> {
         let _ = release;
         Ok(())
+    }
+
+    /// A disk's image as it is now (checkpoints move disks onto new
+    /// overlays); `None` for devices that are not disks.
+    fn disk_image(&self) -> Option<DiskImage> {
+        None
+    }
+
+    /// A disk's part of a checkpoint, under the paused device; `None` for
+    /// devices that are not disks.
+    fn checkpoint_disk(&mut self, op: &DiskCheckpointOp) -> Option<std::io::Result<()>> {
+        let _ = op;
+        None
     }
 
     /// The backend's host descriptor for a local upgrade to hand over

@@ -16,17 +16,13 @@
 //! the writable ranges get marked where [`RequestBuffers::pread`] and
 //! [`RequestBuffers::write_bytes`] fill them.
 
-use std::fs::File;
-use std::io;
-use std::os::fd::AsRawFd;
+use std::io::{self, IoSlice, IoSliceMut};
 
+use stasis_disk::DiskBackend;
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemory, Permissions};
 
 use crate::memory::GuestRam;
-
-/// The most `iovec`s one `preadv`/`pwritev` takes (`IOV_MAX`).
-const IOV_MAX: usize = 1024;
 
 /// One piece of guest memory, as a host address and length.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +39,6 @@ struct Segment {
 pub struct RequestBuffers {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
-    iov: Vec<libc::iovec>,
 }
 
 // SAFETY: the segments are plain addresses into guest memory, used only by
@@ -162,90 +157,57 @@ impl RequestBuffers {
         true
     }
 
-    /// `iovec`s for bytes `at..at + len` of the readable or writable part,
-    /// at most [`IOV_MAX`].
-    fn iovecs(&mut self, writable: bool, at: usize, len: usize) -> &[libc::iovec] {
-        let segs = if writable {
-            &self.writable
-        } else {
-            &self.readable
-        };
-        self.iov.clear();
-        self.iov.extend(
-            Self::pieces(segs, at, len)
-                .take(IOV_MAX)
-                .map(|p| libc::iovec {
-                    iov_base: p.addr as *mut libc::c_void,
-                    iov_len: p.len,
-                }),
-        );
-        &self.iov
-    }
-
-    /// Reads `len` bytes of `file` at `off` into writable bytes `at..`.
-    pub fn pread(&mut self, file: &File, at: usize, len: usize, off: u64) -> io::Result<()> {
-        self.transfer(file, true, at, len, off)
-    }
-
-    /// Writes readable bytes `at..at + len` to `file` at `off`.
-    pub fn pwrite(&mut self, file: &File, at: usize, len: usize, off: u64) -> io::Result<()> {
-        self.transfer(file, false, at, len, off)
-    }
-
-    fn transfer(
+    /// Reads `len` bytes of the disk at `off` into writable bytes `at..`.
+    pub fn read_into_guest(
         &mut self,
-        file: &File,
-        into_guest: bool,
+        disk: &dyn DiskBackend,
         at: usize,
         len: usize,
         off: u64,
     ) -> io::Result<()> {
-        let total = if into_guest {
-            self.writable_len()
-        } else {
-            self.readable_len()
-        };
-        if at + len > total {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the request's buffers are shorter than the transfer",
-            ));
+        if at + len > self.writable_len() {
+            return Err(short_buffers());
         }
-        let fd = file.as_raw_fd();
-        let mut done = 0;
-        while done < len {
-            let iov = self.iovecs(into_guest, at + done, len - done);
-            let pos = (off + done as u64) as libc::off_t;
-            // SAFETY: every iovec covers checked guest memory that stays
-            // mapped while the caller holds it (writable pieces for a read
-            // into the guest); the kernel reads or writes only those bytes.
-            let n = unsafe {
-                if into_guest {
-                    libc::preadv(fd, iov.as_ptr(), iov.len() as libc::c_int, pos)
-                } else {
-                    libc::pwritev(fd, iov.as_ptr(), iov.len() as libc::c_int, pos)
-                }
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        if into_guest {
-                            "the image ended"
-                        } else {
-                            "the image took no more bytes"
-                        },
-                    ))
-                }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
+        let mut slices: Vec<IoSliceMut<'_>> = Self::pieces(&self.writable, at, len)
+            .map(|p| {
+                // SAFETY: each piece lies in guest memory that `load`
+                // checked as device-writable and that stays mapped while
+                // the caller holds the guest memory; the slices live only
+                // for this call. The guest may touch the bytes meanwhile:
+                // it gets what it gets, as with any device.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(p.addr as *mut u8, p.len) };
+                IoSliceMut::new(bytes)
+            })
+            .collect();
+        disk.read_vectored_at(&mut slices, off)
     }
+
+    /// Writes readable bytes `at..at + len` to the disk at `off`.
+    pub fn write_from_guest(
+        &mut self,
+        disk: &dyn DiskBackend,
+        at: usize,
+        len: usize,
+        off: u64,
+    ) -> io::Result<()> {
+        if at + len > self.readable_len() {
+            return Err(short_buffers());
+        }
+        let slices: Vec<IoSlice<'_>> = Self::pieces(&self.readable, at, len)
+            .map(|p| {
+                // SAFETY: as in `read_into_guest`, checked guest memory the
+                // device may read, for the duration of this call.
+                let bytes = unsafe { std::slice::from_raw_parts(p.addr as *const u8, p.len) };
+                IoSlice::new(bytes)
+            })
+            .collect();
+        disk.write_vectored_at(&slices, off)
+    }
+}
+
+fn short_buffers() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "the request's buffers are shorter than the transfer",
+    )
 }

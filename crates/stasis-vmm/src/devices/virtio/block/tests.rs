@@ -30,6 +30,7 @@ impl Rig {
             id: "root".into(),
             path: img.0.clone(),
             readonly,
+            format: None,
         };
         let (mut t, irq) = transport(Box::new(Block::open(&disk).unwrap()), mem);
         let vq = MockSplitQueue::create(mem, ring_addr(0), 64);
@@ -126,6 +127,7 @@ fn features_and_capacity() {
         id: "d".into(),
         path: img.0.clone(),
         readonly: false,
+        format: None,
     };
     let blk = Block::open(&disk).unwrap();
     assert_eq!(blk.capacity(), 2048);
@@ -137,6 +139,7 @@ fn features_and_capacity() {
     drop(blk);
     let ro = Block::open(&DiskConfig {
         readonly: true,
+        format: None,
         ..disk
     })
     .unwrap();
@@ -288,9 +291,11 @@ fn image_is_locked_against_a_second_writer() {
         id: "a".into(),
         path: img.0.clone(),
         readonly: false,
+        format: None,
     };
     let ro = DiskConfig {
         readonly: true,
+        format: None,
         ..rw.clone()
     };
     let first = Block::open(&rw).unwrap();
@@ -346,6 +351,7 @@ fn requests_are_done_once_across_a_snapshot() {
         id: "root".into(),
         path: img.0.clone(),
         readonly: false,
+        format: None,
     };
     let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let mut t = MmioTransport::restore(

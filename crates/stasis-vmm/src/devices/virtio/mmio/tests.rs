@@ -316,6 +316,7 @@ fn config_space_reads_any_width() {
         id: "d".into(),
         path: img.0.clone(),
         readonly: false,
+        format: None,
     };
     let (mut t, _) = transport(Box::new(Block::open(&disk).unwrap()), &mem);
     let capacity = (8u64 << 20) / 512;

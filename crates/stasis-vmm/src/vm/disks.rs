@@ -1,0 +1,50 @@
+//! The VM's disks as they are now: checkpoints move a disk onto a new
+//! overlay, so the configuration's paths are where each disk started and
+//! these calls ask the devices.
+
+use stasis_config::VmConfig;
+
+use super::VmControl;
+use crate::devices::virtio::{DiskCheckpointOp, DiskImage};
+
+impl VmControl {
+    /// Every disk's image as it is now, in slot order.
+    pub fn disk_images(&self) -> Vec<DiskImage> {
+        self.shared
+            .virtio
+            .iter()
+            .filter_map(|d| d.transport.lock().expect("virtio lock").disk_image())
+            .collect()
+    }
+
+    /// The configuration with each disk's current image and format.
+    pub fn current_config(&self) -> VmConfig {
+        let mut cfg = self.description.config.clone();
+        for img in self.disk_images() {
+            if let Some(d) = cfg.disk.iter_mut().find(|d| d.id == img.id) {
+                d.path = img.path;
+                d.format = Some(img.format);
+            }
+        }
+        cfg
+    }
+
+    /// Runs a checkpoint's operation on disk `id`. Only while paused (no
+    /// request in flight).
+    pub fn checkpoint_disk(&self, id: &str, op: &DiskCheckpointOp) -> std::io::Result<()> {
+        for d in &self.shared.virtio {
+            let mut t = d.transport.lock().expect("virtio lock");
+            if t.disk_image().is_some_and(|img| img.id == id) {
+                return t.checkpoint_disk(op).unwrap_or_else(|| {
+                    Err(std::io::Error::other(format!(
+                        "device '{id}' is not a disk"
+                    )))
+                });
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the VM has no disk '{id}'"),
+        ))
+    }
+}
