@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use crate::http;
 use crate::types::{
-    ActionResponse, CheckpointRequest, EmptyRequest, ErrorBody, MigrateRequest, SnapshotRequest,
-    VmState,
+    ActionResponse, CheckpointRequest, EmptyRequest, ErrorBody, MigrateRequest, RollbackRequest,
+    SnapshotRequest, VmState,
 };
 
 /// The parameter placeholder a path may end with.
@@ -44,6 +44,11 @@ pub enum ApiRequest {
     /// `PUT /v1/vm/checkpoint`: take (or with `delete`, delete) a
     /// checkpoint of the VM and its disks, as a job like a snapshot.
     Checkpoint(CheckpointRequest),
+    /// `PUT /v1/vm/rollback`: end the VM and start it again from a
+    /// checkpoint, its disks brought back to it (`202` with an
+    /// [`ActionResponse`] once the checkpoint is found; the VM answers
+    /// again on the same socket when it runs from it).
+    Rollback(RollbackRequest),
     /// `PUT /v1/vm/migrate`: send the VM to another stasis as a job; the
     /// answer is the job's result (a migration report) once the VM runs
     /// there, or with `detach` a `202` with a
@@ -182,6 +187,11 @@ const ENDPOINTS: &[Endpoint] = &[
         method: "PUT",
         path: "/v1/vm/checkpoint",
         parse: |body, _| json_body::<CheckpointRequest>(body).map(ApiRequest::Checkpoint),
+    },
+    Endpoint {
+        method: "PUT",
+        path: "/v1/vm/rollback",
+        parse: |body, _| json_body::<RollbackRequest>(body).map(ApiRequest::Rollback),
     },
     Endpoint {
         method: "PUT",

@@ -273,6 +273,18 @@ pub struct CheckpointRequest {
     pub detach: bool,
 }
 
+/// The body of `PUT /v1/vm/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The checkpoint to go back (or forward) to.
+    pub name: String,
+    /// The checkpoint store; by default the VM's (see
+    /// [`CheckpointRequest::store`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+}
+
 /// The body of `PUT /v1/vm/snapshot`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

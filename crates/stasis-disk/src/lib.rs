@@ -134,6 +134,52 @@ pub fn open(
     })
 }
 
+/// A disk whose image was closed (its VM ended): every request fails.
+pub struct ClosedDisk {
+    path: std::path::PathBuf,
+    format: DiskFormat,
+    size: u64,
+}
+
+impl ClosedDisk {
+    /// Stands in for `backend`, which the caller then drops.
+    pub fn replacing(backend: &dyn DiskBackend) -> Self {
+        Self {
+            path: backend.path().to_path_buf(),
+            format: backend.format(),
+            size: backend.size(),
+        }
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::other("the disk image is closed")
+}
+
+impl DiskBackend for ClosedDisk {
+    fn format(&self) -> DiskFormat {
+        self.format
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn read_vectored_at(&self, _: &mut [IoSliceMut<'_>], _: u64) -> io::Result<()> {
+        Err(closed())
+    }
+    fn write_vectored_at(&self, _: &[IoSlice<'_>], _: u64) -> io::Result<()> {
+        Err(closed())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn discard(&mut self, _: u64, _: u64) -> io::Result<()> {
+        Err(closed())
+    }
+}
+
 /// Freezes `backend`'s image and continues on a new qcow2 overlay at
 /// `overlay` whose backing file it is: the external checkpoint of one
 /// disk. On failure the disk goes on with its old image.

@@ -251,6 +251,55 @@ impl VmApi {
         answer_job(started, req.detach)
     }
 
+    /// Checks the checkpoint, then ends the VM; the process starts it
+    /// again from the checkpoint once it is gone (see [`crate::rollback`]).
+    fn rollback(&self, req: &stasis_api::types::RollbackRequest) -> ApiResponse {
+        use stasis_vmm::persist::checkpoint;
+        let store = match &req.store {
+            Some(s) => std::path::PathBuf::from(s),
+            None => match checkpoint::default_store(&self.control) {
+                Ok(s) => s,
+                Err(e) => return ApiResponse::error(400, e),
+            },
+        };
+        let found = checkpoint::tree::CheckpointTree::load(&store).and_then(|t| {
+            let t = t.ok_or_else(|| format!("{} has no checkpoints", store.display()))?;
+            t.require(&req.name)?;
+            let dir = store.join(&req.name);
+            stasis_snapshot::SnapshotReader::open(&dir).map_err(|e| e.to_string())?;
+            Ok(dir)
+        });
+        let dir = match found {
+            Ok(d) => d,
+            Err(e) => return ApiResponse::error(404, e),
+        };
+        if self
+            .jobs
+            .list()
+            .iter()
+            .any(|j| j.state == stasis_vmm::jobs::JobState::Running)
+        {
+            return ApiResponse::error(409, "a job is running; wait for it or cancel it first");
+        }
+        crate::rollback::request(crate::rollback::Pending {
+            checkpoint_dir: dir,
+            vm: self.control.description().config.name.clone(),
+            socket: self.socket.clone().into(),
+        });
+        self.control.request_stop();
+        ApiResponse::json(
+            202,
+            &ActionResponse {
+                state: VmState::Stopping,
+                message: format!(
+                    "rolling back to checkpoint '{}': the VM stops and starts again from it",
+                    req.name
+                ),
+                quiesce_us: None,
+            },
+        )
+    }
+
     /// A migration is a job like a snapshot; see [`crate::migration`] for
     /// the receiving side.
     fn migrate(&self, req: &MigrateRequest) -> ApiResponse {
@@ -306,6 +355,7 @@ impl ApiHandler for VmApi {
             ApiRequest::Snapshot(req) => self.snapshot(&req),
             ApiRequest::Migrate(req) => self.migrate(&req),
             ApiRequest::Checkpoint(req) => self.checkpoint(&req),
+            ApiRequest::Rollback(req) => self.rollback(&req),
             ApiRequest::ListJobs => {
                 ApiResponse::ok(&serde_json::json!({ "jobs": self.jobs.list() }))
             }

@@ -58,6 +58,10 @@ pub enum Command {
     /// `--store DIR` for a stopped VM), or the internal snapshots of a
     /// qcow2 image (`--disk PATH`, including ones QEMU made).
     Checkpoints(CheckpointsArgs),
+    /// Bring a running VM and its disks back (or forward) to one of its
+    /// checkpoints; it goes on from there in the same process, with the
+    /// same name and socket. Checkpoints after it stay.
+    Rollback(RollbackArgs),
     /// Send a running VM to `stasis receive` on another host (or this
     /// one); it ends here once it runs there, and runs on here if anything
     /// fails before that. Waits with a progress bar (Ctrl-C cancels).
@@ -121,6 +125,21 @@ pub struct CheckpointArgs {
     /// Print the API's JSON answer.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `stasis rollback NAME CKPT`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The checkpoint.
+    pub checkpoint: String,
+    /// The checkpoint store (default: the VM's).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Seconds to wait for the VM to run from the checkpoint.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
 }
 
 /// `stasis checkpoints [NAME]`.

@@ -11,6 +11,7 @@ mod migrate_job;
 mod migration;
 mod panics;
 mod restore;
+mod rollback;
 mod run;
 mod signals;
 mod snapshots;
@@ -30,7 +31,7 @@ fn main() {
     let cli = cli::Cli::parse();
     init_logging(&cli.log_level);
     stasis_failpoint::init();
-    let code = match cli.command {
+    let mut code = match cli.command {
         cli::Command::Run(a) => run::run(a),
         cli::Command::Demo(a) => demo::demo(a),
         cli::Command::List => clients::list(),
@@ -44,6 +45,7 @@ fn main() {
         cli::Command::Restore(a) => restore::restore(a),
         cli::Command::Checkpoint(a) => checkpoints::checkpoint(&a),
         cli::Command::Checkpoints(a) => checkpoints::list(&a),
+        cli::Command::Rollback(a) => rollback::rollback(&a),
         cli::Command::Migrate(a) => migration::migrate(&a),
         cli::Command::Receive(a) => migration::receive(a),
         cli::Command::Verify(a) => snapshots::verify(&a),
@@ -51,5 +53,9 @@ fn main() {
         cli::Command::Check(a) => cpu::check(&a),
         cli::Command::CpuModels(a) => cpu::cpu_models(&a),
     };
+    // A VM rolled back to a checkpoint runs again in this process.
+    while let Some(pending) = rollback::take() {
+        code = rollback::perform(pending);
+    }
     std::process::exit(code);
 }

@@ -183,6 +183,9 @@ pub fn serve_then(
     let handle = server.serve(api).map_err(|e| e.to_string())?;
     let reason = vm.wait();
     handle.shutdown();
+    // The images are closed now, not when the last reference goes: a
+    // rollback restores the VM in this process at once.
+    control.close_disks();
     let code = reason.exit_code();
     eprintln!(
         "stasis: VM '{}' ended: {reason} (exit status {code})",

@@ -56,15 +56,27 @@ fn spawn_signal_thread(on_signal: impl Fn(libc::c_int) + Send + 'static) {
 
 /// Starts the thread that turns a termination signal into an exit reason
 /// for `sink`; returns the handle to redirect it.
+///
+/// The thread is started once per process; later calls (a VM rolled back
+/// to a checkpoint runs in the same process) only point it at the new VM.
 pub fn forward_termination_signals(sink: ExitSink) -> SignalTarget {
-    let target = SignalTarget::default();
+    static TARGET: std::sync::OnceLock<SignalTarget> = std::sync::OnceLock::new();
+    let mut first = false;
+    let target = TARGET
+        .get_or_init(|| {
+            first = true;
+            SignalTarget::default()
+        })
+        .clone();
     target.set(sink);
-    let shared = target.clone();
-    spawn_signal_thread(move |sig| {
-        if let Some(sink) = shared.0.lock().expect("signal target lock").as_ref() {
-            sink.report(ExitReason::Signal(sig));
-        }
-    });
+    if first {
+        let shared = target.clone();
+        spawn_signal_thread(move |sig| {
+            if let Some(sink) = shared.0.lock().expect("signal target lock").as_ref() {
+                sink.report(ExitReason::Signal(sig));
+            }
+        });
+    }
     target
 }
 

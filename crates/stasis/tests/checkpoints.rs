@@ -279,3 +279,81 @@ fn a_raw_checkpoint_on_ext4_is_refused_before_the_pause() {
     vm.wait_tagged("DISK", n + 1, T);
     stop(vm);
 }
+
+/// `stasis rollback` on a running VM: the same process goes back to A
+/// (same name, same socket), its disk as at A; then forward to B; B's
+/// directory and internal snapshot survive the branch taken from A.
+#[test]
+fn a_running_vm_rolls_back_and_forward_in_place() {
+    require_kvm();
+    let scratch = Scratch::new("ckpt-rollback");
+    let img = scratch.join("d0.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    let store = scratch.join("store");
+    let mut vm = disk_vm("ckpt-rb", &img);
+    let pid = vm.child.id();
+    let (_, pass_a) = checkpoint(&mut vm, &store, "A", &[]);
+    let (_, pass_b) = checkpoint(&mut vm, &store, "B", &[]);
+    // An unknown checkpoint is refused and the VM runs on.
+    let out = vm.cli(&[
+        "rollback",
+        &vm.name,
+        "nope",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err_text(&out).contains("no checkpoint 'nope'"),
+        "{}",
+        err_text(&out)
+    );
+    for (name, after_pass) in [("A", pass_a), ("B", pass_b)] {
+        let n = vm.tagged("DISK").len();
+        let out = vm.cli(&[
+            "rollback",
+            &vm.name,
+            name,
+            "--store",
+            store.to_str().unwrap(),
+            "--timeout",
+            "20",
+        ]);
+        if !out.status.success() {
+            vm.fail(&format!("rollback {name}: {}", err_text(&out)));
+        }
+        // The same process, the guest going on from the checkpoint's pass
+        // (where the pass numbers stop counting up by one, the restored
+        // guest's lines begin) with its disk as it was then.
+        let restored_from = |lines: &[String]| {
+            (n.max(1)..lines.len())
+                .find(|&i| num(&lines[i], "pass") != num(&lines[i - 1], "pass") + 1)
+        };
+        vm.wait_until("the guest running from the checkpoint", T, |l| {
+            let disk: Vec<String> = l
+                .iter()
+                .filter(|x| x.starts_with("DISK "))
+                .cloned()
+                .collect();
+            restored_from(&disk).is_some_and(|i| disk.len() >= i + 2)
+        });
+        let lines = vm.tagged("DISK");
+        let i = restored_from(&lines).expect("seen above");
+        for l in &lines[i..] {
+            assert_eq!(num(l, "bad"), 0, "after rollback to {name}: {l}");
+            assert_eq!(num(l, "total_bad"), 0, "after rollback to {name}: {l}");
+        }
+        assert!(
+            vm.tagged("DISK-BAD").is_empty(),
+            "{:?}",
+            vm.tagged("DISK-BAD")
+        );
+        assert!(num(&lines[i], "pass") > after_pass, "{name}: {}", lines[i]);
+        assert_eq!(vm.child.id(), pid);
+        assert_eq!(tree(&store, &vm.runtime_dir)["current"], name);
+    }
+    let list = qemu_img(&["snapshot", "-l", "-U", img.to_str().unwrap()]);
+    assert!(list.contains(" A ") && list.contains(" B "), "{list}");
+    stop(vm);
+    check_clean(&img);
+}

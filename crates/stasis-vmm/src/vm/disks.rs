@@ -47,4 +47,16 @@ impl VmControl {
             format!("the VM has no disk '{id}'"),
         ))
     }
+
+    /// Flushes and closes every disk image and releases its lock: the VM
+    /// has ended, and whatever still holds this control (a late API
+    /// connection) can no longer touch the images.
+    pub fn close_disks(&self) {
+        for d in &self.shared.virtio {
+            let mut t = d.transport.lock().expect("virtio lock");
+            if let Some(Err(e)) = t.checkpoint_disk(&DiskCheckpointOp::Close) {
+                tracing::warn!("cannot flush a disk image as the VM ends: {e}");
+            }
+        }
+    }
 }

@@ -391,6 +391,14 @@ impl Block {
     /// Changes the image under the paused device for a checkpoint.
     fn checkpoint(&mut self, op: &super::DiskCheckpointOp) -> std::io::Result<()> {
         use super::DiskCheckpointOp as Op;
+        if *op == Op::Close {
+            let flushed = self.sync_backend();
+            let closed = stasis_disk::ClosedDisk::replacing(self.backend.as_ref());
+            self.backend = Box::new(closed);
+            // SAFETY: flock on an fd we own; no memory is involved.
+            unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
+            return flushed;
+        }
         if self.readonly {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
@@ -398,6 +406,7 @@ impl Block {
             ));
         }
         match op {
+            Op::Close => Ok(()),
             Op::TakeInternal(name) => self.backend.take_internal_snapshot(name),
             Op::DeleteInternal(name) => self.backend.delete_internal_snapshot(name),
             Op::ApplyInternal(name) => {

@@ -263,6 +263,9 @@ pub enum DiskCheckpointOp {
     ApplyInternal(String),
     /// Delete the qcow2 internal snapshot of this name.
     DeleteInternal(String),
+    /// Flush and close the image and give up its lock (the VM ended; a
+    /// rollback in the same process opens the image again).
+    Close,
     /// Freeze the image and go on writing a new overlay at this path.
     Overlay(PathBuf),
 }
