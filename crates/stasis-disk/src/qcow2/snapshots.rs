@@ -20,7 +20,14 @@
 //!
 //! A SIGKILL at any point leaves either the old or the new header, and at
 //! worst refcounts that are too high (leaks) with the dirty bit set;
-//! opening the image writable repairs them.
+//! opening the image writable repairs them. One window cannot be closed
+//! in qcow2 (QEMU's `savevm` has it too): between a cluster's refcount
+//! change and the COPIED flag of the active entry that points at it (two
+//! writes), `qemu-img check` reports the flag as an error. Both states are
+//! safe (the flag only decides whether a write copies the cluster first,
+//! and the snapshot that would share it is not committed yet), the dirty
+//! bit is set, and the next writable open repairs the flags with the
+//! refcounts.
 
 use std::collections::HashMap;
 use std::io;
