@@ -111,6 +111,25 @@ pub trait DiskBackend: Send {
     }
 }
 
+/// Punches a hole of `len` bytes at `offset` into `file`, keeping its
+/// size (the blocks go back to the filesystem; reads return zeros).
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on an fd the caller owns; no memory is involved.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn unsupported(format: DiskFormat, what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,

@@ -136,23 +136,11 @@ impl DiskBackend for RawDisk {
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: fallocate on an fd we own; no memory is involved.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r != 0 {
-            let e = io::Error::last_os_error();
+        match crate::punch_hole(&self.file, offset, len) {
             // Discard is a hint: a filesystem that cannot punch holes
             // keeps the data, which virtio allows.
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(e);
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            r => r,
         }
-        Ok(())
     }
 }

@@ -10,7 +10,8 @@ use std::path::Path;
 const FICLONE: libc::c_ulong = 0x4004_9409;
 
 /// Clones `src` into the new file `dst` (which must not exist); on failure
-/// nothing is left at `dst`.
+/// nothing is left at `dst`, and the error is the kernel's (see
+/// [`explain`]).
 pub fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
     let from = File::open(src)?;
     let to = OpenOptions::new().write(true).create_new(true).open(dst)?;
@@ -21,7 +22,7 @@ pub fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
         let e = io::Error::last_os_error();
         drop(to);
         let _ = std::fs::remove_file(dst);
-        return Err(explain(e));
+        return Err(e);
     }
     Ok(())
 }
@@ -35,7 +36,7 @@ pub fn replace_with_clone(src: &Path, dst: &Path) -> io::Result<()> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let tmp = dst.with_file_name(format!(".{}.stasis-tmp", name.to_string_lossy()));
     let _ = std::fs::remove_file(&tmp);
-    clone_file(src, &tmp)?;
+    clone_file(src, &tmp).map_err(explain)?;
     File::open(&tmp)?.sync_all()?;
     if let Err(e) = std::fs::rename(&tmp, dst) {
         let _ = std::fs::remove_file(&tmp);
@@ -53,7 +54,8 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn explain(e: io::Error) -> io::Error {
+/// `e` from [`clone_file`] with what it means for a reflink clone.
+pub fn explain(e: io::Error) -> io::Error {
     let why = match e.raw_os_error() {
         Some(libc::EXDEV) => "a reflink clone cannot cross filesystems",
         Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOTTY) => {

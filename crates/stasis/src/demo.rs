@@ -5,7 +5,9 @@
 //! suspends it to a snapshot (the VM ends),
 //! restores a new VM from the snapshot alone, shows the counter going
 //! on from where it was, live-migrates it to another stasis process, and
-//! has a third take it over locally (its RAM, a memory file, handed over).
+//! has a third take it over locally (its RAM, a memory file, handed over);
+//! then checkpoints a VM with a qcow2 disk twice and rolls it back to the
+//! first checkpoint, its disk as it was then.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use stasis_config::{SerialConfig, VmConfig};
 use stasis_vmm::persist::restore::{self, RestoreMode, RestoreOverrides};
 use stasis_vmm::persist::save::{self, SnapshotOptions};
 use stasis_vmm::Vm;
+
+mod checkpoints;
 
 use crate::api_glue::VmApi;
 use crate::cli::DemoArgs;
@@ -106,6 +110,30 @@ fn live_snapshot_job(socket: &std::path::Path, dir: &std::path::Path) -> Result<
         );
     }
     Ok(())
+}
+
+/// Restores the snapshot `snap` in this process (memory filled in the
+/// background) and starts it; the VM and its configuration.
+fn start_restored(
+    snap: &std::path::Path,
+    overrides: &RestoreOverrides,
+    signals: &signals::SignalTarget,
+) -> Result<(Vm, VmConfig), String> {
+    let plan = restore::prepare(snap, overrides).map_err(|e| e.to_string())?;
+    let loaded = restore::load_memory(
+        &plan,
+        &restore::LoadOptions {
+            mode: RestoreMode::Background,
+            ..Default::default()
+        },
+        &mut |_, _| {},
+    )
+    .map_err(|e| e.to_string())?;
+    let config = plan.config.clone();
+    let mut vm = plan.build_vm(loaded).map_err(|e| e.to_string())?;
+    signals.set(vm.control().exit_sink());
+    vm.start().map_err(|e| e.to_string())?;
+    Ok((vm, config))
 }
 
 /// Follows a growing file line by line.
@@ -326,23 +354,11 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         ..Default::default()
     };
     let t = Instant::now();
-    let plan = restore::prepare(&snap, &overrides).map_err(|e| e.to_string())?;
-    let loaded = restore::load_memory(
-        &plan,
-        &restore::LoadOptions {
-            mode: RestoreMode::Background,
-            ..Default::default()
-        },
-        &mut |_, _| {},
-    )
-    .map_err(|e| e.to_string())?;
-    let mut vm = plan.build_vm(loaded).map_err(|e| e.to_string())?;
+    let (vm, plan_config) = start_restored(&snap, &overrides, &signals)?;
     let control = vm.control();
-    signals.set(control.exit_sink());
-    vm.start().map_err(|e| e.to_string())?;
     println!(
         "stasis demo: restored VM '{}' from the snapshot in {:.1} ms",
-        plan.config.name,
+        plan_config.name,
         t.elapsed().as_secs_f64() * 1e3
     );
     // Its memory is filled behind it (background restore).
@@ -405,7 +421,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     std::fs::File::create(&upgraded_serial).map_err(|e| e.to_string())?;
     let listen = format!("unix:{}", dir.join("upgrade.sock").display());
     let mut upgraded = Receiver::spawn(dir, &upgraded_serial, &listen)?;
-    let report = local_upgrade(&plan.config.name, &upgraded.address)?;
+    let report = local_upgrade(&plan_config.name, &upgraded.address)?;
     let old = receiver.child.wait().map_err(|e| e.to_string())?;
     println!(
         "stasis demo: upgraded it in place: a new stasis process (pid {}) took it over through {} ({}): guest paused {:.1} ms, {} sent; the old process ended ({old})",
@@ -418,13 +434,16 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     let mut tail = Tail::open(&upgraded_serial).map_err(|e| e.to_string())?;
     let mut last = None;
     show(&mut tail, secs, &mut last);
-    upgraded.stop(&plan.config.name)?;
+    upgraded.stop(&plan_config.name)?;
     match last {
         Some(u) if u > migrated => println!(
             "stasis demo: the heartbeat counter went on from {migrated} to {u} in the upgraded process; it was stopped"
         ),
         _ => return Err("the upgraded guest's heartbeat did not continue".into()),
     }
+
+    // 9. Checkpoints that include a disk, and a rollback.
+    checkpoints::demo(dir, &cfg.kernel, &signals)?;
     Ok(())
 }
 

@@ -12,134 +12,38 @@
 //! restores.
 
 mod common;
+use common::checkpoint::{checkpoint, disk_vm, restore_checkpoint, stop, tree, T};
 use common::loopfs::LoopFs;
+use common::qemu::{check_clean, has_tag, qemu_img};
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
-
-const T: Duration = Duration::from_secs(90);
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("qemu-img is needed for this test ({e}); .ci/run installs qemu-utils")
-        });
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &err_text(&out);
-    assert!(out.status.success(), "qemu-img {args:?}: {text}");
-    text
-}
-
-fn check_clean(img: &Path) {
-    let text = qemu_img(&["check", img.to_str().unwrap()]);
-    assert!(
-        text.contains("No errors were found"),
-        "{}: {text}",
-        img.display()
-    );
-}
-
-fn disk_vm(tag: &str, img: &Path) -> VmProcess {
-    let mut vm = VmProcess::start(
-        tag,
-        VmOpts {
-            cmdline: "console=ttyS0 workload=disk disk_blocks=512",
-            extra: vec!["--disk".into(), format!("id=d0,path={}", img.display())],
-            ..Default::default()
-        },
-    );
-    vm.wait_tagged("DISK", 2, T);
-    vm.wait_socket();
-    vm
-}
-
-/// `stasis checkpoint NAME CKPT --store STORE EXTRA --json`; returns the
-/// answer and the last pass the guest had finished before it.
-fn checkpoint(
-    vm: &mut VmProcess,
-    store: &Path,
-    name: &str,
-    extra: &[&str],
-) -> (serde_json::Value, u64) {
-    let pass = num(vm.tagged("DISK").last().unwrap(), "pass");
-    let mut args = vec![
-        "checkpoint",
-        &vm.name,
-        name,
-        "--store",
-        store.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let out = vm.cli(&args);
-    assert!(
-        out.status.success(),
-        "checkpoint {name}: {}",
-        err_text(&out)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // The guest goes on writing after the checkpoint.
-    let n = vm.tagged("DISK").len();
-    vm.wait_tagged("DISK", n + 2, T);
-    (v, pass)
-}
-
-/// Restores checkpoint STORE/NAME; the guest's disk must verify as at
-/// that checkpoint, and it must go on from the pass it was in then.
-fn restore_checkpoint(
-    tag: &str,
-    store: &Path,
-    name: &str,
-    runtime: &Path,
-    after_pass: u64,
-) -> VmProcess {
-    let mut r = restore_process(tag, &store.join(name), runtime, &["--checkpoint"]);
-    let lines = r.wait_tagged("DISK", 2, T);
-    for l in &lines {
-        assert_eq!(num(l, "bad"), 0, "{l}");
-        assert_eq!(num(l, "total_bad"), 0, "{l}");
-    }
-    assert!(
-        r.tagged("DISK-BAD").is_empty(),
-        "{:?}",
-        r.tagged("DISK-BAD")
-    );
-    let first = num(&lines[0], "pass");
-    assert!(
-        first > after_pass,
-        "restored at pass {first}, the checkpoint was after pass {after_pass}"
-    );
-    r
-}
-
-fn stop(mut vm: VmProcess) {
-    vm.signal(libc::SIGTERM);
-    vm.wait_exit(T);
-}
-
-fn tree(store: &Path, runtime: &Path) -> serde_json::Value {
-    let out = stasis(
-        &["checkpoints", "--store", store.to_str().unwrap(), "--json"],
-        runtime,
-    );
-    assert!(out.status.success(), "{}", err_text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// A, write, B, write; back to A, write; forward to B; delete A.
 fn walk_the_tree(tag: &str, dir: &Path, img: &Path, external: bool, kind: &str) -> PathBuf {
     require_kvm();
     let store = dir.join("store");
     let extra: &[&str] = if external { &["--external"] } else { &[] };
-    let mut vm = disk_vm(tag, img);
+    // A second disk: raw, written from the host between checkpoints where
+    // it stays the image the VM uses (not external: an overlay takes over).
+    let d1 = dir.join("d1.raw");
+    sparse_file(&d1, 1 << 20);
+    let stamp = |byte: u8| {
+        if !external {
+            std::fs::write(&d1, vec![byte; 1 << 20]).unwrap();
+        }
+    };
+    stamp(0xa1);
+    let mut vm = disk_vm(tag, img, Some(&d1), vec![]);
     let runtime = vm.runtime_dir.clone();
     let (a, pass_a) = checkpoint(&mut vm, &store, "A", extra);
     assert_eq!(a["disks"][0]["kind"], kind, "{a}");
+    let d1_kind = if external { "external" } else { "reflink" };
+    assert_eq!(a["disks"][1]["kind"], d1_kind, "{a}");
     assert_eq!(a["parent"], serde_json::Value::Null, "{a}");
+    stamp(0xb2);
     let (b, pass_b) = checkpoint(&mut vm, &store, "B", extra);
     assert_eq!(b["parent"], "A", "{b}");
+    stamp(0xc3);
     // A name taken is refused, and the VM runs on.
     let out = vm.cli(&[
         "checkpoint",
@@ -178,13 +82,45 @@ fn walk_the_tree(tag: &str, dir: &Path, img: &Path, external: bool, kind: &str) 
     let t = tree(&store, &runtime);
     assert_eq!(t["current"], "B", "{t}");
 
-    // Back to A: the disk is as it was at A; the guest writes a new branch.
+    // The second disk as each checkpoint kept it (external: the new
+    // overlay on the frozen raw image reads it).
+    let d1_at = |name: &str| -> Vec<u8> {
+        let disks = tree(&store, &runtime)["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["disks"]
+            .clone();
+        assert_eq!(disks.as_array().unwrap().len(), 2, "{disks}");
+        let img = if external {
+            PathBuf::from(disks[1]["image"].as_str().unwrap())
+        } else {
+            d1.clone()
+        };
+        let disk = stasis_disk::open(&img, None, true).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        disk.read_vectored_at(&mut [std::io::IoSliceMut::new(&mut buf)], 0)
+            .unwrap();
+        buf
+    };
+    // Back to A: the disks are as they were at A; the guest writes a new
+    // branch.
     let r = restore_checkpoint(&format!("{tag}-a"), &store, "A", &runtime, pass_a);
     assert_eq!(tree(&store, &runtime)["current"], "A");
     stop(r);
+    if !external {
+        assert!(d1_at("A").iter().all(|&b| b == 0xa1), "d1 is not as at A");
+    }
     // Forward to B: untouched by the branch from A.
     let r = restore_checkpoint(&format!("{tag}-b"), &store, "B", &runtime, pass_b);
     stop(r);
+    if !external {
+        assert!(d1_at("B").iter().all(|&b| b == 0xb2), "d1 is not as at B");
+    } else {
+        // The frozen raw image under B's overlay chain is d1 itself.
+        assert!(d1_at("B").iter().all(|&b| b == 0), "{:?}", &d1_at("B")[..8]);
+    }
     // Deleting A leaves B whole.
     let out = stasis(
         &[
@@ -221,16 +157,14 @@ fn walk_the_tree(tag: &str, dir: &Path, img: &Path, external: bool, kind: &str) 
 
 #[test]
 fn qcow2_internal_checkpoints_roll_back_and_forward() {
-    let scratch = Scratch::new("ckpt-internal");
-    let img = scratch.join("d0.qcow2");
+    // On btrfs: the VM's second disk is raw and gets reflinked.
+    let lfs = LoopFs::new("ckpt-internal", "btrfs");
+    let img = lfs.mnt.join("d0.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
-    walk_the_tree("ckpt-int", &scratch.join(""), &img, false, "qcow2-internal");
+    walk_the_tree("ckpt-int", &lfs.mnt, &img, false, "qcow2-internal");
     // stasis lists QEMU's snapshots too (disk-only).
     qemu_img(&["snapshot", "-c", "by-qemu", img.to_str().unwrap()]);
-    let out = stasis(
-        &["checkpoints", "--disk", img.to_str().unwrap()],
-        &scratch.join(""),
-    );
+    let out = stasis(&["checkpoints", "--disk", img.to_str().unwrap()], &lfs.mnt);
     assert!(out.status.success(), "{}", err_text(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("by-qemu") && has_tag(&text, "B"), "{text}");
@@ -258,7 +192,7 @@ fn a_raw_checkpoint_on_ext4_is_refused_before_the_pause() {
     let lfs = LoopFs::new("ckpt-ext4", "ext4");
     let img = lfs.mnt.join("d0.img");
     sparse_file(&img, 8 << 20);
-    let mut vm = disk_vm("ckpt-ext4", &img);
+    let mut vm = disk_vm("ckpt-ext4", &img, None, vec![]);
     let store = lfs.mnt.join("store");
     let out = vm.cli(&[
         "checkpoint",
@@ -290,7 +224,7 @@ fn a_running_vm_rolls_back_and_forward_in_place() {
     let img = scratch.join("d0.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
     let store = scratch.join("store");
-    let mut vm = disk_vm("ckpt-rb", &img);
+    let mut vm = disk_vm("ckpt-rb", &img, None, vec![]);
     let pid = vm.child.id();
     let (_, pass_a) = checkpoint(&mut vm, &store, "A", &[]);
     let (_, pass_b) = checkpoint(&mut vm, &store, "B", &[]);
@@ -356,11 +290,4 @@ fn a_running_vm_rolls_back_and_forward_in_place() {
     assert!(has_tag(&list, "A") && has_tag(&list, "B"), "{list}");
     stop(vm);
     check_clean(&img);
-}
-
-/// Whether `qemu-img snapshot -l` output lists a snapshot tagged `tag`.
-fn has_tag(list: &str, tag: &str) -> bool {
-    list.lines()
-        .skip(2)
-        .any(|l| l.split_whitespace().nth(1) == Some(tag))
 }

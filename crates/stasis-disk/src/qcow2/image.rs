@@ -23,7 +23,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// `QFI\xfb`.
@@ -461,20 +460,8 @@ impl Qcow2Image {
     }
 
     fn punch(&self, off: u64, len: u64) {
-        // SAFETY: fallocate on an fd we own; no memory is involved.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r != 0 {
-            tracing::debug!(
-                "cannot punch freed qcow2 clusters at {off:#x}: {}",
-                io::Error::last_os_error()
-            );
+        if let Err(e) = crate::punch_hole(&self.file, off, len) {
+            tracing::debug!("cannot punch freed qcow2 clusters at {off:#x}: {e}");
         }
     }
 
@@ -715,14 +702,23 @@ impl Qcow2Image {
         let l1_off = self.header.l1_table_offset;
         let mut l1 = self.read_l1(l1_off, self.header.l1_size)?;
         let mut l1_changed = false;
-        let mut cache: HashMap<u64, u64> = HashMap::new();
+        // Refcount blocks read once each (a cluster's refcount read alone
+        // costs a whole block).
+        let per = self.refs_per_block();
+        let mut blocks: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
         let mut rc = |c: u64, me: &Self| -> io::Result<u64> {
-            if let Some(&v) = cache.get(&c) {
-                return Ok(v);
+            let t = c / per;
+            if let std::collections::hash_map::Entry::Vacant(v) = blocks.entry(t) {
+                let off = me.reftable.get(t as usize).map_or(0, |e| e & OFFSET_MASK);
+                v.insert(if off == 0 {
+                    None
+                } else {
+                    let mut b = vec![0u8; me.cluster_size() as usize];
+                    me.file.read_exact_at(&mut b, off)?;
+                    Some(b)
+                });
             }
-            let v = me.refcount(c)?;
-            cache.insert(c, v);
-            Ok(v)
+            Ok(blocks[&t].as_ref().map_or(0, |b| me.get_ref(b, c % per)))
         };
         let cb = self.header.cluster_bits;
         for e in l1.iter_mut() {

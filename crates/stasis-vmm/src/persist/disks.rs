@@ -23,7 +23,7 @@
 //! never writes into the snapshot's own clone (`--disk-path ID=` points it
 //! at a copy: `cp --reflink=auto SNAP/disk-ID.img NEW`).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -155,8 +155,6 @@ impl FileIdentity {
 
 /// `_IOR('v', 1, long)`.
 const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
-/// `_IOW(0x94, 9, int)`.
-const FICLONE: libc::c_ulong = 0x4004_9409;
 
 /// A writable disk of the VM.
 #[derive(Debug, Clone)]
@@ -196,21 +194,6 @@ pub fn file_name(id: &str) -> String {
     format!("disk-{id}.img")
 }
 
-fn clone_into(src: &Path, dst: &Path) -> std::io::Result<()> {
-    let from = File::open(src)?;
-    let to = OpenOptions::new().write(true).create_new(true).open(dst)?;
-    // SAFETY: FICLONE takes the source fd as its argument and changes only
-    // the destination file.
-    let ret = unsafe { libc::ioctl(to.as_raw_fd(), FICLONE, from.as_raw_fd()) };
-    if ret != 0 {
-        let e = std::io::Error::last_os_error();
-        drop(to);
-        let _ = std::fs::remove_file(dst);
-        return Err(e);
-    }
-    Ok(())
-}
-
 fn clone_error(disk: &WritableDisk, e: &std::io::Error) -> DiskSaveError {
     let why = match e.raw_os_error() {
         Some(libc::EXDEV) => {
@@ -247,7 +230,7 @@ pub fn preflight(
     }
     for d in disks {
         let probe = tmp_dir.join(format!(".probe-{}", file_name(&d.id)));
-        clone_into(&d.path, &probe).map_err(|e| clone_error(d, &e))?;
+        stasis_disk::reflink::clone_file(&d.path, &probe).map_err(|e| clone_error(d, &e))?;
         let _ = std::fs::remove_file(&probe);
     }
     Ok(())
@@ -270,7 +253,7 @@ pub fn save_in_pause(
                 continue;
             }
             DiskMode::Clone => {
-                clone_into(&d.path, &dst).map_err(|e| clone_error(d, &e))?;
+                stasis_disk::reflink::clone_file(&d.path, &dst).map_err(|e| clone_error(d, &e))?;
                 DiskSaved::Clone
             }
             DiskMode::Copy => {

@@ -2,8 +2,10 @@
 //! `stasis` binary on real KVM with the guest kit's guest.
 #![allow(dead_code)]
 
+pub mod checkpoint;
 pub mod loopfs;
 pub mod migration;
+pub mod qemu;
 pub mod tls;
 
 use std::collections::HashMap;
