@@ -39,6 +39,8 @@ struct Segment {
 pub struct RequestBuffers {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
+    /// Scratch for the `iovec`s of one transfer.
+    iov: Vec<libc::iovec>,
 }
 
 // SAFETY: the segments are plain addresses into guest memory, used only by
@@ -157,6 +159,22 @@ impl RequestBuffers {
         true
     }
 
+    /// The pieces of bytes `at..at + len` of the writable (`writable`) or
+    /// readable part as `iovec`s in the reused scratch vector.
+    fn fill_iov(&mut self, writable: bool, at: usize, len: usize) {
+        let segs = if writable {
+            &self.writable
+        } else {
+            &self.readable
+        };
+        self.iov.clear();
+        self.iov
+            .extend(Self::pieces(segs, at, len).map(|p| libc::iovec {
+                iov_base: p.addr as *mut libc::c_void,
+                iov_len: p.len,
+            }));
+    }
+
     /// Reads `len` bytes of the disk at `off` into writable bytes `at..`.
     pub fn read_into_guest(
         &mut self,
@@ -168,18 +186,20 @@ impl RequestBuffers {
         if at + len > self.writable_len() {
             return Err(short_buffers());
         }
-        let mut slices: Vec<IoSliceMut<'_>> = Self::pieces(&self.writable, at, len)
-            .map(|p| {
-                // SAFETY: each piece lies in guest memory that `load`
-                // checked as device-writable and that stays mapped while
-                // the caller holds the guest memory; the slices live only
-                // for this call. The guest may touch the bytes meanwhile:
-                // it gets what it gets, as with any device.
-                let bytes = unsafe { std::slice::from_raw_parts_mut(p.addr as *mut u8, p.len) };
-                IoSliceMut::new(bytes)
-            })
-            .collect();
-        disk.read_vectored_at(&mut slices, off)
+        self.fill_iov(true, at, len);
+        // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix (std
+        // guarantees it); each iovec covers guest memory that `load`
+        // checked as device-writable and that stays mapped while the
+        // caller holds the guest memory, and the slices live only for this
+        // call (borrowing `self`). The guest may touch the bytes meanwhile:
+        // it gets what it gets, as with any device.
+        let slices = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.iov.as_mut_ptr() as *mut IoSliceMut<'_>,
+                self.iov.len(),
+            )
+        };
+        disk.read_vectored_at(slices, off)
     }
 
     /// Writes readable bytes `at..at + len` to the disk at `off`.
@@ -193,15 +213,14 @@ impl RequestBuffers {
         if at + len > self.readable_len() {
             return Err(short_buffers());
         }
-        let slices: Vec<IoSlice<'_>> = Self::pieces(&self.readable, at, len)
-            .map(|p| {
-                // SAFETY: as in `read_into_guest`, checked guest memory the
-                // device may read, for the duration of this call.
-                let bytes = unsafe { std::slice::from_raw_parts(p.addr as *const u8, p.len) };
-                IoSlice::new(bytes)
-            })
-            .collect();
-        disk.write_vectored_at(&slices, off)
+        self.fill_iov(false, at, len);
+        // SAFETY: as in `read_into_guest`: `IoSlice` is ABI-compatible with
+        // `iovec`, over checked guest memory the device may read, for the
+        // duration of this call.
+        let slices = unsafe {
+            std::slice::from_raw_parts(self.iov.as_ptr() as *const IoSlice<'_>, self.iov.len())
+        };
+        disk.write_vectored_at(slices, off)
     }
 }
 
