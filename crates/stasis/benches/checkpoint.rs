@@ -26,6 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
+use common::qemu::{have_qemu, qemu, Qmp};
 use common::{median, run_guest, runs, setup, stasis, wait_line};
 
 const GUEST_MIB: u64 = 1024;
@@ -143,6 +144,47 @@ fn measure(kernel: &Path, dir: &Path, disk: &Path, external: bool, runs: usize) 
     k
 }
 
+/// QEMU's `savevm` (VM state into the qcow2 image, the guest stopped
+/// throughout) and `loadvm` on the same guest and disk.
+fn measure_qemu(kernel: &Path, dir: &Path, disk: &Path, runs: usize) -> Kind {
+    let log = dir.join("qemu.log");
+    let qmp = dir.join("qemu.qmp");
+    let cmdline = format!("console=ttyS0 workload=memory mem_mib={}", GUEST_MIB - 24);
+    let drive = format!("file={},if=none,id=d0,format=qcow2", disk.display());
+    let _vmm = qemu(
+        GUEST_MIB,
+        kernel,
+        &cmdline,
+        &log,
+        &qmp,
+        None,
+        &["-drive", &drive, "-device", "virtio-blk-device,drive=d0"],
+    );
+    let mut q = Qmp::connect(&qmp);
+    wait_line(&log, "MEM ", 1, Duration::from_secs(300), &["GUEST-ERROR", "MEM-BAD"]);
+    let hmp = |q: &mut Qmp, cmd: &str| -> f64 {
+        let start = Instant::now();
+        let r = q.call(&format!(
+            r#"{{"execute": "human-monitor-command", "arguments": {{"command-line": "{cmd}"}}}}"#
+        ));
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let text = r.as_str().unwrap_or_default();
+        assert!(text.trim().is_empty(), "QEMU {cmd}: {text}");
+        ms
+    };
+    let mut k = Kind::default();
+    for i in 0..runs {
+        // The guest is stopped for the whole savevm: pause = total.
+        let ms = hmp(&mut q, &format!("savevm c{i}"));
+        k.pause_ms.push(ms);
+        k.total_ms.push(ms);
+    }
+    for i in 0..runs {
+        k.rollback_ms.push(hmp(&mut q, &format!("loadvm c{i}")));
+    }
+    k
+}
+
 /// IOPS of `mode` inside the guest on `image`.
 fn iops(kernel: &Path, work: &Path, image: &Path, mode: &str) -> f64 {
     let log = work.join(format!("serial-{mode}.log"));
@@ -219,18 +261,34 @@ fn main() {
             d
         };
         let k = measure(&kernel, &dir, &disk, external, runs);
-        rows.push((label, k));
+        rows.push((label.to_string(), k));
         // Each kind's memory images and disks take a few GiB.
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    if have_qemu() {
+        let dir = fs.0.join("qemu");
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.join("d0.qcow2");
+        sh("qemu-img", &["create", "-q", "-f", "qcow2", d.to_str().unwrap(), DISK]);
+        sh("qemu-io", &["-c", &format!("write -P 0x5a 0 {DATA}"), d.to_str().unwrap()]);
+        let k = measure_qemu(&kernel, &dir, &d, runs);
+        rows.push(("QEMU 7.2 savevm / loadvm (internal, VM state in the image)".into(), k));
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        println!("qemu-system-x86_64 not found: the QEMU row is left out");
     }
     println!("checkpoint of a {GUEST_MIB} MiB guest rewriting its memory, {DISK} disk with {DATA} of data, medians of {runs}");
     println!("| disk kept as | guest pause (ms) | of it on the disk (ms) | durable (ms) | rollback (ms) |");
     println!("|---|---:|---:|---:|---:|");
     for (label, k) in &rows {
+        let disk = if k.disk_ms.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.2}", median(k.disk_ms.clone()))
+        };
         println!(
-            "| {label} | {:.1} | {:.2} | {:.0} | {:.0} |",
+            "| {label} | {:.1} | {disk} | {:.0} | {:.0} |",
             median(k.pause_ms.clone()),
-            median(k.disk_ms.clone()),
             median(k.total_ms.clone()),
             median(k.rollback_ms.clone())
         );

@@ -35,13 +35,14 @@
 //! STASIS_BENCH_SIZES=1024,4096 STASIS_BENCH_RUNS=5 cargo bench -p stasis --bench migration
 //! ```
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
+use common::qemu::{have_qemu, qemu, Qmp};
 use common::{median, run_guest, runs, setup, size_name, stasis, wait_line, Vmm};
 
 /// One migration's figures.
@@ -138,87 +139,6 @@ fn stasis_run(dir: &Path, kernel: &Path, mib: u64, rate: u64, setup: &Setup) -> 
     }
 }
 
-/// A QMP connection.
-struct Qmp(BufReader<UnixStream>);
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let end = Instant::now() + Duration::from_secs(30);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => panic!("QMP {}: {e}", path.display()),
-            }
-        };
-        let mut q = Qmp(BufReader::new(s));
-        q.line(); // greeting
-        q.call(r#"{"execute": "qmp_capabilities"}"#);
-        q
-    }
-
-    fn line(&mut self) -> serde_json::Value {
-        let mut l = String::new();
-        self.0.read_line(&mut l).expect("QMP read");
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP {l:?}: {e}"))
-    }
-
-    /// Sends a command; its `return` (events are skipped).
-    fn call(&mut self, cmd: &str) -> serde_json::Value {
-        writeln!(self.0.get_mut(), "{cmd}").unwrap();
-        loop {
-            let v = self.line();
-            if let Some(r) = v.get("return") {
-                return r.clone();
-            }
-            if let Some(e) = v.get("error") {
-                panic!("QMP {cmd}: {e}");
-            }
-        }
-    }
-}
-
-fn qemu(
-    mib: u64,
-    kernel: &Path,
-    cmdline: &str,
-    log: &Path,
-    qmp: &Path,
-    incoming: Option<u16>,
-) -> Vmm {
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-M",
-        "microvm",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-    ])
-    .args([
-        "-m",
-        &format!("{mib}M"),
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args(["-display", "none", "-kernel"])
-    .arg(kernel)
-    .args(["-append", cmdline, "-serial"])
-    .arg(format!("file:{}", log.display()))
-    .arg("-qmp")
-    .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-    if let Some(p) = incoming {
-        c.args(["-incoming", &format!("tcp:127.0.0.1:{p}")]);
-    }
-    Vmm(c
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn qemu-system-x86_64"))
-}
-
 /// The TSC rate stasis gave its guest (from the guest's boot line): QEMU
 /// gives none, and the guest's rate limit counts TSC ticks.
 fn guest_tsc_khz(dir: &Path) -> u64 {
@@ -240,14 +160,14 @@ fn qemu_run(
     let log = dir.join("qsrc.log");
     let _ = std::fs::remove_file(&log);
     let (qs, qd) = (dir.join("qsrc.qmp"), dir.join("qdst.qmp"));
-    let _src = qemu(mib, kernel, &line, &log, &qs, None);
+    let _src = qemu(mib, kernel, &line, &log, &qs, None, &[]);
     wait_full(&log, rate);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let _dst = qemu(mib, kernel, &line, &dir.join("qdst.log"), &qd, Some(port));
+    let _dst = qemu(mib, kernel, &line, &dir.join("qdst.log"), &qd, Some(port), &[]);
     let mut dq = Qmp::connect(&qd);
     let mut q = Qmp::connect(&qs);
     q.call(r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "auto-converge", "state": true}]}}"#);
@@ -287,13 +207,6 @@ fn qemu_run(
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     }
-}
-
-fn have_qemu() -> bool {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 fn row(name: &str, v: &[Figures]) {

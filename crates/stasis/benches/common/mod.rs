@@ -1,6 +1,8 @@
 //! Pieces shared by the benchmarks.
 #![allow(dead_code)] // each benchmark uses some of these
 
+pub mod qemu;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
