@@ -137,19 +137,21 @@ fn unsupported(format: DiskFormat, what: &str) -> io::Error {
     )
 }
 
-/// Opens the image at `path` in `format` (detected when `None`).
+/// Opens the image at `path` in `format` (detected when `None`: a
+/// detected qcow2 image may not name a backing file, since a guest can
+/// write a qcow2 header into a raw disk).
 pub fn open(
     path: &Path,
     format: Option<DiskFormat>,
     readonly: bool,
 ) -> io::Result<Box<dyn DiskBackend>> {
-    let format = match format {
-        Some(f) => f,
-        None => detect_format(path)?,
+    let (format, probed) = match format {
+        Some(f) => (f, false),
+        None => (detect_format(path)?, true),
     };
     Ok(match format {
         DiskFormat::Raw => Box::new(raw::RawDisk::open(path, readonly)?),
-        DiskFormat::Qcow2 => Box::new(qcow2::Qcow2Disk::open(path, readonly)?),
+        DiskFormat::Qcow2 => Box::new(qcow2::Qcow2Disk::open_as(path, readonly, probed)?),
     })
 }
 
@@ -197,12 +199,23 @@ impl DiskBackend for ClosedDisk {
     fn discard(&mut self, _: u64, _: u64) -> io::Result<()> {
         Err(closed())
     }
+    fn take_internal_snapshot(&mut self, _: &str) -> io::Result<()> {
+        Err(closed())
+    }
+    fn delete_internal_snapshot(&mut self, _: &str) -> io::Result<()> {
+        Err(closed())
+    }
+    fn apply_internal_snapshot(&mut self, _: &str) -> io::Result<()> {
+        Err(closed())
+    }
 }
 
 /// Freezes `backend`'s image and continues on a new qcow2 overlay at
 /// `overlay` whose backing file it is: the external checkpoint of one
 /// disk. On failure the disk goes on with its old image.
 pub fn switch_to_overlay(backend: &mut Box<dyn DiskBackend>, overlay: &Path) -> io::Result<()> {
+    // A closed disk flushes "successfully": refuse it by its reads.
+    backend.read_vectored_at(&mut [], 0)?;
     backend.flush()?;
     let (path, format, size) = (
         backend.path().to_path_buf(),

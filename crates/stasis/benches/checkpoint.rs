@@ -161,7 +161,13 @@ fn measure_qemu(kernel: &Path, dir: &Path, disk: &Path, runs: usize) -> Kind {
         &["-drive", &drive, "-device", "virtio-blk-device,drive=d0"],
     );
     let mut q = Qmp::connect(&qmp);
-    wait_line(&log, "MEM ", 1, Duration::from_secs(300), &["GUEST-ERROR", "MEM-BAD"]);
+    wait_line(
+        &log,
+        "MEM ",
+        1,
+        Duration::from_secs(300),
+        &["GUEST-ERROR", "MEM-BAD"],
+    );
     let hmp = |q: &mut Qmp, cmd: &str| -> f64 {
         let start = Instant::now();
         let r = q.call(&format!(
@@ -269,10 +275,23 @@ fn main() {
         let dir = fs.0.join("qemu");
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.join("d0.qcow2");
-        sh("qemu-img", &["create", "-q", "-f", "qcow2", d.to_str().unwrap(), DISK]);
-        sh("qemu-io", &["-c", &format!("write -P 0x5a 0 {DATA}"), d.to_str().unwrap()]);
+        sh(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", d.to_str().unwrap(), DISK],
+        );
+        sh(
+            "qemu-io",
+            &[
+                "-c",
+                &format!("write -P 0x5a 0 {DATA}"),
+                d.to_str().unwrap(),
+            ],
+        );
         let k = measure_qemu(&kernel, &dir, &d, runs);
-        rows.push(("QEMU 7.2 savevm / loadvm (internal, VM state in the image)".into(), k));
+        rows.push((
+            "QEMU 7.2 savevm / loadvm (internal, VM state in the image)".into(),
+            k,
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         println!("qemu-system-x86_64 not found: the QEMU row is left out");

@@ -167,7 +167,15 @@ fn qemu_run(
         .local_addr()
         .unwrap()
         .port();
-    let _dst = qemu(mib, kernel, &line, &dir.join("qdst.log"), &qd, Some(port), &[]);
+    let _dst = qemu(
+        mib,
+        kernel,
+        &line,
+        &dir.join("qdst.log"),
+        &qd,
+        Some(port),
+        &[],
+    );
     let mut dq = Qmp::connect(&qd);
     let mut q = Qmp::connect(&qs);
     q.call(r#"{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "auto-converge", "state": true}]}}"#);

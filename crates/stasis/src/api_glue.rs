@@ -262,9 +262,19 @@ impl VmApi {
                 Err(e) => return ApiResponse::error(400, e),
             },
         };
+        let vm = self.control.description().config.name.clone();
+        // Everything that can be checked is, before the VM stops: the
+        // checkpoint, its state, and that its disks can be brought back.
         let found = checkpoint::tree::CheckpointTree::load(&store).and_then(|t| {
             let t = t.ok_or_else(|| format!("{} has no checkpoints", store.display()))?;
-            t.require(&req.name)?;
+            if t.vm != vm {
+                return Err(format!(
+                    "the checkpoint store {} belongs to VM '{}', not '{vm}'",
+                    store.display(),
+                    t.vm
+                ));
+            }
+            checkpoint::revert::check(&t, &store, &req.name)?;
             let dir = store.join(&req.name);
             stasis_snapshot::SnapshotReader::open(&dir).map_err(|e| e.to_string())?;
             Ok(dir)
@@ -283,7 +293,7 @@ impl VmApi {
         }
         crate::rollback::request(crate::rollback::Pending {
             checkpoint_dir: dir,
-            vm: self.control.description().config.name.clone(),
+            vm,
             socket: self.socket.clone().into(),
         });
         self.control.request_stop();

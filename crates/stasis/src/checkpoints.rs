@@ -283,11 +283,21 @@ pub fn prepare_restore(dir: &Path, overrides: &mut RestoreOverrides) -> Result<(
     };
     let name = name.to_string_lossy();
     let prepared = revert::prepare_disks(store, &name)?;
-    // The user's own --disk-path entries come last and win.
+    // The user's own --disk-path entries come last and win (with the
+    // format the snapshot records for the disk).
+    let user: Vec<String> = overrides
+        .disk_paths
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
     let mut paths = prepared.disk_paths;
     paths.append(&mut overrides.disk_paths);
     overrides.disk_paths = paths;
-    overrides.disk_formats = prepared.disk_formats;
+    overrides.disk_formats = prepared
+        .disk_formats
+        .into_iter()
+        .filter(|(id, _)| !user.contains(id))
+        .collect();
     overrides.checkpoint_disks = true;
     for (id, p) in &overrides.disk_paths {
         eprintln!(

@@ -53,8 +53,17 @@ fn main() {
         cli::Command::Check(a) => cpu::check(&a),
         cli::Command::CpuModels(a) => cpu::cpu_models(&a),
     };
-    // A VM rolled back to a checkpoint runs again in this process.
+    // A VM rolled back to a checkpoint runs again in this process; only
+    // after the stop the rollback asked for (status 0), not after a
+    // signal or a failure that ended the VM first.
     while let Some(pending) = rollback::take() {
+        if code != 0 {
+            eprintln!(
+                "stasis: the VM ended (exit status {code}) before its rollback to {}; not rolled back",
+                pending.checkpoint_dir.display()
+            );
+            break;
+        }
         code = rollback::perform(pending);
     }
     std::process::exit(code);

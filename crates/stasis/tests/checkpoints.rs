@@ -118,8 +118,21 @@ fn walk_the_tree(tag: &str, dir: &Path, img: &Path, external: bool, kind: &str) 
     if !external {
         assert!(d1_at("B").iter().all(|&b| b == 0xb2), "d1 is not as at B");
     } else {
-        // The frozen raw image under B's overlay chain is d1 itself.
-        assert!(d1_at("B").iter().all(|&b| b == 0), "{:?}", &d1_at("B")[..8]);
+        // A froze d1 itself; B froze the overlay A put on it, whose chain
+        // QEMU follows back to d1.
+        let t = tree(&store, &runtime);
+        let image = |i: usize| {
+            t["checkpoints"][i]["disks"][1]["image"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(image(0), d1.display().to_string(), "{t}");
+        let chain = qemu_img(&["info", "-U", "--backing-chain", &image(1)]);
+        assert!(
+            image(1).ends_with(".qcow2") && chain.contains(&d1.display().to_string()),
+            "{chain}"
+        );
     }
     // Deleting A leaves B whole.
     let out = stasis(
@@ -290,4 +303,88 @@ fn a_running_vm_rolls_back_and_forward_in_place() {
     assert!(has_tag(&list, "A") && has_tag(&list, "B"), "{list}");
     stop(vm);
     check_clean(&img);
+}
+
+/// A name an image already has (here a snapshot QEMU made) is refused
+/// before the pause, and that snapshot is left alone.
+#[test]
+fn a_checkpoint_name_the_image_already_has_is_refused_and_kept() {
+    require_kvm();
+    let scratch = Scratch::new("ckpt-taken-name");
+    let img = scratch.join("d0.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    qemu_img(&["snapshot", "-c", "X", img.to_str().unwrap()]);
+    let store = scratch.join("store");
+    let mut vm = disk_vm("ckpt-taken", &img, None, vec![]);
+    let out = vm.cli(&[
+        "checkpoint",
+        &vm.name,
+        "X",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = err_text(&out);
+    assert!(
+        e.contains("d0") && e.contains("already has an internal snapshot named 'X'"),
+        "{e}"
+    );
+    assert!(!store.join("X").exists());
+    let n = vm.tagged("DISK").len();
+    vm.wait_tagged("DISK", n + 1, T);
+    stop(vm);
+    let list = qemu_img(&["snapshot", "-l", img.to_str().unwrap()]);
+    assert!(has_tag(&list, "X"), "QEMU's snapshot X is gone: {list}");
+    check_clean(&img);
+}
+
+/// An internal checkpoint A of an image that a later external checkpoint
+/// B froze is not brought back in place (B's overlays read that image);
+/// B still restores.
+#[test]
+fn an_image_frozen_by_a_later_external_checkpoint_is_not_reverted_in_place() {
+    require_kvm();
+    let scratch = Scratch::new("ckpt-frozen");
+    let img = scratch.join("d0.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    let store = scratch.join("store");
+    let mut vm = disk_vm("ckpt-frozen", &img, None, vec![]);
+    let runtime = vm.runtime_dir.clone();
+    checkpoint(&mut vm, &store, "A", &[]);
+    let (_, pass_b) = checkpoint(&mut vm, &store, "B", &["--external"]);
+    // Not even a running VM's rollback stops for it.
+    let out = vm.cli(&[
+        "rollback",
+        &vm.name,
+        "A",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err_text(&out).contains("frozen under external checkpoint 'B'"),
+        "{}",
+        err_text(&out)
+    );
+    let n = vm.tagged("DISK").len();
+    vm.wait_tagged("DISK", n + 1, T);
+    stop(vm);
+    let out = stasis(
+        &["restore", store.join("A").to_str().unwrap(), "--checkpoint"],
+        &runtime,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err_text(&out).contains("frozen under external checkpoint 'B'"),
+        "{}",
+        err_text(&out)
+    );
+    check_clean(&img);
+    stop(restore_checkpoint(
+        "ckpt-frozen-b",
+        &store,
+        "B",
+        &runtime,
+        pass_b,
+    ));
 }

@@ -90,6 +90,8 @@ pub mod field {
     pub const NB_SNAPSHOTS: u64 = 60;
     /// `incompatible_features` (u64, v3).
     pub const INCOMPATIBLE: u64 = 72;
+    /// `autoclear_features` (u64, v3).
+    pub const AUTOCLEAR: u64 = 88;
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -245,6 +247,18 @@ impl Qcow2Image {
             writable,
         };
         img.load_reftable()?;
+        if writable && img.header.version >= 3 {
+            // qcow2.txt: a writer that does not keep the autoclear
+            // extensions (dirty bitmaps among them) up to date clears
+            // their bits before it changes the image, so readers know
+            // they are stale.
+            let mut b = [0u8; 8];
+            img.file.read_exact_at(&mut b, field::AUTOCLEAR)?;
+            if b != [0; 8] {
+                img.file.write_all_at(&[0; 8], field::AUTOCLEAR)?;
+                img.sync()?;
+            }
+        }
         if img.header.incompatible_features & INCOMPAT_DIRTY != 0 {
             if !writable {
                 return Err(invalid(
@@ -263,6 +277,25 @@ impl Qcow2Image {
     fn load_reftable(&mut self) -> io::Result<()> {
         let len = u64::from(self.header.refcount_table_clusters) * self.header.cluster_size();
         self.reftable = self.read_u64s(self.header.refcount_table_offset, (len / 8) as usize)?;
+        // Every refcount block inside the file and used once: work on the
+        // refcounts is then bounded by the file's size, whatever a hostile
+        // table claims.
+        let file_len = self.file.metadata()?.len();
+        let mut seen = std::collections::HashSet::new();
+        for (i, e) in self.reftable.iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if !off.is_multiple_of(self.header.cluster_size())
+                || off >= file_len
+                || !seen.insert(off)
+            {
+                return Err(invalid(format!(
+                    "qcow2 refcount table entry {i} ({off:#x}) is unaligned, past the end of the file or used twice"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -599,7 +632,7 @@ impl Qcow2Image {
             if bytes == 0 {
                 return;
             }
-            for c in (off >> cb)..=((off + bytes - 1) >> cb) {
+            for c in (off >> cb)..=(off.saturating_add(bytes - 1) >> cb) {
                 *refs.entry(c).or_default() += 1;
             }
         };
@@ -675,11 +708,14 @@ impl Qcow2Image {
             self.file.read_exact_at(&mut block, off)?;
             let mut dirty = false;
             for i in 0..per {
-                let want = refs
-                    .get(&(t * per + i))
-                    .copied()
-                    .unwrap_or(0)
-                    .min(self.max_ref());
+                let want = refs.get(&(t * per + i)).copied().unwrap_or(0);
+                if want > self.max_ref() {
+                    return Err(invalid(format!(
+                        "qcow2 cluster {:#x} has {want} references, more than its {}-bit refcount holds",
+                        (t * per + i) << self.header.cluster_bits,
+                        self.refcount_bits()
+                    )));
+                }
                 if self.get_ref(&block, i) != want {
                     self.set_ref(&mut block, i, want);
                     dirty = true;

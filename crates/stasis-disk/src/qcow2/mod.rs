@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use imago::file::File as ImagoFile;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
-use imago::{FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate};
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder,
+    PermissiveImplicitOpenGate,
+};
 
 use crate::{DiskBackend, DiskFormat};
 use image::Qcow2Image;
@@ -28,22 +31,51 @@ pub use snapshots::SnapshotInfo;
 pub struct Qcow2Disk {
     path: PathBuf,
     readonly: bool,
+    /// The format was probed, not given: the image's header may have been
+    /// written by a guest into what was a raw disk, so it may not name
+    /// other host files (a backing or data file).
+    probed: bool,
     access: Option<FormatAccess<ImagoFile>>,
     size: u64,
 }
 
-fn open_access(path: &Path, readonly: bool) -> io::Result<FormatAccess<ImagoFile>> {
-    let q = Qcow2::<ImagoFile>::builder_path(path)
+fn open_access(path: &Path, readonly: bool, probed: bool) -> io::Result<FormatAccess<ImagoFile>> {
+    let in_context =
+        |e: io::Error| io::Error::new(e.kind(), format!("qcow2 image {}: {e}", path.display()));
+    // The image itself is opened here; the gate decides only about files
+    // it names (backing, data file).
+    let file = OpenOptions::new()
+        .read(true)
         .write(!readonly)
-        .open(PermissiveImplicitOpenGate::default())
-        .map_err(|e| io::Error::new(e.kind(), format!("qcow2 image {}: {e}", path.display())))?;
-    Ok(FormatAccess::new(q))
+        .open(path)
+        .map_err(in_context)?;
+    let storage = ImagoFile::try_from(file).map_err(in_context)?;
+    let builder = Qcow2::<ImagoFile>::builder(storage).write(!readonly);
+    let opened = if probed {
+        builder.open(DenyImplicitOpenGate::default()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}; its format was detected, not given, and a detected qcow2 image may not name a backing file (a guest could have written that header into a raw disk): give format=qcow2 if the image is yours"
+                ),
+            )
+        })
+    } else {
+        builder.open(PermissiveImplicitOpenGate::default())
+    };
+    Ok(FormatAccess::new(opened.map_err(in_context)?))
 }
 
 impl Qcow2Disk {
     /// Opens `path`; a writable open first repairs an image left dirty by
     /// an interrupted snapshot operation.
     pub fn open(path: &Path, readonly: bool) -> io::Result<Self> {
+        Self::open_as(path, readonly, false)
+    }
+
+    /// [`Qcow2Disk::open`]; `probed`: the format was detected, so the image
+    /// may not name a backing file.
+    pub fn open_as(path: &Path, readonly: bool, probed: bool) -> io::Result<Self> {
         if !readonly {
             // Checks the header and repairs a dirty image before imago
             // sees it.
@@ -52,10 +84,11 @@ impl Qcow2Disk {
                 io::Error::new(e.kind(), format!("qcow2 image {}: {e}", path.display()))
             })?;
         }
-        let access = open_access(path, readonly)?;
+        let access = open_access(path, readonly, probed)?;
         Ok(Self {
             path: path.to_path_buf(),
             readonly,
+            probed,
             size: access.size(),
             access: Some(access),
         })
@@ -79,19 +112,36 @@ impl Qcow2Disk {
                 "the disk is read-only",
             ));
         }
-        if let Some(a) = self.access.take() {
-            a.flush()?;
-            drop(a);
-        }
-        let result = (|| {
-            let file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+        // Flushed before it is closed: a failed flush leaves it open.
+        self.access()?.flush()?;
+        self.access = None;
+        let open = || OpenOptions::new().read(true).write(true).open(&self.path);
+        let result = open().and_then(|file| {
             let mut img = Qcow2Image::open(file, true)?;
             f(&mut img)
-        })();
-        let access = open_access(&self.path, self.readonly)?;
-        self.size = access.size();
-        self.access = Some(access);
-        result
+        });
+        // A failed operation may leave the image dirty (imago opens no
+        // image with unknown incompatible bits): opening it writable again
+        // repairs it, and the operation's own error is what is reported.
+        let repaired = match &result {
+            Ok(_) => Ok(()),
+            Err(_) => open().and_then(|file| Qcow2Image::open(file, true).map(drop)),
+        };
+        let reopened = repaired.and_then(|()| open_access(&self.path, self.readonly, self.probed));
+        match reopened {
+            Ok(access) => {
+                self.size = access.size();
+                self.access = Some(access);
+                result
+            }
+            Err(e) => Err(match result {
+                Err(first) => io::Error::new(
+                    first.kind(),
+                    format!("{first}; then the image could not be opened again: {e}"),
+                ),
+                Ok(_) => e,
+            }),
+        }
     }
 }
 
@@ -135,7 +185,11 @@ impl DiskBackend for Qcow2Disk {
             .access
             .as_mut()
             .ok_or_else(|| io::Error::other("the qcow2 image is closed"))?;
-        a.discard_to_any(offset, len)
+        match a.discard_to_any(offset, len) {
+            // Discard is a hint (v2 images cannot drop clusters to zero).
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+            r => r,
+        }
     }
 
     fn take_internal_snapshot(&mut self, name: &str) -> io::Result<()> {
@@ -220,7 +274,9 @@ pub fn backing_file(path: &Path) -> io::Result<Option<PathBuf>> {
         return Ok(None);
     }
     if h.backing_file_size > 1023
-        || h.backing_file_offset + u64::from(h.backing_file_size) > h.cluster_size()
+        || h.backing_file_offset
+            .saturating_add(u64::from(h.backing_file_size))
+            > h.cluster_size()
     {
         return Err(image::invalid("qcow2 backing file name out of range"));
     }

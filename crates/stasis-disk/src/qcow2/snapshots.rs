@@ -38,6 +38,8 @@ use super::image::{field, invalid, Qcow2Image, OFFSET_MASK};
 
 /// The longest snapshot table accepted (QEMU's limit).
 const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// The most snapshots an image may have (QEMU's limit).
+const MAX_SNAPSHOTS: usize = 65536;
 /// The longest extra data accepted per entry.
 const MAX_EXTRA: u32 = 1024;
 
@@ -63,6 +65,10 @@ pub struct SnapshotEntry {
     /// Extra data, kept byte for byte (v3: at least the large VM state
     /// size and the disk size).
     pub extra: Vec<u8>,
+    /// The id and the name as stored (`id` and `name` are their text,
+    /// which may differ for bytes that are not UTF-8): written back as
+    /// they were.
+    raw_id_name: (Vec<u8>, Vec<u8>),
 }
 
 impl SnapshotEntry {
@@ -85,16 +91,17 @@ impl SnapshotEntry {
         let start = out.len();
         out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
         out.extend_from_slice(&self.l1_size.to_be_bytes());
-        out.extend_from_slice(&(self.id.len() as u16).to_be_bytes());
-        out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        let (id, name) = &self.raw_id_name;
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
         out.extend_from_slice(&self.date_sec.to_be_bytes());
         out.extend_from_slice(&self.date_nsec.to_be_bytes());
         out.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
         out.extend_from_slice(&self.vm_state_size.to_be_bytes());
         out.extend_from_slice(&(self.extra.len() as u32).to_be_bytes());
         out.extend_from_slice(&self.extra);
-        out.extend_from_slice(self.id.as_bytes());
-        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(id);
+        out.extend_from_slice(name);
         while !(out.len() - start).is_multiple_of(8) {
             out.push(0);
         }
@@ -103,6 +110,11 @@ impl SnapshotEntry {
 
 /// Reads the snapshot table.
 pub fn read_table(img: &Qcow2Image) -> io::Result<Vec<SnapshotEntry>> {
+    Ok(read_table_len(img)?.0)
+}
+
+/// Reads the snapshot table; also its length in bytes as stored.
+fn read_table_len(img: &Qcow2Image) -> io::Result<(Vec<SnapshotEntry>, u64)> {
     let mut at = img.header.snapshots_offset;
     let start = at;
     let mut out = Vec::with_capacity(img.header.nb_snapshots.min(1024) as usize);
@@ -137,6 +149,10 @@ pub fn read_table(img: &Qcow2Image) -> io::Result<Vec<SnapshotEntry>> {
             extra: rest[..extra_len as usize].to_vec(),
             id: text(&rest[extra_len as usize..extra_len as usize + id_len]),
             name: text(&rest[extra_len as usize + id_len..]),
+            raw_id_name: (
+                rest[extra_len as usize..extra_len as usize + id_len].to_vec(),
+                rest[extra_len as usize + id_len..].to_vec(),
+            ),
         };
         if !e.l1_table_offset.is_multiple_of(img.cluster_size())
             || u64::from(e.l1_size) * 8 > 32 << 20
@@ -149,7 +165,7 @@ pub fn read_table(img: &Qcow2Image) -> io::Result<Vec<SnapshotEntry>> {
         at += (40 + rest.len() as u64).next_multiple_of(8);
         out.push(e);
     }
-    Ok(out)
+    Ok((out, at - start))
 }
 
 fn encode_table(entries: &[SnapshotEntry]) -> Vec<u8> {
@@ -167,8 +183,7 @@ pub type TableExtent = ((u64, u64), Vec<(u64, u32)>);
 /// The snapshot table's extent (offset, bytes) and every snapshot's L1
 /// table (offset, entries): what a refcount rebuild must count.
 pub fn table_extent(img: &Qcow2Image) -> io::Result<TableExtent> {
-    let entries = read_table(img)?;
-    let len = encode_table(&entries).len() as u64;
+    let (entries, len) = read_table_len(img)?;
     let l1s = entries
         .iter()
         .map(|e| (e.l1_table_offset, e.l1_size))
@@ -281,6 +296,12 @@ pub fn take(img: &mut Qcow2Image, name: &str) -> io::Result<()> {
             format!("the image already has a snapshot named '{name}'"),
         ));
     }
+    if entries.len() >= MAX_SNAPSHOTS {
+        return Err(invalid(format!(
+            "the image has {} internal snapshots, the most qcow2 allows",
+            entries.len()
+        )));
+    }
     let id = entries
         .iter()
         .filter_map(|e| e.id.parse::<u64>().ok())
@@ -314,25 +335,22 @@ pub fn take(img: &mut Qcow2Image, name: &str) -> io::Result<()> {
         vm_clock_nsec: 0,
         vm_state_size: 0,
         extra,
+        raw_id_name: (id.to_string().into_bytes(), name.as_bytes().to_vec()),
     });
     commit_table(img, &entries)?;
     img.set_dirty(false)
 }
 
 fn find<'a>(entries: &'a [SnapshotEntry], name: &str) -> io::Result<&'a SnapshotEntry> {
-    entries
-        .iter()
-        .find(|e| e.name == name)
-        .or_else(|| entries.iter().find(|e| e.id == name))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("the image has no snapshot named '{name}'"),
-            )
-        })
+    entries.iter().find(|e| e.name == name).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("the image has no snapshot named '{name}'"),
+        )
+    })
 }
 
-/// Makes the snapshot `name` (or id) the active state; the previous
+/// Makes the snapshot `name` the active state; the previous
 /// active state is discarded, every snapshot stays.
 pub fn apply(img: &mut Qcow2Image, name: &str) -> io::Result<()> {
     let entries = read_table(img)?;
@@ -372,7 +390,7 @@ pub fn apply(img: &mut Qcow2Image, name: &str) -> io::Result<()> {
     img.set_dirty(false)
 }
 
-/// Deletes the snapshot `name` (or id), freeing what only it used.
+/// Deletes the snapshot `name`, freeing what only it used.
 pub fn delete(img: &mut Qcow2Image, name: &str) -> io::Result<()> {
     let mut entries = read_table(img)?;
     let sn = find(&entries, name)?.clone();

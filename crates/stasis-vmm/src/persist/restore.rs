@@ -278,6 +278,12 @@ pub fn configure(
 ) -> Result<VmConfig, RestoreError> {
     let mut config: VmConfig = serde_json::from_value(vm_config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;
+    // Every saved disk names its format since stasis had more than one;
+    // a disk saved without one was raw, and is never probed (its guest
+    // could have written a qcow2 header into it).
+    for d in config.disk.iter_mut() {
+        d.format.get_or_insert(stasis_disk::DiskFormat::Raw);
+    }
     if let Some(n) = &overrides.name {
         config.name = n.clone();
     }

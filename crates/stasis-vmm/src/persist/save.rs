@@ -285,6 +285,24 @@ pub fn snapshot(
     dir: &Path,
     opts: &SnapshotOptions,
 ) -> Result<SnapshotReport, SnapshotError> {
+    let mut kept = Vec::new();
+    let result = snapshot_keeping(control, dir, opts, &mut kept);
+    // A checkpoint that kept its disks and failed later: the internal
+    // snapshots it took (and only those) are removed again.
+    if let (Err(_), Some(spec)) = (&result, &opts.checkpoint) {
+        super::checkpoint::undo(control, &kept, &spec.name);
+    }
+    result
+}
+
+/// [`snapshot`]; `kept` receives how a checkpoint kept the disks once it
+/// has.
+fn snapshot_keeping(
+    control: &VmControl,
+    dir: &Path,
+    opts: &SnapshotOptions,
+    kept: &mut Vec<super::checkpoint::CheckpointDisk>,
+) -> Result<SnapshotReport, SnapshotError> {
     let started = Instant::now();
     let progress = opts.progress.clone().unwrap_or_default();
     // Temporary directories of snapshots whose writer was killed are
@@ -371,8 +389,14 @@ pub fn snapshot(
             (paused_disks, checkpoint_disks) =
                 super::checkpoint::save_in_pause(control, &images, spec, writer.temp_dir())
                     .map_err(SnapshotError::DiskSave)?;
+            kept.clone_from(&checkpoint_disks);
         } else if !opts.stop && !writable.is_empty() {
             progress.phase("saving the disks", 0);
+            // A qcow2 image's metadata may still be in imago's caches:
+            // written out before the image is cloned or copied.
+            control
+                .flush_qcow2_metadata()
+                .map_err(|e| SnapshotError::DiskSync(e.to_string()))?;
             paused_disks = disks::save_in_pause(&writable, opts.disk_mode, writer.temp_dir())
                 .map_err(SnapshotError::DiskSave)?;
         }

@@ -48,6 +48,17 @@ impl VmControl {
         ))
     }
 
+    /// Writes out the cached metadata of every qcow2 disk (raw images
+    /// have none). Only while paused.
+    pub fn flush_qcow2_metadata(&self) -> std::io::Result<()> {
+        for img in self.disk_images() {
+            if img.format == stasis_disk::DiskFormat::Qcow2 && !img.readonly {
+                self.checkpoint_disk(&img.id, &DiskCheckpointOp::Flush)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Flushes and closes every disk image and releases its lock: the VM
     /// has ended, and whatever still holds this control (a late API
     /// connection) can no longer touch the images.

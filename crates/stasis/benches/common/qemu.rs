@@ -92,7 +92,6 @@ pub fn qemu(
         .expect("spawn qemu-system-x86_64"))
 }
 
-
 /// Whether `qemu-system-x86_64` runs here.
 pub fn have_qemu() -> bool {
     Command::new("qemu-system-x86_64")

@@ -93,6 +93,8 @@ pub struct Block {
     /// Holds the image's `flock` (a descriptor of its own: imago opens
     /// the image itself).
     lock: File,
+    /// Shared `flock`s on the images this disk froze under overlays.
+    frozen_locks: Vec<File>,
     size: u64,
     readonly: bool,
     config: Vec<u8>,
@@ -169,6 +171,7 @@ impl Block {
             path: backend.path().to_path_buf(),
             backend,
             lock,
+            frozen_locks: Vec::new(),
             size,
             readonly,
             config: config_space(size / SECTOR_SIZE),
@@ -397,6 +400,7 @@ impl Block {
             self.backend = Box::new(closed);
             // SAFETY: flock on an fd we own; no memory is involved.
             unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
+            self.frozen_locks.clear();
             return flushed;
         }
         if self.readonly {
@@ -409,33 +413,37 @@ impl Block {
             Op::Close => Ok(()),
             Op::TakeInternal(name) => self.backend.take_internal_snapshot(name),
             Op::DeleteInternal(name) => self.backend.delete_internal_snapshot(name),
-            Op::ApplyInternal(name) => {
-                self.backend.apply_internal_snapshot(name)?;
-                if self.backend.size() != self.size {
-                    tracing::warn!(
-                        "virtio-blk '{}': snapshot '{name}' has another disk size ({} bytes, was {})",
-                        self.id,
-                        self.backend.size(),
-                        self.size
-                    );
-                }
-                Ok(())
-            }
+            Op::Flush => self.backend.flush(),
             Op::Overlay(path) => {
                 stasis_disk::switch_to_overlay(&mut self.backend, path)?;
-                // The lock moves to the image the guest now writes.
-                let lock = File::open(path)?;
-                // SAFETY: flock on an fd we own; no memory is involved.
-                if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                    tracing::warn!(
-                        "virtio-blk '{}': cannot lock {}: {}",
-                        self.id,
-                        path.display(),
-                        std::io::Error::last_os_error()
-                    );
-                }
-                self.lock = lock;
                 self.path = path.clone();
+                // The exclusive lock moves to the image the guest now
+                // writes; the frozen image keeps a shared one, so nothing
+                // rewrites it in place while this VM reads it.
+                // SAFETY: flock on an fd we own; no memory is involved.
+                unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+                match File::open(path) {
+                    Ok(lock) => {
+                        // SAFETY: as above.
+                        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }
+                            != 0
+                        {
+                            tracing::warn!(
+                                "virtio-blk '{}': cannot lock {}: {}",
+                                self.id,
+                                path.display(),
+                                std::io::Error::last_os_error()
+                            );
+                        }
+                        let frozen = std::mem::replace(&mut self.lock, lock);
+                        self.frozen_locks.push(frozen);
+                    }
+                    Err(e) => tracing::warn!(
+                        "virtio-blk '{}': cannot open {} to lock it: {e}",
+                        self.id,
+                        path.display()
+                    ),
+                }
                 Ok(())
             }
         }

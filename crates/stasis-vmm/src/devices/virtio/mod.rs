@@ -259,8 +259,8 @@ pub struct DiskImage {
 pub enum DiskCheckpointOp {
     /// Take the qcow2 internal snapshot of this name.
     TakeInternal(String),
-    /// Make the qcow2 internal snapshot of this name the disk's contents.
-    ApplyInternal(String),
+    /// Write out everything the image's backend caches (its metadata).
+    Flush,
     /// Delete the qcow2 internal snapshot of this name.
     DeleteInternal(String),
     /// Flush and close the image and give up its lock (the VM ended; a

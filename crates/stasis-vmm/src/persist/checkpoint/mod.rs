@@ -307,32 +307,10 @@ pub fn take(
         progress,
         ..Default::default()
     };
-    let report = match super::save::snapshot(control, &store.join(&spec.name), &opts) {
-        Ok(r) => r,
-        Err(e) => {
-            // Disks kept before a later step failed: internal snapshots
-            // are removed again (missing ones are fine).
-            let kept: Vec<CheckpointDisk> = control
-                .disk_images()
-                .into_iter()
-                .filter(|d| !d.readonly && d.format == DiskFormat::Qcow2 && !spec.external)
-                .filter(|d| {
-                    stasis_disk::qcow2::list_snapshots(&d.path)
-                        .is_ok_and(|l| l.iter().any(|s| s.name == spec.name))
-                })
-                .map(|d| CheckpointDisk {
-                    id: d.id,
-                    kind: DiskKeep::Qcow2Internal,
-                    image: d.path,
-                    format: d.format,
-                    overlay: None,
-                    clone: None,
-                })
-                .collect();
-            undo(control, &kept, &spec.name);
-            return Err(e.to_string());
-        }
-    };
+    // A failure undoes what this checkpoint did to the disks (see
+    // `save::snapshot`), never a snapshot that was there before.
+    let report = super::save::snapshot(control, &store.join(&spec.name), &opts)
+        .map_err(|e| e.to_string())?;
     let node = tree::CheckpointNode {
         name: spec.name.clone(),
         parent: tree.current.clone(),
