@@ -30,6 +30,38 @@ impl RawDisk {
         })
     }
 
+    /// Reads (`read`) or writes `iov` at `offset`: one call, or, after a
+    /// short or failed one, again with a copy of the `iovec`s that
+    /// [`RawDisk::transfer`] advances.
+    fn vectored(&self, iov: &[libc::iovec], offset: u64, read: bool) -> io::Result<()> {
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        if iov.len() <= IOV_MAX {
+            // SAFETY: the iovecs describe the caller's buffers (writable
+            // ones for a read), valid for this call.
+            let n = unsafe {
+                if read {
+                    libc::preadv(
+                        self.file.as_raw_fd(),
+                        iov.as_ptr(),
+                        iov.len() as i32,
+                        offset as i64,
+                    )
+                } else {
+                    libc::pwritev(
+                        self.file.as_raw_fd(),
+                        iov.as_ptr(),
+                        iov.len() as i32,
+                        offset as i64,
+                    )
+                }
+            };
+            if n >= 0 && n as usize == total {
+                return Ok(());
+            }
+        }
+        self.transfer(&mut iov.to_vec(), offset, read)
+    }
+
     /// Reads (`read`) or writes `iov` at `offset`, resuming after short
     /// transfers.
     fn transfer(&self, iov: &mut [libc::iovec], offset: u64, read: bool) -> io::Result<()> {
@@ -110,60 +142,20 @@ impl DiskBackend for RawDisk {
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if bufs.len() <= IOV_MAX {
-            // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix
-            // (std guarantees it); the kernel writes only into the
-            // caller's mutable buffers.
-            let n = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    bufs.as_ptr() as *const libc::iovec,
-                    bufs.len() as i32,
-                    offset as i64,
-                )
-            };
-            if n >= 0 && n as usize == total {
-                return Ok(());
-            }
-        }
-        // A short or failed transfer: again with a copy that can advance.
-        let mut iov: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        self.transfer(&mut iov, offset, true)
+        // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix (std
+        // guarantees it); the kernel writes only into these, the caller's
+        // mutable buffers, borrowed for this call.
+        let iov =
+            unsafe { std::slice::from_raw_parts(bufs.as_ptr() as *const libc::iovec, bufs.len()) };
+        self.vectored(iov, offset, true)
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if bufs.len() <= IOV_MAX {
-            // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the
-            // kernel only reads the caller's buffers.
-            let n = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    bufs.as_ptr() as *const libc::iovec,
-                    bufs.len() as i32,
-                    offset as i64,
-                )
-            };
-            if n >= 0 && n as usize == total {
-                return Ok(());
-            }
-        }
-        // A short or failed transfer: again with a copy that can advance.
-        let mut iov: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        self.transfer(&mut iov, offset, false)
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec`; the kernel only
+        // reads the caller's buffers, borrowed for this call.
+        let iov =
+            unsafe { std::slice::from_raw_parts(bufs.as_ptr() as *const libc::iovec, bufs.len()) };
+        self.vectored(iov, offset, false)
     }
 
     fn flush(&self) -> io::Result<()> {

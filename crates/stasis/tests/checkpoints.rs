@@ -12,7 +12,7 @@
 //! restores.
 
 mod common;
-use common::checkpoint::{checkpoint, disk_vm, restore_checkpoint, stop, tree, T};
+use common::checkpoint::{checkpoint, disk_vm, refused, restore_checkpoint, stop, tree, T};
 use common::loopfs::LoopFs;
 use common::qemu::{check_clean, has_tag, qemu_img};
 use common::*;
@@ -45,18 +45,16 @@ fn walk_the_tree(tag: &str, dir: &Path, img: &Path, external: bool, kind: &str) 
     assert_eq!(b["parent"], "A", "{b}");
     stamp(0xc3);
     // A name taken is refused, and the VM runs on.
-    let out = vm.cli(&[
-        "checkpoint",
-        &vm.name,
-        "A",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        err_text(&out).contains("already exists"),
-        "{}",
-        err_text(&out)
+    refused(
+        &vm,
+        &[
+            "checkpoint",
+            &vm.name,
+            "A",
+            "--store",
+            store.to_str().unwrap(),
+        ],
+        "already exists",
     );
     let active = PathBuf::from(
         b["disks"][0]["overlay"]
@@ -207,19 +205,16 @@ fn a_raw_checkpoint_on_ext4_is_refused_before_the_pause() {
     sparse_file(&img, 8 << 20);
     let mut vm = disk_vm("ckpt-ext4", &img, None, vec![]);
     let store = lfs.mnt.join("store");
-    let out = vm.cli(&[
+    let args = [
         "checkpoint",
         &vm.name,
         "A",
         "--store",
         store.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let e = err_text(&out);
-    assert!(
-        e.contains("d0") && e.contains("reflink") && e.contains("--external"),
-        "{e}"
-    );
+    ];
+    refused(&vm, &args, "disk 'd0'");
+    refused(&vm, &args, "reflink");
+    refused(&vm, &args, "--external");
     // Nothing was kept and the guest runs on.
     assert!(!store.join("A").exists());
     let n = vm.tagged("DISK").len();
@@ -242,18 +237,16 @@ fn a_running_vm_rolls_back_and_forward_in_place() {
     let (_, pass_a) = checkpoint(&mut vm, &store, "A", &[]);
     let (_, pass_b) = checkpoint(&mut vm, &store, "B", &[]);
     // An unknown checkpoint is refused and the VM runs on.
-    let out = vm.cli(&[
-        "rollback",
-        &vm.name,
-        "nope",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        err_text(&out).contains("no checkpoint 'nope'"),
-        "{}",
-        err_text(&out)
+    refused(
+        &vm,
+        &[
+            "rollback",
+            &vm.name,
+            "nope",
+            "--store",
+            store.to_str().unwrap(),
+        ],
+        "no checkpoint 'nope'",
     );
     for (name, after_pass) in [("A", pass_a), ("B", pass_b)] {
         let n = vm.tagged("DISK").len();
@@ -316,18 +309,16 @@ fn a_checkpoint_name_the_image_already_has_is_refused_and_kept() {
     qemu_img(&["snapshot", "-c", "X", img.to_str().unwrap()]);
     let store = scratch.join("store");
     let mut vm = disk_vm("ckpt-taken", &img, None, vec![]);
-    let out = vm.cli(&[
-        "checkpoint",
-        &vm.name,
-        "X",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let e = err_text(&out);
-    assert!(
-        e.contains("d0") && e.contains("already has an internal snapshot named 'X'"),
-        "{e}"
+    refused(
+        &vm,
+        &[
+            "checkpoint",
+            &vm.name,
+            "X",
+            "--store",
+            store.to_str().unwrap(),
+        ],
+        "already has an internal snapshot named 'X'",
     );
     assert!(!store.join("X").exists());
     let n = vm.tagged("DISK").len();
@@ -353,18 +344,16 @@ fn an_image_frozen_by_a_later_external_checkpoint_is_not_reverted_in_place() {
     checkpoint(&mut vm, &store, "A", &[]);
     let (_, pass_b) = checkpoint(&mut vm, &store, "B", &["--external"]);
     // Not even a running VM's rollback stops for it.
-    let out = vm.cli(&[
-        "rollback",
-        &vm.name,
-        "A",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        err_text(&out).contains("frozen under external checkpoint 'B'"),
-        "{}",
-        err_text(&out)
+    refused(
+        &vm,
+        &[
+            "rollback",
+            &vm.name,
+            "A",
+            "--store",
+            store.to_str().unwrap(),
+        ],
+        "frozen under external checkpoint 'B'",
     );
     let n = vm.tagged("DISK").len();
     vm.wait_tagged("DISK", n + 1, T);

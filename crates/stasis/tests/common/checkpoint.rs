@@ -110,3 +110,15 @@ pub fn tree(store: &Path, runtime: &Path) -> serde_json::Value {
     assert!(out.status.success(), "{}", err_text(&out));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Runs `stasis ARGS` against `vm`'s runtime directory; it must fail with
+/// status 1 and say `what`.
+pub fn refused(vm: &VmProcess, args: &[&str], what: &str) {
+    let out = vm.cli(args);
+    assert_eq!(out.status.code(), Some(1), "{args:?} was not refused");
+    assert!(
+        err_text(&out).contains(what),
+        "{args:?}: {}",
+        err_text(&out)
+    );
+}
