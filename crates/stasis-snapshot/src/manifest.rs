@@ -306,6 +306,15 @@ pub fn seal_manifest_body(format_version: u32, body_text: &str) -> String {
     )
 }
 
+/// `s` as a checksum: exactly 8 hex digits (`from_str_radix` alone would
+/// also take a sign, `+1234567`).
+fn hex8(s: &str) -> Option<u32> {
+    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(s, 16).ok()
+}
+
 /// Parses and checks `manifest.json` bytes, in this order, with a distinct
 /// error for each: not JSON or truncated; `format` missing or wrong;
 /// `format_version` too new; checksum mismatch; body does not parse;
@@ -369,12 +378,7 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
             let s: String = serde_json::from_str(v.get()).map_err(|_| {
                 Error::ManifestInvalid("\"body_crc32c\" is not a string".to_string())
             })?;
-            if s.len() != 8 {
-                return Err(Error::ManifestInvalid(format!(
-                    "\"body_crc32c\" {s:?} is not 8 hex digits"
-                )));
-            }
-            u32::from_str_radix(&s, 16).map_err(|_| {
+            hex8(&s).ok_or_else(|| {
                 Error::ManifestInvalid(format!("\"body_crc32c\" {s:?} is not 8 hex digits"))
             })?
         }
@@ -460,7 +464,7 @@ pub fn validate_body(b: &ManifestBody) -> Result<()> {
     match (&b.parent, &m.page_map) {
         (Some(p), Some(pm)) => {
             check_snapshot_id("parent.snapshot_id", &p.snapshot_id)?;
-            if p.body_crc32c.len() != 8 || u32::from_str_radix(&p.body_crc32c, 16).is_err() {
+            if hex8(&p.body_crc32c).is_none() {
                 return Err(invalid("parent.body_crc32c", "is not 8 hex digits"));
             }
             if p.path.is_empty() || p.path.len() > 4096 || p.path.contains('\0') {
@@ -710,6 +714,32 @@ mod tests {
         // jq-readable: plain JSON with the body as an object.
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["body"]["vm_config"]["vcpus"], 2);
+    }
+
+    #[test]
+    fn a_checksum_is_exactly_eight_hex_digits() {
+        // A body whose checksum starts with 0, so that `+` and its other
+        // seven digits name the same number.
+        let (text, crc) = (1u64..)
+            .map(|ms| {
+                let mut b = body();
+                b.created_unix_ms = ms;
+                let text = encode_manifest(&b).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                (text, v["body_crc32c"].as_str().unwrap().to_string())
+            })
+            .find(|(_, crc)| crc.starts_with('0'))
+            .unwrap();
+        assert!(decode_manifest(text.as_bytes()).is_ok());
+        for bad in [
+            format!("+{}", &crc[1..]),
+            format!(" {}", &crc[1..]),
+            crc.to_uppercase() + "0",
+        ] {
+            let forged = text.replacen(&crc, &bad, 1);
+            let e = decode_manifest(forged.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("is not 8 hex digits"), "{bad:?}: {e}");
+        }
     }
 
     #[test]
