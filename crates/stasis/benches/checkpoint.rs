@@ -45,6 +45,24 @@ fn sh(cmd: &str, args: &[&str]) {
     );
 }
 
+/// `DIR/d0.qcow2`: a new `DISK` qcow2 image with `DATA` written to it.
+fn qcow2_disk(dir: &Path) -> PathBuf {
+    let d = dir.join("d0.qcow2");
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", d.to_str().unwrap(), DISK],
+    );
+    sh(
+        "qemu-io",
+        &[
+            "-c",
+            &format!("write -P 0x5a 0 {DATA}"),
+            d.to_str().unwrap(),
+        ],
+    );
+    d
+}
+
 /// A loop-mounted btrfs, unmounted when dropped.
 struct Btrfs(PathBuf);
 
@@ -251,20 +269,7 @@ fn main() {
             );
             d
         } else {
-            let d = dir.join("d0.qcow2");
-            sh(
-                "qemu-img",
-                &["create", "-q", "-f", "qcow2", d.to_str().unwrap(), DISK],
-            );
-            sh(
-                "qemu-io",
-                &[
-                    "-c",
-                    &format!("write -P 0x5a 0 {DATA}"),
-                    d.to_str().unwrap(),
-                ],
-            );
-            d
+            qcow2_disk(&dir)
         };
         let k = measure(&kernel, &dir, &disk, external, runs);
         rows.push((label.to_string(), k));
@@ -274,19 +279,7 @@ fn main() {
     if have_qemu() {
         let dir = fs.0.join("qemu");
         std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.join("d0.qcow2");
-        sh(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", d.to_str().unwrap(), DISK],
-        );
-        sh(
-            "qemu-io",
-            &[
-                "-c",
-                &format!("write -P 0x5a 0 {DATA}"),
-                d.to_str().unwrap(),
-            ],
-        );
+        let d = qcow2_disk(&dir);
         let k = measure_qemu(&kernel, &dir, &d, runs);
         rows.push((
             "QEMU 7.2 savevm / loadvm (internal, VM state in the image)".into(),
