@@ -89,6 +89,15 @@ pub enum Error {
         file: String,
     },
 
+    /// A file of the snapshot is a link, a FIFO, a device or a directory.
+    #[error("{file}: {detail}")]
+    NotRegularFile {
+        /// The file name, e.g. `state.bin`.
+        file: String,
+        /// What it is instead.
+        detail: String,
+    },
+
     /// A file has a different size than the manifest records.
     #[error(
         "{file} is {actual} bytes but the manifest records {expected} (truncated or replaced?)"

@@ -22,11 +22,12 @@
 #![warn(missing_docs)]
 
 mod blocks;
+mod bounded;
 mod chain;
 mod crc;
 mod error;
 mod fsutil;
-pub use fsutil::checksum_file;
+pub use fsutil::{checksum_file, file_kind, open_regular, OpenRegularError};
 pub mod hex_bytes;
 mod inspect;
 mod manifest;
@@ -36,6 +37,7 @@ mod page_map;
 mod progress;
 mod reader;
 mod section;
+pub mod text;
 mod working_set;
 mod writer;
 
@@ -46,7 +48,7 @@ pub use inspect::{format_bytes, format_unix_ms, summary, summary_json, summary_o
 pub use manifest::{
     decode_manifest, encode_manifest, seal_manifest_body, validate_body, CpuInfo, CpuidEntry,
     GuestCpuRecord, Manifest, ManifestBody, MemoryLayout, MemoryRegion, PageMapRef, ParentRef,
-    Producer, SectionEntry,
+    Producer, SectionEntry, MAX_SECTION_SIZE,
 };
 pub use memory_image::{ChunkSpan, MemoryImage, MemoryRegionSource, MemoryWriteStats};
 pub use merge::merge_chain;
@@ -55,7 +57,8 @@ pub use progress::{Progress, ProgressSnapshot};
 pub use reader::{BadChunk, BadSection, SnapshotReader, VerifyReport};
 pub use section::{
     add_section, check_known, decode_json, decode_section, encode_section, read_section,
-    KnownSections, SectionSet, SectionSink, SectionSource, SectionState, SectionWarning,
+    summarize_warnings, KnownSections, SectionSet, SectionSink, SectionSource, SectionState,
+    SectionWarning,
 };
 pub use working_set::{
     read_working_set, write_working_set, WorkingSet, WORKING_SET_FILE, WORKING_SET_VERSION,

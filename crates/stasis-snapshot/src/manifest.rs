@@ -71,7 +71,7 @@ pub struct CpuInfo {
     /// Brand string, or family/model/stepping.
     pub model: String,
     /// Every CPUID leaf exposed to the guest.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::bounded::cpuid")]
     pub cpuid: Vec<CpuidEntry>,
     /// The CPU model the guest was given; absent in snapshots written
     /// before stasis had CPU models (their guests saw the `host` model).
@@ -86,15 +86,16 @@ pub struct GuestCpuRecord {
     /// The model's name, e.g. `"x86-64-v2"` or `"host"`.
     pub model: String,
     /// Feature changes on top of the model, e.g. `["+avx2", "-popcnt"]`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::bounded::features")]
     pub changes: Vec<String>,
     /// Every feature the guest's CPUID advertises (Linux `/proc/cpuinfo`
     /// names), in CPUID order.
+    #[serde(deserialize_with = "crate::bounded::features")]
     pub features: Vec<String>,
     /// Features the host's KVM put into the guest's CPUID although the
     /// model does not have them (a KVM that cannot hide them, such as
     /// PVM, which runs guest code natively); the guest saw them.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::bounded::features")]
     pub added_by_host: Vec<String>,
     /// The XSAVE components the guest may enable (its XCR0 mask).
     #[serde(default)]
@@ -137,9 +138,11 @@ pub struct MemoryLayout {
     /// The memory file's length in bytes.
     pub file_size: u64,
     /// The regions, in file order.
+    #[serde(deserialize_with = "crate::bounded::regions")]
     pub regions: Vec<MemoryRegion>,
     /// CRC-32C of each `chunk_size` bytes of the file (the last possibly
     /// short), holes read as zeros.
+    #[serde(deserialize_with = "crate::bounded::chunks")]
     pub chunk_crc32c: Vec<u32>,
     /// Number of pages that are not all zero (the rest are holes). In a
     /// diff snapshot: the pages stored in this file.
@@ -204,13 +207,14 @@ pub struct ManifestBody {
     /// When, in milliseconds since the Unix epoch (UTC).
     pub created_unix_ms: u64,
     /// The VMM's configuration of the VM, opaque to this crate.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::bounded::vm_config")]
     pub vm_config: serde_json::Value,
     /// The CPU and the guest's CPUID.
     pub cpu: CpuInfo,
     /// The memory image.
     pub memory: MemoryLayout,
     /// The state sections, in `state.bin` order.
+    #[serde(deserialize_with = "crate::bounded::sections")]
     pub sections: Vec<SectionEntry>,
     /// State file name inside the snapshot directory (`"state.bin"`).
     pub state_file: String,
@@ -225,7 +229,7 @@ pub struct ManifestBody {
     #[serde(default)]
     pub parent: Option<ParentRef>,
     /// Free-form notes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::bounded::notes")]
     pub notes: BTreeMap<String, String>,
 }
 
@@ -244,7 +248,7 @@ pub struct Manifest {
 const MAX_CPU_NAME_LEN: usize = 64;
 /// The most feature names a list in `cpu.guest` may hold (x86 has fewer
 /// than 1,000 feature bits).
-const MAX_CPU_FEATURES: usize = 2048;
+pub(crate) const MAX_CPU_FEATURES: usize = 2048;
 
 fn validate_guest_cpu(g: &GuestCpuRecord) -> Result<()> {
     let name_ok = |n: &str| {
@@ -397,8 +401,9 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
     }
 
     let body: ManifestBody =
-        serde_json::from_str(body_raw.get()).map_err(|e| Error::ManifestBody(e.to_string()))?;
-    validate_body(&body)?;
+        crate::text::from_json_str(body_raw.get()).map_err(Error::ManifestBody)?;
+    // First: a diff snapshot must never be read as a full one (its
+    // pages in the parent would read as zeros).
     if body.parent.is_some() && version < u64::from(crate::DIFF_FORMAT_VERSION) {
         return Err(invalid(
             "parent",
@@ -408,6 +413,7 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
             ),
         ));
     }
+    validate_body(&body)?;
     Ok(Manifest {
         // Checked above: 1 ..= MAX_FORMAT_VERSION.
         format_version: version as u32,
@@ -415,6 +421,81 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
         body,
     })
 }
+
+/// Whether `s` is 1 to `max` bytes of printable text: no control
+/// characters (which could reach a terminal when shown).
+fn printable(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+}
+
+/// Checks the free-text fields a person may be shown: the producer, the
+/// CPU's vendor and model, region names, notes, section names and
+/// instances (by the rules a writer follows).
+fn validate_strings(b: &ManifestBody) -> Result<()> {
+    let text = |field: &str, s: &str, max: usize| {
+        if printable(s, max) {
+            Ok(())
+        } else {
+            Err(invalid(
+                field,
+                format!(
+                    "{} must be 1-{max} bytes without control characters",
+                    crate::text::quoted(s)
+                ),
+            ))
+        }
+    };
+    text("producer.name", &b.producer.name, 64)?;
+    text("producer.version", &b.producer.version, 64)?;
+    if !b.cpu.vendor.is_empty() {
+        text("cpu.vendor", &b.cpu.vendor, 64)?;
+    }
+    if !b.cpu.model.is_empty() {
+        text("cpu.model", &b.cpu.model, 256)?;
+    }
+    for (i, r) in b.memory.regions.iter().enumerate() {
+        text(&format!("memory.regions[{i}].name"), &r.name, 64)?;
+    }
+    for (k, v) in &b.notes {
+        text("notes", k, 64)?;
+        if v.len() > 4096 || v.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(invalid(
+                format!("notes[{}]", crate::text::quoted(k)),
+                "must be at most 4096 bytes without control characters other than newlines",
+            ));
+        }
+    }
+    for (i, s) in b.sections.iter().enumerate() {
+        if let Err(Error::BadSection { detail, .. }) =
+            crate::section::check_key(&s.name, &s.instance)
+        {
+            return Err(invalid(
+                format!("sections[{i}]"),
+                format!(
+                    "{}/{}: {detail}",
+                    crate::text::quoted(&s.name),
+                    crate::text::quoted(&s.instance)
+                ),
+            ));
+        }
+        if s.size > MAX_SECTION_SIZE {
+            return Err(invalid(
+                format!("sections[{i}].size"),
+                format!(
+                    "{} bytes; a section is at most {} MiB",
+                    s.size,
+                    MAX_SECTION_SIZE >> 20
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The largest state section a reader accepts: a whole section is read
+/// into memory, so a snapshot must not choose how much (the largest a
+/// stasis VM writes is tens of KiB).
+pub const MAX_SECTION_SIZE: u64 = 16 << 20;
 
 /// Checks a snapshot id: 32 lowercase hex digits.
 fn check_snapshot_id(field: &str, id: &str) -> Result<()> {
@@ -456,6 +537,7 @@ pub fn validate_body(b: &ManifestBody) -> Result<()> {
     if let Some(g) = &b.cpu.guest {
         validate_guest_cpu(g)?;
     }
+    validate_strings(b)?;
     let m = &b.memory;
     check_file_name("memory.file", &m.file)?;
     if let Some(id) = &b.snapshot_id {

@@ -11,17 +11,23 @@ use std::time::{Duration, Instant};
 
 use crate::crc;
 use crate::error::{invalid, io_ctx, Error, Result};
-use crate::fsutil;
+use crate::fsutil::{self, OpenRegularError};
 use crate::manifest::{decode_manifest, Manifest, ManifestBody, MemoryRegion, SectionEntry};
 use crate::section::{check_known, decode_section, SectionState, SectionWarning};
 use crate::{MANIFEST_FILE, MAX_MANIFEST_SIZE, PAGE_SIZE};
 
 /// Largest single `pread` when reading memory.
 const READ_PIECE: usize = 16 << 20;
+/// Largest read `verify` makes at once (a chunk may be larger).
+const VERIFY_PIECE: u64 = 4 << 20;
 /// Data extents shorter than this are read a window at a time.
 const SMALL_EXTENT: u64 = 256 << 10;
 /// The window read at once where the data is fragmented.
 const FRAGMENT_WINDOW: u64 = 2 << 20;
+
+/// Most damaged sections and chunks [`VerifyReport::problems`] lists one
+/// by one.
+pub const PROBLEMS_LISTED: usize = 20;
 
 /// An open, checked snapshot.
 ///
@@ -125,13 +131,27 @@ impl VerifyReport {
         self.bad_sections.is_empty() && self.bad_chunks.is_empty()
     }
 
-    /// One human-readable line per failure.
+    /// One human-readable line per failure, the first
+    /// [`PROBLEMS_LISTED`] of them, then a line counting the rest (a
+    /// wholly damaged 1 TiB image has half a million bad chunks).
     pub fn problems(&self) -> Vec<String> {
-        self.bad_sections
+        let all = self.bad_sections.len() + self.bad_chunks.len();
+        let mut lines: Vec<String> = self
+            .bad_sections
             .iter()
             .map(ToString::to_string)
             .chain(self.bad_chunks.iter().map(ToString::to_string))
-            .collect()
+            .take(PROBLEMS_LISTED)
+            .collect();
+        if all > PROBLEMS_LISTED {
+            lines.push(format!(
+                "... and {} more damaged sections or memory chunks ({} sections and {} chunks in all)",
+                all - PROBLEMS_LISTED,
+                self.bad_sections.len(),
+                self.bad_chunks.len()
+            ));
+        }
+        lines
     }
 
     /// `Ok(self)` if nothing failed, else [`Error::VerifyFailed`] listing
@@ -189,22 +209,27 @@ fn recovery_hint(dir: &Path) -> String {
 
 fn open_data_file(dir: &Path, name: &str, expected: u64) -> Result<File> {
     let path = dir.join(name);
-    let f = match File::open(&path) {
+    let f = match fsutil::open_regular(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(OpenRegularError::Missing) => {
             return Err(Error::FileMissing {
                 dir: dir.to_path_buf(),
                 file: name.to_string(),
             })
         }
-        Err(e) => return Err(io_ctx(format!("opening {}", path.display()))(e)),
+        Err(OpenRegularError::Io(e)) => {
+            return Err(io_ctx(format!("opening {}", path.display()))(e))
+        }
+        Err(e) => {
+            return Err(Error::NotRegularFile {
+                file: name.to_string(),
+                detail: e.to_string(),
+            })
+        }
     };
     let md = f
         .metadata()
         .map_err(io_ctx(format!("examining {}", path.display())))?;
-    if !md.is_file() {
-        return Err(invalid(name, "is not a regular file"));
-    }
     if md.len() != expected {
         return Err(Error::FileSize {
             file: name.to_string(),
@@ -239,14 +264,22 @@ impl SnapshotReader {
             Err(e) => return Err(io_ctx(format!("examining {}", dir.display()))(e)),
         }
         let mpath = dir.join(MANIFEST_FILE);
-        let mut mfile = match File::open(&mpath) {
+        let mut mfile = match fsutil::open_regular(&mpath) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(OpenRegularError::Missing) => {
                 return Err(Error::ManifestMissing {
                     dir: dir.to_path_buf(),
                 })
             }
-            Err(e) => return Err(io_ctx(format!("opening {}", mpath.display()))(e)),
+            Err(OpenRegularError::Io(e)) => {
+                return Err(io_ctx(format!("opening {}", mpath.display()))(e))
+            }
+            Err(e) => {
+                return Err(Error::NotRegularFile {
+                    file: MANIFEST_FILE.to_string(),
+                    detail: e.to_string(),
+                })
+            }
         };
         let len = mfile
             .metadata()
@@ -380,6 +413,8 @@ impl SnapshotReader {
     pub fn read_all<T: SectionState>(&self) -> Result<Vec<(String, T)>> {
         self.instances(T::NAME)
             .into_iter()
+            // An optional section newer than this build is skipped.
+            .filter(|e| !(e.optional && e.version > T::VERSION))
             .map(|e| {
                 let bytes = self.section_bytes(e)?;
                 Ok((
@@ -601,9 +636,10 @@ impl SnapshotReader {
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
         let path = self.memory_file_path();
         let work = |on_chunk: &mut dyn FnMut()| {
-            // A hostile manifest may claim huge chunks: never allocate more
-            // than the file holds.
-            let mut buf = vec![0u8; mem.chunk_size.min(mem.file_size.max(1)) as usize];
+            // A chunk is read a piece at a time: a manifest may claim
+            // chunks of up to 1 GiB, and memory must not follow it.
+            let mut buf =
+                vec![0u8; mem.chunk_size.min(VERIFY_PIECE).min(mem.file_size.max(1)) as usize];
             loop {
                 if abort.load(Ordering::Relaxed) {
                     return;
@@ -621,22 +657,29 @@ impl SnapshotReader {
                     Err(_) => true,
                 };
                 let computed = if has_data {
-                    if let Err(e) = self.memory.read_exact_at(&mut buf[..len], cstart) {
-                        abort.store(true, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(Error::Io {
-                                context: format!(
-                                    "reading {} at offset {cstart:#x}",
-                                    path.display()
-                                ),
-                                source: e,
-                            });
-                        return;
+                    let mut crc = 0;
+                    let mut at = cstart;
+                    while at < cend {
+                        let n = ((cend - at) as usize).min(buf.len());
+                        if let Err(e) = self.memory.read_exact_at(&mut buf[..n], at) {
+                            abort.store(true, Ordering::Relaxed);
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(Error::Io {
+                                    context: format!(
+                                        "reading {} at offset {at:#x}",
+                                        path.display()
+                                    ),
+                                    source: e,
+                                });
+                            return;
+                        }
+                        crc = crc::append(crc, &buf[..n]);
+                        at += n as u64;
                     }
                     bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                    crc::append(0, &buf[..len])
+                    crc
                 } else {
                     crc::append_zeros(0, len as u64)
                 };
@@ -671,9 +714,7 @@ impl SnapshotReader {
         report.bytes_checked = total;
         report.bytes_read += bytes_read.into_inner();
         report.elapsed = start.elapsed();
-        for p in report.problems() {
-            tracing::warn!(dir = %self.dir.display(), "{p}");
-        }
+
         Ok(report)
     }
 

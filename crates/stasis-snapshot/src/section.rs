@@ -75,7 +75,7 @@ pub trait SectionState: Serialize + DeserializeOwned {
 /// Decodes a JSON payload into `T`; the error is a plain message, as
 /// [`SectionState::upgrade`] wants.
 pub fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(payload).map_err(|e| e.to_string())
+    crate::text::from_json_slice(payload)
 }
 
 /// Encodes a state struct as a section payload (compact JSON).
@@ -167,14 +167,47 @@ impl std::fmt::Display for SectionWarning {
     }
 }
 
+/// Most warnings [`summarize_warnings`] lists one by one.
+pub const WARNINGS_LISTED: usize = 5;
+
+/// The lines to show for `warnings`: each of the first few, then one line
+/// counting the rest and naming (some of) their sections, so that a
+/// snapshot with 100,000 unknown sections prints a few lines, not
+/// megabytes.
+pub fn summarize_warnings(warnings: &[SectionWarning]) -> Vec<String> {
+    let mut lines: Vec<String> = warnings
+        .iter()
+        .take(WARNINGS_LISTED)
+        .map(|w| w.message.clone())
+        .collect();
+    if warnings.len() > WARNINGS_LISTED {
+        let rest = &warnings[WARNINGS_LISTED..];
+        let mut names: Vec<&str> = rest.iter().map(|w| w.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let shown = names.len().min(5);
+        lines.push(format!(
+            "skipping {} more optional sections ({}{})",
+            rest.len(),
+            names[..shown].join(", "),
+            if names.len() > shown {
+                format!(" and {} other names", names.len() - shown)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    lines
+}
+
 /// Checks a snapshot's sections against what this build understands.
 ///
 /// `known(name)` returns the newest version of `name` that restore can
 /// decode, or `None` if it does not know the section at all. For each
 /// section that is unknown or newer than known:
 ///
-/// * optional: a [`SectionWarning`] (also logged with `tracing::warn!`);
-///   restore skips the section;
+/// * optional: a [`SectionWarning`] (shown by the caller, through
+///   [`summarize_warnings`]); restore skips the section;
 /// * required: an error naming the section, instance and version
 ///   ([`Error::UnknownSection`] or [`Error::SectionTooNew`]); the first such
 ///   section in file order is reported.
@@ -213,7 +246,6 @@ pub fn check_known(
                 s.name, s.instance, s.version
             ),
         };
-        tracing::warn!("{message}");
         warnings.push(SectionWarning {
             name: s.name.clone(),
             instance: s.instance.clone(),
@@ -302,6 +334,11 @@ pub fn read_section<T: SectionState, S: SectionSource + ?Sized>(
         return Ok(None);
     };
     if entry.version > T::VERSION {
+        // An optional section of a newer version is skipped, as
+        // `check_known` promised: the reader goes on as if it were absent.
+        if entry.optional {
+            return Ok(None);
+        }
         return Err(Error::SectionTooNew {
             name: entry.name.clone(),
             instance: entry.instance.clone(),

@@ -104,7 +104,7 @@ fn missing_replaced_or_changed_parents_are_refused_by_name() {
     // Changed: a's manifest rewritten (sealed correctly, a note added).
     let text = std::fs::read_to_string(a.join("manifest.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let mut body: ManifestBody = serde_json::from_value(v["body"].clone()).unwrap();
+    let mut body: ManifestBody = serde_json::from_str(&v["body"].to_string()).unwrap();
     body.notes.insert("edited".into(), "yes".into());
     std::fs::write(a.join("manifest.json"), encode_manifest(&body).unwrap()).unwrap();
     let e = err(&b);

@@ -291,10 +291,17 @@ impl VmApi {
         {
             return ApiResponse::error(409, "a job is running; wait for it or cancel it first");
         }
+        let config = &self.control.description().config;
         crate::rollback::request(crate::rollback::Pending {
             checkpoint_dir: dir,
             vm,
             socket: self.socket.clone().into(),
+            serial: config.serial.to_string(),
+            consoles: config
+                .console
+                .iter()
+                .map(|c| (c.id.clone(), c.output.to_string()))
+                .collect(),
         });
         self.control.request_stop();
         ApiResponse::json(

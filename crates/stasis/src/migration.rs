@@ -286,7 +286,7 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
             return Err(e.to_string());
         }
     };
-    for w in &arrival.warnings {
+    for w in stasis_snapshot::summarize_warnings(&arrival.warnings) {
         eprintln!("stasis: warning: {w}");
     }
     let mut arrival = arrival;

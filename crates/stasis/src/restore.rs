@@ -41,8 +41,11 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
     }
     let started = std::time::Instant::now();
     let plan = restore::prepare(&args.dir, &overrides).map_err(|e| e.to_string())?;
-    for w in &plan.warnings {
+    for w in stasis_snapshot::summarize_warnings(&plan.warnings) {
         eprintln!("stasis: warning: {w}");
+    }
+    for line in &plan.outputs {
+        eprintln!("stasis: {line}");
     }
     let working_set = match (args.record_working_set, args.ignore_working_set) {
         (Some(ms), _) => WorkingSetUse::Record(Duration::from_millis(ms)),

@@ -26,6 +26,11 @@ pub struct Pending {
     pub vm: String,
     /// Its API socket.
     pub socket: PathBuf,
+    /// Where its serial output goes now (`--serial` syntax): the restore
+    /// keeps it there, as the user chose it.
+    pub serial: String,
+    /// Where each console's output goes now, by device id.
+    pub consoles: Vec<(String, String)>,
 }
 
 static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
@@ -48,7 +53,7 @@ pub fn perform(p: Pending) -> i32 {
         p.vm,
         p.checkpoint_dir.display()
     );
-    let argv = [
+    let mut argv: Vec<String> = [
         "stasis",
         "restore",
         &p.checkpoint_dir.display().to_string(),
@@ -57,7 +62,15 @@ pub fn perform(p: Pending) -> i32 {
         &p.vm,
         "--api-socket",
         &p.socket.display().to_string(),
-    ];
+        "--serial",
+        &p.serial,
+    ]
+    .map(String::from)
+    .into();
+    for (id, dest) in &p.consoles {
+        argv.push("--console-path".into());
+        argv.push(format!("{id}={dest}"));
+    }
     match <crate::cli::Cli as clap::Parser>::try_parse_from(argv) {
         Ok(crate::cli::Cli {
             command: crate::cli::Command::Restore(args),

@@ -1,6 +1,7 @@
 //! vCPUs: their CPUID, their boot state, and the threads that run them.
 
 pub mod cpuid;
+pub mod invariants;
 pub mod kick;
 pub mod regs;
 pub mod setup;

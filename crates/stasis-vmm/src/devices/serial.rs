@@ -2,8 +2,8 @@
 //! UNIX socket, or nowhere, and whose interrupt is an irqfd.
 
 use std::collections::VecDeque;
-use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -264,14 +264,10 @@ pub fn open_output(config: &SerialConfig) -> Result<Output, SerialError> {
         SerialConfig::Stdout => (Box::new(LineFlush(io::stdout())), None),
         SerialConfig::Null => (Box::new(io::sink()), None),
         SerialConfig::File { path } => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| SerialError::File {
-                    path: path.clone(),
-                    source,
-                })?;
+            let f = super::output_file::open_append(path).map_err(|source| SerialError::File {
+                path: path.clone(),
+                source,
+            })?;
             (Box::new(LineFlush(f)), None)
         }
         SerialConfig::Socket { path } => {
@@ -325,7 +321,17 @@ fn bind_socket(path: &Path) -> Result<UnixListener, SerialError> {
         path: path.to_path_buf(),
         source,
     };
-    if path.exists() {
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        // Only a socket nobody listens on is replaced: never a file.
+        if !md.file_type().is_socket() {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "is {}, which a socket would replace",
+                    stasis_snapshot::file_kind(md.mode())
+                ),
+            )));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(err(io::Error::new(
                 io::ErrorKind::AddrInUse,

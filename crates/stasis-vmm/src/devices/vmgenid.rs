@@ -74,7 +74,8 @@ impl VmGenId {
     pub fn after_restore(saved: &VmGenIdState) -> Self {
         Self {
             id: random_id(),
-            generation: saved.generation + 1,
+            // A restore refuses a generation that cannot be advanced.
+            generation: saved.generation.saturating_add(1),
         }
     }
 

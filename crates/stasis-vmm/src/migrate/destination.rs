@@ -167,6 +167,14 @@ impl<R: Read, W: Write> Incoming<R, W> {
                 ));
             }
             check_backends(&config, self.handover.is_none())?;
+            if self.handover.is_none() {
+                // Destinations the source sent are checked as a snapshot's.
+                let notices = crate::persist::outputs::check(&config, overrides, None)
+                    .map_err(|e| e.to_string())?;
+                for n in notices {
+                    tracing::info!("{n}");
+                }
+            }
             accept(&config)?;
             out = Some((config, cpu, d.connections));
             Ok(())

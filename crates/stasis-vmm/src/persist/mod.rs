@@ -33,6 +33,7 @@ pub mod compat;
 pub mod disks;
 pub mod fill;
 pub mod load;
+pub mod outputs;
 pub mod restore;
 pub mod save;
 

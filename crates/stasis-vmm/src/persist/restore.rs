@@ -94,6 +94,20 @@ pub enum RestoreError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// The saved state is not one a real VM can be in, or its sections
+    /// and its configuration disagree.
+    #[error("the snapshot's state is impossible: {0}")]
+    InvalidState(String),
+    /// An output destination cannot be used.
+    #[error("{what} output to {dest}: {message}")]
+    Output {
+        /// `serial` or `console 'ID'`.
+        what: String,
+        /// The destination.
+        dest: String,
+        /// Why not, and what to do.
+        message: String,
+    },
     /// A section the restore needs is missing.
     #[error("snapshot lacks required section '{name}' instance '{instance}'")]
     MissingSection {
@@ -138,6 +152,8 @@ pub struct RestorePlan {
     pub cpu: RestoreCpu,
     /// What the host check found (TSC plan, MSRs left out).
     pub check: HostCheck,
+    /// One line for each output destination taken from the snapshot.
+    pub outputs: Vec<String>,
 }
 
 impl RestorePlan {
@@ -214,6 +230,7 @@ pub fn prepare(
     }
     let warnings = reader.check_known(&known_section)?;
     let config = saved_config(&reader, overrides)?;
+    let outputs = super::outputs::check(&config, overrides, Some(dir))?;
     let vcpus = saved_vcpus(&reader, &config)?;
     // Whether this host can run it, before the (long) memory check.
     let check = check_host(&reader.body().cpu, &vcpus, overrides.allow_tsc_mismatch)?;
@@ -240,6 +257,7 @@ pub fn prepare(
         chain: std::sync::Arc::new(chain),
         cpu,
         check,
+        outputs,
     })
 }
 
@@ -257,6 +275,12 @@ pub fn state_from_sections<S: SectionSource>(
         Some((_, v)) => v,
         None => VmGenId::new().save(),
     };
+    if vmgenid.generation == u64::MAX {
+        return Err(RestoreError::InvalidState(format!(
+            "vmgenid generation {} cannot be advanced",
+            vmgenid.generation
+        )));
+    }
     let virtio = read_virtio_states(sections, config, snapshot_dir)?;
     Ok(CapturedState {
         vcpus,
@@ -276,8 +300,13 @@ pub fn configure(
     vm_config: &serde_json::Value,
     overrides: &RestoreOverrides,
 ) -> Result<VmConfig, RestoreError> {
-    let mut config: VmConfig = serde_json::from_value(vm_config.clone())
-        .map_err(|e| RestoreError::Config(e.to_string()))?;
+    if let Some(path) = control_characters(vm_config, "vm_config") {
+        return Err(RestoreError::Config(format!(
+            "{path} contains control characters"
+        )));
+    }
+    let mut config: VmConfig =
+        stasis_snapshot::text::from_json_value(vm_config.clone()).map_err(RestoreError::Config)?;
     // Every saved disk names its format since stasis had more than one;
     // a disk saved without one was raw, and is never probed (its guest
     // could have written a qcow2 header into it).
@@ -317,13 +346,60 @@ fn saved_config(
     Ok(config)
 }
 
-/// Every vCPU section the configuration needs.
+/// The path of the first string in `v` (keys included) that holds a
+/// control character, which would reach a terminal when shown.
+fn control_characters(v: &serde_json::Value, path: &str) -> Option<String> {
+    let bad = |s: &str| s.chars().any(char::is_control);
+    match v {
+        serde_json::Value::String(s) if bad(s) => Some(path.to_string()),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| control_characters(x, &format!("{path}[{i}]"))),
+        serde_json::Value::Object(o) => o.iter().find_map(|(k, x)| {
+            if bad(k) {
+                Some(format!("a key of {path}"))
+            } else {
+                control_characters(x, &format!("{path}.{k}"))
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Every vCPU section the configuration needs, each checked against what
+/// a real vCPU can be in ([`crate::cpu::invariants`]); a vCPU section the
+/// configuration does not have is refused, not ignored.
 pub fn saved_vcpus<S: SectionSource>(
     reader: &S,
     config: &VmConfig,
 ) -> Result<Vec<VcpuState>, RestoreError> {
+    for e in reader
+        .entries()
+        .iter()
+        .filter(|e| e.name == VcpuState::NAME)
+    {
+        let known = e
+            .instance
+            .parse::<u32>()
+            .ok()
+            .filter(|&i| i < config.vcpus && i.to_string() == e.instance);
+        if known.is_none() {
+            return Err(RestoreError::InvalidState(format!(
+                "vCPU section {} is not one of the configuration's {} vCPUs (0 to {})",
+                stasis_snapshot::text::quoted(&e.instance),
+                config.vcpus,
+                config.vcpus.saturating_sub(1)
+            )));
+        }
+    }
     (0..config.vcpus)
-        .map(|i| required::<VcpuState, S>(reader, &i.to_string()))
+        .map(|i| {
+            let v = required::<VcpuState, S>(reader, &i.to_string())?;
+            crate::cpu::invariants::check(&v, i)
+                .map_err(|e| RestoreError::InvalidState(format!("vCPU {i}: {e}")))?;
+            Ok(v)
+        })
         .collect()
 }
 
