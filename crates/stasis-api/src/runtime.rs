@@ -86,6 +86,13 @@ pub fn runtime_dir() -> PathBuf {
     )
 }
 
+/// The runtime directory of a VMM that gave up root to become `uid`
+/// (`--user`): `$STASIS_RUNTIME_DIR` if set and not empty, otherwise
+/// `/tmp/stasis-<uid>` (root's `$XDG_RUNTIME_DIR` is not that user's).
+pub fn runtime_dir_of_user(uid: u32) -> PathBuf {
+    choose_runtime_dir(std::env::var_os(RUNTIME_DIR_ENV), uid, None)
+}
+
 /// The rule behind [`runtime_dir`], free of the process environment.
 fn choose_runtime_dir(
     explicit: Option<OsString>,

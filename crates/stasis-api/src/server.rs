@@ -274,7 +274,10 @@ impl ApiServer {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name("stasis-api".into())
-                .spawn(move || accept_loop(&listener, &shared, &handler, timeouts))
+                .spawn(move || {
+                    stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Api);
+                    accept_loop(&listener, &shared, &handler, timeouts)
+                })
                 .map_err(|source| ServerError::Io {
                     what: "cannot start the API thread for",
                     path: file.path.clone(),
@@ -568,6 +571,7 @@ fn accept_loop(
             .name("stasis-api-conn".into())
             .spawn(move || {
                 let _guard = guard;
+                stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Api);
                 IN_CONNECTION.with(|c| c.set(true));
                 serve_connection(stream, handler.as_ref(), timeouts);
             });

@@ -225,8 +225,10 @@ pub enum Error {
     },
 
     /// `verify` found damage; each line names a section or a memory chunk.
-    #[error("snapshot verification failed:\n{}", problems.join("\n"))]
+    #[error("{}: snapshot verification failed:\n{}", dir.display(), problems.join("\n"))]
     VerifyFailed {
+        /// The snapshot that failed.
+        dir: PathBuf,
         /// One message per damaged section or chunk.
         problems: Vec<String>,
     },

@@ -109,6 +109,8 @@ impl std::fmt::Display for BadChunk {
 /// The result of [`SnapshotReader::verify`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct VerifyReport {
+    /// The snapshot checked.
+    pub dir: PathBuf,
     /// Sections checked.
     pub sections_checked: usize,
     /// Memory chunks checked.
@@ -161,6 +163,7 @@ impl VerifyReport {
             Ok(self)
         } else {
             Err(Error::VerifyFailed {
+                dir: self.dir.clone(),
                 problems: self.problems(),
             })
         }
@@ -594,6 +597,7 @@ impl SnapshotReader {
         let mem = &body.memory;
         let total = body.state_size + mem.file_size;
         let mut report = VerifyReport {
+            dir: self.dir.clone(),
             sections_checked: 0,
             chunks_checked: 0,
             bytes_checked: 0,

@@ -277,6 +277,7 @@ impl Jobs {
         let spawned = std::thread::Builder::new()
             .name(format!("job-{}", job.id))
             .spawn(move || {
+                stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Job);
                 let result = work(worker.progress.clone());
                 let elapsed = worker.started.elapsed();
                 *lock(&worker.outcome) = Some((result, elapsed));

@@ -152,22 +152,54 @@ fn ioctl<T>(fd: RawFd, request: u64, arg: &mut T, what: &str) -> io::Result<()> 
     Ok(())
 }
 
+/// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+
+/// A new userfaultfd with `flags`: from the system call, or where that is
+/// refused to this user (`vm.unprivileged_userfaultfd=0` without
+/// `CAP_SYS_PTRACE`), from `/dev/userfaultfd` (Linux 6.1), which the
+/// administrator may let a group open.
+fn open_uffd(flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: the syscall takes flags only and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if raw >= 0 {
+        // SAFETY: `raw` is a fresh fd owned by nobody else.
+        return Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) });
+    }
+    let refused = io::Error::last_os_error();
+    if refused.raw_os_error() != Some(libc::EPERM) {
+        return Err(refused);
+    }
+    let dev = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        Ok(f) => f,
+        Err(_) => return Err(refused),
+    };
+    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and
+    // returns a new fd or -1; `dev` is open for the call.
+    let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
 impl Userfaultfd {
     /// Opens a userfaultfd and negotiates `features` (all of them must be
     /// offered by the kernel, or the error names the missing ones).
     pub fn new(features: u64) -> io::Result<Userfaultfd> {
-        // SAFETY: the syscall takes flags only and returns a new fd or -1.
-        let raw =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if raw < 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(
+        let fd = open_uffd(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(|e| {
+            io::Error::new(
                 e.kind(),
-                format!("userfaultfd: {e} (vm.unprivileged_userfaultfd=0 needs CAP_SYS_PTRACE)"),
-            ));
-        }
-        // SAFETY: `raw` is a fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+                format!(
+                    "userfaultfd: {e} (a user without CAP_SYS_PTRACE needs access to /dev/userfaultfd, e.g. group kvm and mode 0660, or vm.unprivileged_userfaultfd=1)"
+                ),
+            )
+        })?;
         let mut api = UffdioApi {
             api: UFFD_API,
             features,
@@ -187,13 +219,7 @@ impl Userfaultfd {
 
     /// The features this kernel offers.
     pub fn offered_features() -> io::Result<u64> {
-        // SAFETY: as in `new`.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        let fd = open_uffd(libc::O_CLOEXEC)?;
         let mut api = UffdioApi {
             api: UFFD_API,
             features: 0,

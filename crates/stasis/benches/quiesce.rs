@@ -27,6 +27,14 @@ use common::{median, Vmm};
 
 const STASIS: &str = env!("CARGO_BIN_EXE_stasis");
 
+/// `stasis`, whose VMs may write state anywhere in the temporary
+/// directory, where this benchmark keeps its files.
+fn stasis() -> Command {
+    let mut c = Command::new(STASIS);
+    c.env("STASIS_STATE_DIR", std::env::temp_dir());
+    c
+}
+
 /// `STASIS_BENCH_PAUSES`, default 40.
 fn pauses() -> usize {
     std::env::var("STASIS_BENCH_PAUSES")
@@ -89,7 +97,7 @@ fn start(work: &Path, name: &str, kernel: &Path, cmdline: &str, disk: Option<&Pa
     let log = work.join(format!("{name}.log"));
     let _ = std::fs::remove_file(&log);
     let runtime = work.join("run");
-    let mut cmd = Command::new(STASIS);
+    let mut cmd = stasis();
     cmd.env("STASIS_RUNTIME_DIR", &runtime)
         .args(["run", "--name", name, "--memory", "64M"])
         .arg("--kernel")
@@ -214,7 +222,7 @@ fn timer_table(work: &Path, kernel: &Path) {
         .expect("suspend");
     drop(g);
     let log = work.join("q-timer-restored.log");
-    let _restored = Vmm(Command::new(STASIS)
+    let _restored = Vmm(stasis()
         .env("STASIS_RUNTIME_DIR", work.join("run"))
         .args(["restore", snap.to_str().unwrap(), "--name", "q-timer-r"])
         .arg("--serial")

@@ -184,6 +184,9 @@ impl VmApi {
             Some(Ok(m)) => m,
             Some(Err(e)) => return ApiResponse::error(400, e),
         };
+        if let Err(e) = stasis_sandbox::check_writable("snapshot target", Path::new(&req.path)) {
+            return ApiResponse::error(403, e);
+        }
         let started = self
             .jobs
             .start("snapshot", req.path.clone(), move |progress| {
@@ -222,6 +225,11 @@ impl VmApi {
         };
         if let Err(e) = checkpoint::check_name(&req.name) {
             return ApiResponse::error(400, e);
+        }
+        if !req.delete {
+            if let Err(e) = stasis_sandbox::check_writable("checkpoint", &store.join(&req.name)) {
+                return ApiResponse::error(403, e);
+            }
         }
         let spec = checkpoint::CheckpointSpec {
             name: req.name.clone(),

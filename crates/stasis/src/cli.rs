@@ -262,6 +262,12 @@ pub struct RestoreArgs {
     /// the guest's faults (default: one per host CPU, at most 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub fill_threads: Option<u16>,
+    /// Confinement: seccomp filters and Landlock.
+    #[command(flatten)]
+    pub sandbox: crate::confinement::SandboxArgs,
+    /// Who to become once the VM is set up.
+    #[command(flatten)]
+    pub privileges: crate::privileges::PrivilegeArgs,
 }
 
 /// What a restored or arriving VM changes from its saved configuration
@@ -372,6 +378,12 @@ pub struct ReceiveArgs {
     /// What differs on this host.
     #[command(flatten)]
     pub vm: OverrideArgs,
+    /// Seccomp filters, one per kind of thread (docs/SECURITY.md): kill
+    /// (a forbidden system call ends the VMM with a message naming the
+    /// thread and the call), log (allowed, and logged by the kernel; for
+    /// finding what a filter lacks), off (no filters: debugging only).
+    #[arg(long, value_name = "kill|log|off", default_value = "kill")]
+    pub seccomp: stasis_sandbox::Mode,
 }
 
 /// `stasis migrate NAME tcp:HOST:PORT|unix:PATH`.
@@ -529,6 +541,12 @@ pub struct RunArgs {
     /// Print the resulting configuration as TOML and exit without running.
     #[arg(long)]
     pub print_config: bool,
+    /// Confinement: seccomp filters and Landlock.
+    #[command(flatten)]
+    pub sandbox: crate::confinement::SandboxArgs,
+    /// Who to become once the VM is set up.
+    #[command(flatten)]
+    pub privileges: crate::privileges::PrivilegeArgs,
 }
 
 /// `stasis demo`.

@@ -20,6 +20,7 @@ use stasis_vmm::persist::save::{self, SnapshotOptions};
 use stasis_vmm::Vm;
 
 mod checkpoints;
+mod hostile;
 
 use crate::api_glue::VmApi;
 use crate::cli::DemoArgs;
@@ -343,6 +344,9 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         ));
     }
 
+    // A snapshot is untrusted input: a crafted copy is refused by name.
+    hostile::crafted_snapshot_refused(&snap, dir)?;
+
     // 6. Restore it, as a new VM, from the snapshot alone.
     let restored_serial = dir.join("serial-restored.log");
     std::fs::File::create(&restored_serial).map_err(|e| e.to_string())?;
@@ -401,6 +405,7 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         stasis_snapshot::format_bytes(report.bytes_sent),
         report.total_ms
     );
+    hostile::show_filtered_threads(receiver.child.id())?;
     let mut tail = Tail::open(&migrated_serial).map_err(|e| e.to_string())?;
     let mut migrated = None;
     show(&mut tail, secs, &mut migrated);

@@ -4,12 +4,14 @@ mod api_glue;
 mod checkpoints;
 mod cli;
 mod clients;
+mod confinement;
 mod cpu;
 mod demo;
 mod jobs;
 mod migrate_job;
 mod migration;
 mod panics;
+mod privileges;
 mod restore;
 mod rollback;
 mod run;
@@ -31,6 +33,27 @@ fn main() {
     let cli = cli::Cli::parse();
     init_logging(&cli.log_level);
     stasis_failpoint::init();
+    // The commands that run a VM choose their seccomp mode before any
+    // thread exists.
+    let seccomp = match &cli.command {
+        cli::Command::Run(a) => Some((a.sandbox.seccomp, a.sandbox.require_sandbox)),
+        cli::Command::Restore(a) => Some((a.sandbox.seccomp, a.sandbox.require_sandbox)),
+        cli::Command::Receive(a) => Some((a.seccomp, false)),
+        _ => None,
+    };
+    if let Some((mode, required)) = seccomp {
+        if required && mode == stasis_sandbox::Mode::Off {
+            eprintln!("stasis: --require-sandbox and --seccomp=off contradict each other");
+            std::process::exit(1);
+        }
+        if let Err(e) = stasis_sandbox::configure(mode) {
+            eprintln!("stasis: {e}");
+            std::process::exit(1);
+        }
+        if mode == stasis_sandbox::Mode::Off {
+            eprintln!("stasis: WARNING: seccomp filters are off (--seccomp=off): a thread a guest takes over could make any system call");
+        }
+    }
     let mut code = match cli.command {
         cli::Command::Run(a) => run::run(a),
         cli::Command::Demo(a) => demo::demo(a),

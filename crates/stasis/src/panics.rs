@@ -47,8 +47,18 @@ fn on_panic(info: &std::panic::PanicHookInfo<'_>) {
     eprintln!(
         "stasis: {name} ended: internal error: thread '{thread}' panicked{at}: {msg} (exit status {EXIT_INTERNAL_ERROR})"
     );
+    // A backtrace reads the executable's symbols: not from a thread whose
+    // filter forbids opening files.
+    let may_open = !matches!(
+        stasis_sandbox::current_kind(),
+        Some(stasis_sandbox::ThreadKind::Vcpu | stasis_sandbox::ThreadKind::Signals)
+    ) || stasis_sandbox::mode() != Some(stasis_sandbox::Mode::Kill);
     if std::env::var_os("RUST_BACKTRACE").is_some() {
-        eprintln!("{}", std::backtrace::Backtrace::force_capture());
+        if may_open {
+            eprintln!("{}", std::backtrace::Backtrace::force_capture());
+        } else {
+            eprintln!("stasis: (no backtrace from a {thread} thread: its seccomp filter forbids reading the executable)");
+        }
     }
     for p in current.map(|(_, f)| f).unwrap_or_default() {
         let _ = std::fs::remove_file(p);

@@ -52,9 +52,31 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
         (None, true) => WorkingSetUse::Ignore,
         (None, false) => WorkingSetUse::Use,
     };
-    let socket = api_socket_path(&plan.config)?;
-    let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
-    crate::panics::install(&plan.config.name, vec![socket.clone()]);
+    let become_user = args.privileges.identity()?;
+    // The snapshot and its parents are read; a recorded working set is
+    // written beside the snapshot.
+    let snapshot_dirs = crate::confinement::SnapshotDirs {
+        read: plan
+            .chain
+            .members()
+            .map(|m| m.dir().to_path_buf())
+            .collect(),
+        write: args.record_working_set.map(|_| args.dir.clone()),
+    };
+    let server = match become_user {
+        Some(id) => {
+            let socket = crate::run::user_socket_path(&plan.config, id);
+            crate::confinement::prepare(&plan.config, &args.sandbox, &socket, &snapshot_dirs)?;
+            None
+        }
+        None => {
+            let socket = api_socket_path(&plan.config)?;
+            let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+            crate::panics::install(&plan.config.name, vec![socket.clone()]);
+            crate::confinement::prepare(&plan.config, &args.sandbox, &socket, &snapshot_dirs)?;
+            Some(server)
+        }
+    };
     let options = LoadOptions {
         mode: args.mode,
         skip_verify: args.no_verify,
@@ -84,6 +106,12 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
     }
     let (load_time, working_set_blocks) = (loaded.elapsed, loaded.working_set_blocks);
     let vm = plan.build_vm(loaded).map_err(|e| e.to_string())?;
+    // With --user, root goes now that the VM exists; the socket follows.
+    let server = match (server, become_user) {
+        (Some(s), _) => s,
+        (None, Some(id)) => crate::run::bind_as(&plan.config, id)?,
+        (None, None) => unreachable!("a server is bound unless --user"),
+    };
     let gen = vm.control().vmgenid().generation();
     let how = match (args.mode, &working_set) {
         (RestoreMode::Background, WorkingSetUse::Record(d)) => format!(
@@ -117,6 +145,7 @@ fn report_resident(control: VmControl, name: String) {
     let spawned = std::thread::Builder::new()
         .name("restore-report".into())
         .spawn(move || {
+            stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Job);
             if control.wait_memory_resident().is_err() {
                 return;
             }

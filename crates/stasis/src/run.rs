@@ -10,6 +10,8 @@ use stasis_vmm::{Vm, VmControl};
 
 use crate::api_glue::VmApi;
 use crate::cli::RunArgs;
+use crate::confinement::SandboxArgs;
+use crate::privileges::Identity;
 use crate::signals;
 
 /// Exit status for a configuration or start-up error.
@@ -112,7 +114,14 @@ pub fn run(args: RunArgs) -> i32 {
         print!("{}", cfg.to_toml_string());
         return 0;
     }
-    match run_vm(&cfg) {
+    let become_user = match args.privileges.identity() {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("stasis: {e}");
+            return EXIT_START_FAILED;
+        }
+    };
+    match run_vm(&cfg, become_user, &args.sandbox) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("stasis: VM '{}' failed to start: {e}", cfg.name);
@@ -121,15 +130,52 @@ pub fn run(args: RunArgs) -> i32 {
     }
 }
 
-/// Creates, starts and waits for the VM; returns the exit status.
-pub fn run_vm(cfg: &VmConfig) -> Result<i32, String> {
-    let socket = api_socket_path(cfg)?;
-    // Bind first: a second VM with the same name fails before it allocates
-    // anything.
-    let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
-    crate::panics::install(&cfg.name, vec![socket.clone()]);
+/// Creates, starts and waits for the VM; returns the exit status. With
+/// `become_user`, root is given up once the VM exists, and the API socket
+/// is created after that, as the user.
+pub fn run_vm(
+    cfg: &VmConfig,
+    become_user: Option<Identity>,
+    sandbox: &SandboxArgs,
+) -> Result<i32, String> {
+    let Some(id) = become_user else {
+        let socket = api_socket_path(cfg)?;
+        // Bind first: a second VM with the same name fails before it
+        // allocates anything.
+        let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+        crate::panics::install(&cfg.name, vec![socket.clone()]);
+        crate::confinement::prepare(cfg, sandbox, &socket, &Default::default())?;
+        let vm = Vm::create(cfg).map_err(|e| e.to_string())?;
+        return serve(vm, cfg, server, "running");
+    };
+    let socket = user_socket_path(cfg, id);
+    crate::confinement::prepare(cfg, sandbox, &socket, &Default::default())?;
     let vm = Vm::create(cfg).map_err(|e| e.to_string())?;
+    let server = bind_as(cfg, id)?;
     serve(vm, cfg, server, "running")
+}
+
+/// Where the API socket of `cfg` goes for a VMM that becomes `id`.
+pub fn user_socket_path(cfg: &VmConfig, id: Identity) -> PathBuf {
+    match &cfg.api_socket {
+        Some(p) => p.clone(),
+        None => runtime::runtime_dir_of_user(id.uid).join(format!("{}.sock", cfg.name)),
+    }
+}
+
+/// Gives root up for `id`, then binds the API socket of `cfg` as that
+/// user (by default in its runtime directory).
+pub fn bind_as(cfg: &VmConfig, id: Identity) -> Result<ApiServer, String> {
+    crate::privileges::become_user(id)?;
+    let socket = user_socket_path(cfg, id);
+    if cfg.api_socket.is_none() {
+        let dir = runtime::runtime_dir_of_user(id.uid);
+        runtime::ensure_private_dir(&dir)
+            .map_err(|e| format!("cannot create the runtime directory {}: {e}", dir.display()))?;
+    }
+    let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
+    crate::panics::install(&cfg.name, vec![socket]);
+    Ok(server)
 }
 
 /// Serves a created VM's API, starts it, waits for it to end and returns
@@ -171,6 +217,9 @@ pub fn serve_then(
         cfg.memory_mib,
         socket.display()
     );
+    // Setup is over: the main thread takes its filter before it starts the
+    // vCPUs and the API (their threads add their own to it).
+    stasis_sandbox::enter(stasis_sandbox::ThreadKind::Main).map_err(|e| e.to_string())?;
     vm.start().map_err(|e| e.to_string())?;
     if let Err(e) = started(&control) {
         control.request_stop();

@@ -42,16 +42,24 @@ impl SignalTarget {
 fn spawn_signal_thread(on_signal: impl Fn(libc::c_int) + Send + 'static) {
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let set = termination_set();
-            let mut sig: libc::c_int = 0;
-            // SAFETY: valid set and out-pointer; the signals are blocked in
-            // all threads, so sigwait is the only consumer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                on_signal(sig);
-            }
+        .spawn(move || {
+            stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Signals);
+            signal_loop(on_signal)
         })
         .expect("spawn the signal thread");
+}
+
+/// Hands each termination signal to `on_signal`, for good.
+fn signal_loop(on_signal: impl Fn(libc::c_int)) -> ! {
+    loop {
+        let set = termination_set();
+        let mut sig: libc::c_int = 0;
+        // SAFETY: valid set and out-pointer; the signals are blocked in
+        // all threads, so sigwait is the only consumer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            on_signal(sig);
+        }
+    }
 }
 
 /// Starts the thread that turns a termination signal into an exit reason

@@ -12,7 +12,7 @@ use common::checkpoint::{checkpoint, disk_vm, restore_checkpoint, stop, tree, T}
 use common::qemu::{check_clean, has_tag, qcow2_dirty, qemu_img_output};
 use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// `qemu-img check` after a kill: leaks (refcounts too high) at worst,
@@ -50,7 +50,7 @@ fn snapshots(img: &Path) -> String {
 /// Starts `stasis ARGS` with `failpoints`, waits until it holds at
 /// `point`, and kills it.
 fn kill_at(args: &[&str], runtime: &Path, failpoints: &str, point: &str, log: &Path) {
-    let mut child: Child = Command::new(stasis_bin())
+    let mut child: Child = stasis_cmd()
         .env("STASIS_RUNTIME_DIR", runtime)
         .env("STASIS_FAILPOINTS", failpoints)
         .args(args)
@@ -114,7 +114,7 @@ fn killed_inside_an_internal_checkpoints_refcount_update() {
         vec![("STASIS_FAILPOINTS".into(), fp.into())],
     );
     let (_, pass_a) = checkpoint(&mut vm, &store, "A", &[]);
-    let mut cli = Command::new(stasis_bin())
+    let mut cli = stasis_cmd()
         .env("STASIS_RUNTIME_DIR", &vm.runtime_dir)
         .args([
             "checkpoint",

@@ -178,7 +178,10 @@ fn list_and_status_find_vms_by_name() {
 fn second_vm_with_the_same_name_is_refused() {
     let mut vm = VmProcess::start("ctl-dup", vm_opts());
     vm.wait_socket();
-    let k = guest(vm.scratch.path());
+    // Its own copy of the kernel: the first VM may still be loading its
+    // copy when the socket appears.
+    let other = Scratch::new("ctl-dup-kernel");
+    let k = guest(other.path());
     let out = vm.cli(&["run", "--name", &vm.name, "--kernel", k.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(err_text(&out).contains("already"), "{}", err_text(&out));

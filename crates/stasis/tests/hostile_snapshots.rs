@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,7 @@ fn copy(tag: &str) -> (Scratch, PathBuf) {
 /// Runs stasis with a 1.5 GiB address-space limit and a deadline: a
 /// hang or an allocation the files asked for shows as a failure here.
 fn run_bounded(args: &[&str], runtime: &Path) -> Output {
-    let mut cmd = Command::new(stasis_bin());
+    let mut cmd = stasis_cmd();
     cmd.env("STASIS_RUNTIME_DIR", runtime)
         .args(args)
         .stdin(Stdio::null())
@@ -569,7 +569,7 @@ fn optional_sections_are_skipped_and_saved_destinations_announced() {
     // created: it is used, and the user is told.
     let runtime = dir.parent().unwrap().join("run");
     let stderr_path = dir.parent().unwrap().join("stderr.log");
-    let mut child = Command::new(stasis_bin())
+    let mut child = stasis_cmd()
         .env("STASIS_RUNTIME_DIR", &runtime)
         .args(["restore", dir.to_str().unwrap(), "--name", "accepting"])
         .stdin(Stdio::null())

@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use stasis_api::ApiClient;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
@@ -194,7 +194,7 @@ fn a_snapshot_cancelled_half_way_leaves_the_previous_one_and_the_guest_running()
     // Ctrl-C on a waiting `stasis snapshot` cancels its job (every batch
     // now waits 3 s, so it is still copying when the signal lands).
     let third = vm.scratch.join("third");
-    let waiting = Command::new(stasis_bin())
+    let waiting = stasis_cmd()
         .env("STASIS_RUNTIME_DIR", &vm.runtime_dir)
         .args(["snapshot", &vm.name, third.to_str().unwrap()])
         .stdout(Stdio::piped())

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -15,7 +15,7 @@ fn serial_socket_replays_recent_output_and_streams_new_lines() {
     let kernel = guest(s.path());
     let sock = s.join("console.sock");
     let runtime = s.join("run");
-    let mut child = Command::new(stasis_bin())
+    let mut child = stasis_cmd()
         .env("STASIS_RUNTIME_DIR", &runtime)
         .args(["run", "--name", "sersock", "--memory", "32M"])
         .arg("--kernel")
@@ -59,7 +59,7 @@ fn serial_socket_replays_recent_output_and_streams_new_lines() {
         .unwrap();
     assert!(l.starts_with("HB "));
     let snap = s.join("snap");
-    let out = Command::new(stasis_bin())
+    let out = stasis_cmd()
         .env("STASIS_RUNTIME_DIR", &runtime)
         .args(["snapshot", "sersock", snap.to_str().unwrap(), "--stop"])
         .output()
@@ -94,7 +94,7 @@ fn a_vm_runs_from_a_toml_config_file() {
     )
     .unwrap();
     let runtime = s.join("run");
-    let mut child = Command::new(stasis_bin())
+    let mut child = stasis_cmd()
         .env("STASIS_RUNTIME_DIR", &runtime)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stdout(Stdio::null())

@@ -97,7 +97,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 /// `stasis snapshot` of `vm` into `dir`, running in the background.
 fn snapshot_in_background(vm: &VmProcess, dir: &Path) -> std::process::Child {
-    std::process::Command::new(stasis_bin())
+    stasis_cmd()
         .env("STASIS_RUNTIME_DIR", &vm.runtime_dir)
         .args(["snapshot", &vm.name, dir.to_str().unwrap()])
         .stdout(std::process::Stdio::null())

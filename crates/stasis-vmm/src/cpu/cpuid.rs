@@ -142,7 +142,10 @@ pub fn probe_host(kvm: &Kvm, vcpus: u32) -> Result<HostCpu, CpuidError> {
     let scratch = (vcpu, vm);
     if std::thread::Builder::new()
         .name("kvm-probe-drop".into())
-        .spawn(move || drop(scratch))
+        .spawn(move || {
+            stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Job);
+            drop(scratch)
+        })
         .is_err()
     {
         tracing::debug!("could not drop the probe VM on a thread; dropped here");

@@ -199,7 +199,10 @@ impl VcpuThreads {
             let ctx = ctx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_loop(vcpu, index as u32, ctx))
+                .spawn(move || {
+                    stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Vcpu);
+                    run_loop(vcpu, index as u32, ctx)
+                })
                 .map_err(|source| VcpuThreadError::Spawn { index, source })?;
             threads.push(t);
         }

@@ -248,7 +248,10 @@ impl Output {
         };
         std::thread::Builder::new()
             .name(thread_name.into())
-            .spawn(move || accept_loop(listener, state, input, path))
+            .spawn(move || {
+                stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::DeviceIo);
+                accept_loop(listener, state, input, path)
+            })
             .map_err(|source| SerialError::Socket {
                 path: PathBuf::new(),
                 source,

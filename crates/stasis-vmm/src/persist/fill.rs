@@ -302,12 +302,18 @@ impl MemoryFill {
         let s = fill.shared.clone();
         std::thread::Builder::new()
             .name("restore-faults".into())
-            .spawn(move || s.serve_faults())?;
+            .spawn(move || {
+                stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Job);
+                s.serve_faults()
+            })?;
         for i in 0..options.fillers.max(1) {
             let s = fill.shared.clone();
             std::thread::Builder::new()
                 .name(format!("restore-fill-{i}"))
-                .spawn(move || s.fill_in_order(i == 0))?;
+                .spawn(move || {
+                    stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Job);
+                    s.fill_in_order(i == 0)
+                })?;
         }
         Ok(fill)
     }

@@ -33,6 +33,8 @@ pub fn setup(tag: &str) -> Option<(Dir, PathBuf)> {
 /// `stasis` (the binary under benchmark) with its runtime directory.
 pub fn stasis(runtime: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_stasis"));
+    // The benchmarks keep their files in the temporary directory.
+    c.env("STASIS_STATE_DIR", std::env::temp_dir());
     c.env("STASIS_RUNTIME_DIR", runtime);
     c
 }

@@ -104,23 +104,36 @@ pub struct VmOpts<'a> {
     pub extra: Vec<String>,
     /// Run the VMM inside this network namespace.
     pub netns: Option<String>,
-    /// Extra environment of the VMM (e.g. `STASIS_FAILPOINTS`).
+    /// Extra environment of the VMM (e.g. `STASIS_FAILPOINTS`); an empty
+    /// value removes the variable.
     pub env: Vec<(String, String)>,
     /// Another serial destination than the file [`VmProcess::serial`]
     /// (whose lines then stay empty).
     pub serial: Option<String>,
 }
 
-/// `stasis` itself, or `ip netns exec NS stasis` when `netns` is set.
+/// `stasis` itself, or `ip netns exec NS stasis` when `netns` is set;
+/// the VMs it starts may write state anywhere in the temporary directory,
+/// where every test keeps its files (see [`stasis_cmd`]).
 pub fn stasis_command(netns: Option<&str>) -> Command {
-    match netns {
+    let mut c = match netns {
         None => Command::new(stasis_bin()),
         Some(ns) => {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", ns, stasis_bin()]);
             c
         }
-    }
+    };
+    c.env("STASIS_STATE_DIR", std::env::temp_dir());
+    c
+}
+
+/// `stasis`, whose VMs may write state (snapshots, checkpoints) anywhere
+/// in the temporary directory, where the tests keep their files: without
+/// it a VM may write only beside its first disk or in its own state
+/// directory (Landlock; see docs/SECURITY.md).
+pub fn stasis_cmd() -> Command {
+    stasis_command(None)
 }
 
 impl Default for VmOpts<'_> {
@@ -151,9 +164,16 @@ impl VmProcess {
             .serial
             .clone()
             .unwrap_or_else(|| format!("file:{}", serial.display()));
-        let child = stasis_command(opts.netns.as_deref())
+        let mut cmd = stasis_command(opts.netns.as_deref());
+        for (k, v) in &opts.env {
+            // An empty value removes the variable.
+            match v.is_empty() {
+                true => cmd.env_remove(k),
+                false => cmd.env(k, v),
+            };
+        }
+        let child = cmd
             .env("STASIS_RUNTIME_DIR", &runtime_dir)
-            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .arg("run")
             .args(["--name", &name])
             .args(["--vcpus", &opts.vcpus.to_string()])
@@ -275,7 +295,7 @@ impl VmProcess {
 
     /// Runs a client subcommand against this VM's runtime directory.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(stasis_bin())
+        stasis_cmd()
             .env("STASIS_RUNTIME_DIR", &self.runtime_dir)
             .args(args)
             .output()
@@ -329,7 +349,7 @@ pub fn sparse_file(path: &Path, bytes: u64) {
 
 /// Runs `stasis` with `args` and no VM.
 pub fn stasis(args: &[&str], runtime_dir: &Path) -> Output {
-    Command::new(stasis_bin())
+    stasis_cmd()
         .env("STASIS_RUNTIME_DIR", runtime_dir)
         .args(args)
         .output()

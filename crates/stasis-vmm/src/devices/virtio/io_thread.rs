@@ -90,7 +90,10 @@ impl IoThread {
             let (control, transport) = (control.clone(), transport.clone());
             std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || io_loop(&control, &transport, &sources))?
+                .spawn(move || {
+                    stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::DeviceIo);
+                    io_loop(&control, &transport, &sources)
+                })?
         };
         Ok(Self {
             name,

@@ -153,14 +153,20 @@ impl Target {
             let (s, w) = (shared.clone(), w.clone());
             std::thread::Builder::new()
                 .name("postcopy-faults".into())
-                .spawn(move || s.ask_for_faults(&w))
+                .spawn(move || {
+                    stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Job);
+                    s.ask_for_faults(&w)
+                })
                 .map_err(local)?
         };
         drop(faults);
         let s = shared;
         std::thread::Builder::new()
             .name("postcopy-pages".into())
-            .spawn(move || s.put_pages(r, &w))
+            .spawn(move || {
+                stasis_sandbox::enter_or_warn(stasis_sandbox::ThreadKind::Job);
+                s.put_pages(r, &w)
+            })
             .map_err(local)?;
         Ok(())
     }
