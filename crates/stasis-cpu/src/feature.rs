@@ -248,12 +248,17 @@ pub fn name_of(bit: FeatureBit) -> Option<&'static str> {
 
 /// Known names close to `name` (for "did you mean" hints).
 pub fn suggestions(name: &str) -> Vec<&'static str> {
+    // No feature name is this long: nothing is close, and a long input
+    // must not cost a comparison with every name.
+    if name.len() > 64 {
+        return Vec::new();
+    }
     let lower = name.to_ascii_lowercase();
     let mut v: Vec<&'static str> = all_named()
         .map(|(n, _)| n)
         .filter(|n| {
             (lower.len() >= 3 && (n.contains(lower.as_str()) || lower.contains(n)))
-                || edit_distance(n, &lower) <= 1
+                || (n.len().abs_diff(lower.len()) <= 1 && edit_distance(n, &lower) <= 1)
         })
         .collect();
     v.sort_unstable();
