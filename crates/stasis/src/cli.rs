@@ -378,12 +378,9 @@ pub struct ReceiveArgs {
     /// What differs on this host.
     #[command(flatten)]
     pub vm: OverrideArgs,
-    /// Seccomp filters, one per kind of thread (docs/SECURITY.md): kill
-    /// (a forbidden system call ends the VMM with a message naming the
-    /// thread and the call), log (allowed, and logged by the kernel; for
-    /// finding what a filter lacks), off (no filters: debugging only).
-    #[arg(long, value_name = "kill|log|off", default_value = "kill")]
-    pub seccomp: stasis_sandbox::Mode,
+    /// Confinement: seccomp filters and Landlock.
+    #[command(flatten)]
+    pub sandbox: crate::confinement::SandboxArgs,
 }
 
 /// `stasis migrate NAME tcp:HOST:PORT|unix:PATH`.

@@ -38,7 +38,7 @@ fn main() {
     let seccomp = match &cli.command {
         cli::Command::Run(a) => Some((a.sandbox.seccomp, a.sandbox.require_sandbox)),
         cli::Command::Restore(a) => Some((a.sandbox.seccomp, a.sandbox.require_sandbox)),
-        cli::Command::Receive(a) => Some((a.seccomp, false)),
+        cli::Command::Receive(a) => Some((a.sandbox.seccomp, a.sandbox.require_sandbox)),
         _ => None,
     };
     if let Some((mode, required)) = seccomp {

@@ -251,6 +251,9 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
                 false => ApiServer::bind(&socket),
             }
             .map_err(|e| e.to_string())?;
+            // Confined before any thread of the arriving VM exists: its
+            // configuration is known only now.
+            crate::confinement::prepare(config, &args.sandbox, &socket, &Default::default())?;
             bound = Some((server, socket, takeover));
             Ok(())
         })

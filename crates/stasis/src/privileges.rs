@@ -127,8 +127,10 @@ pub fn become_user(id: Identity) -> Result<(), String> {
     if unsafe { libc::setresuid(id.uid, id.uid, id.uid) } != 0 {
         return Err(fail("setresuid"));
     }
+    // The raw system call, in this thread only: glibc's setuid would ask
+    // every thread to make it, and the filtered ones may not.
     // SAFETY: setuid(0) only asks; it must fail now.
-    if unsafe { libc::setuid(0) } == 0 {
+    if unsafe { libc::syscall(libc::SYS_setuid, 0) } == 0 {
         return Err("gave up root, but setuid(0) still succeeds".into());
     }
     // SAFETY: getuid/geteuid/getgid/getegid have no preconditions.

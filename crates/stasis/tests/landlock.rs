@@ -143,3 +143,35 @@ fn require_sandbox_refuses_to_run_unconfined() {
     );
     assert!(!s.join("run/unconfined.sock").exists());
 }
+
+#[test]
+fn a_migrated_vm_is_confined_on_its_destination_too() {
+    use common::migration::{migrate, receiver};
+    let s = Scratch::new("landlock-receive");
+    let state = s.join("state");
+    let elsewhere = s.join("elsewhere");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let mut src = start("landlock-src", &s, Some(&state), &[]);
+    let dst = receiver(
+        "landlock-dst",
+        None,
+        "127.0.0.1",
+        &["--insecure", "--state-dir", state.to_str().unwrap()],
+        &[],
+    );
+    let out = migrate(&src, &dst.address, &["--insecure"]);
+    assert!(out.status.success(), "{}", err_text(&out));
+    src.wait_exit(Duration::from_secs(60));
+    let mut arrived = dst.named(&src.name);
+    arrived.vm.wait_tagged("HB", 2, Duration::from_secs(60));
+    let out = snapshot(&arrived.vm, &elsewhere.join("snap"));
+    assert_eq!(out.status.code(), Some(1), "{}", err_text(&out));
+    assert!(
+        err_text(&out).contains("is outside the directories this VM may write"),
+        "{}",
+        err_text(&out)
+    );
+    let out = snapshot(&arrived.vm, &state.join("snap"));
+    assert!(out.status.success(), "{}", err_text(&out));
+}

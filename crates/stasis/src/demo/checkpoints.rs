@@ -109,6 +109,10 @@ pub fn demo(dir: &Path, kernel: &Path, signals: &SignalTarget) -> Result<(), Str
         disk_paths: prepared.disk_paths,
         disk_formats: prepared.disk_formats,
         checkpoint_disks: true,
+        // The demo's own log, which it created: given again, as a user
+        // rolling back would (a destination saved in a snapshot is only
+        // used as it is where stasis created the file).
+        serial: Some(cfg.serial.clone()),
         ..Default::default()
     };
     let (vm, _) = super::start_restored(&store.join("A"), &overrides, signals)?;
