@@ -405,7 +405,6 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         stasis_snapshot::format_bytes(report.bytes_sent),
         report.total_ms
     );
-    hostile::show_filtered_threads(receiver.child.id())?;
     let mut tail = Tail::open(&migrated_serial).map_err(|e| e.to_string())?;
     let mut migrated = None;
     show(&mut tail, secs, &mut migrated);
@@ -414,6 +413,8 @@ fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
             println!(
                 "stasis demo: the heartbeat counter went on from {restored} to {m} in the other process"
             );
+            // It runs there now: every thread of that process is up.
+            hostile::show_filtered_threads(receiver.child.id())?;
             m
         }
         _ => return Err("the migrated guest's heartbeat did not continue".into()),
