@@ -53,7 +53,7 @@ pub enum ApiRequest {
     /// answer is the job's result (a migration report) once the VM runs
     /// there, or with `detach` a `202` with a
     /// [`JobAccepted`](crate::types::JobAccepted).
-    Migrate(MigrateRequest),
+    Migrate(Box<MigrateRequest>),
     /// `GET /v1/jobs`: the VM's jobs, newest first
     /// ([`JobList`](crate::types::JobList)).
     ListJobs,
@@ -196,7 +196,9 @@ const ENDPOINTS: &[Endpoint] = &[
     Endpoint {
         method: "PUT",
         path: "/v1/vm/migrate",
-        parse: |body, _| json_body::<MigrateRequest>(body).map(ApiRequest::Migrate),
+        parse: |body, _| {
+            json_body::<MigrateRequest>(body).map(|m| ApiRequest::Migrate(Box::new(m)))
+        },
     },
     Endpoint {
         method: "GET",

@@ -362,13 +362,23 @@ pub struct MigrateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<u32>,
     /// A file with the key shared with the receiver (`--psk`); read by
-    /// the VMM, which must be able to open it.
+    /// the VMM, which must be able to open it (a confined VMM may open
+    /// only its state directories: give `psk_hex` instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub psk_file: Option<String>,
+    /// The key itself, in hex, read by the client (`stasis migrate
+    /// --psk FILE` sends this); wins over `psk_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psk_hex: Option<String>,
     /// Mutual TLS: this side's certificate, key (owner-only) and the CA of
     /// the receiver's certificate, as files the VMM reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsPaths>,
+    /// Mutual TLS: the contents of those files, read by the client
+    /// (`stasis migrate --tls-*` sends them); wins over `tls`'s files,
+    /// which then only name them in messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_pem: Option<TlsPaths>,
     /// Send without authentication, to a receiver on a loopback address
     /// started with `--insecure`.
     #[serde(default)]

@@ -70,6 +70,11 @@ impl Key {
         Ok(Key(bytes))
     }
 
+    /// The key's bytes (to hand it to a VMM that may not open the file).
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// Reads a key file: a regular file (no symlink), readable by its
     /// owner only, of 16 to 4096 bytes (a trailing newline is not part of
     /// the key). Every refusal names the file and what to do.

@@ -35,7 +35,7 @@ pub use message::{
     is_zero, BatchBuilder, FilesOffer, Hello, Join, MemoryBatch, MemoryFile, Message, PageEntry,
     Refusal, RoundEnd, Section, VmDescription, Welcome, MAX_BATCH_PAGES, MAX_RANGES, PAGE_SIZE,
 };
-pub use tls::{TlsAuth, TlsFiles};
+pub use tls::{TlsAuth, TlsFiles, TlsPem};
 
 /// The newest protocol version this build speaks. Version 2 added the
 /// files and files-ready frames (a local upgrade's hand-over of memory

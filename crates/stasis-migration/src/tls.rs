@@ -54,14 +54,51 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
-fn certs(path: &Path, what: &str) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
-    let p = path.display();
-    let all: std::result::Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{what} {p}: {e}"))?
-        .collect();
-    let all = all.map_err(|e| format!("{what} {p}: {e}"))?;
+/// The contents of a [`TlsFiles`], read by the side that may open them
+/// (the `stasis migrate` client) for a VMM that may not (it is confined
+/// to its state directories).
+#[derive(Clone)]
+pub struct TlsPem {
+    /// The certificate chain (PEM).
+    pub cert: Vec<u8>,
+    /// The private key (PEM).
+    pub key: Vec<u8>,
+    /// The CA certificate(s) (PEM).
+    pub ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsPem { .. }")
+    }
+}
+
+impl TlsFiles {
+    /// Reads the three files (the key: a regular file readable by its
+    /// owner only), each at most 1 MiB. Every refusal names the file.
+    pub fn read(&self) -> std::result::Result<TlsPem, String> {
+        let public = |path: &Path, what: &str| -> std::result::Result<Vec<u8>, String> {
+            let bytes =
+                std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+            if bytes.len() > 1 << 20 {
+                return Err(format!("{what} {}: larger than 1 MiB", path.display()));
+            }
+            Ok(bytes)
+        };
+        Ok(TlsPem {
+            cert: public(&self.cert, "TLS certificate file")?,
+            key: crate::auth::read_private_file(&self.key, "TLS key file", 1 << 20)?,
+            ca: public(&self.ca, "TLS CA file")?,
+        })
+    }
+}
+
+/// The certificates in PEM `bytes`; `what` names the file in messages.
+fn certs(bytes: &[u8], what: &str) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
+    let all: std::result::Result<Vec<_>, _> = CertificateDer::pem_slice_iter(bytes).collect();
+    let all = all.map_err(|e| format!("{what}: {e}"))?;
     if all.is_empty() {
-        return Err(format!("{what} {p} holds no PEM certificate"));
+        return Err(format!("{what} holds no PEM certificate"));
     }
     Ok(all)
 }
@@ -70,22 +107,33 @@ impl TlsAuth {
     /// Reads the certificate chain, the private key (a file readable by
     /// its owner only) and the CA. Every refusal names the file.
     pub fn from_files(files: &TlsFiles) -> std::result::Result<TlsAuth, String> {
-        let chain = certs(&files.cert, "TLS certificate file")?;
-        let key_pem = crate::auth::read_private_file(&files.key, "TLS key file", 1 << 20)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| format!("TLS key file {}: {e}", files.key.display()))?;
+        let pem = files.read()?;
+        let name = |p: &Path| p.display().to_string();
+        TlsAuth::from_pem(
+            &pem,
+            [&name(&files.cert), &name(&files.key), &name(&files.ca)],
+        )
+    }
+
+    /// The identity in `pem`, read elsewhere; `names` (certificate, key,
+    /// CA) name its parts in messages.
+    pub fn from_pem(pem: &TlsPem, names: [&str; 3]) -> std::result::Result<TlsAuth, String> {
+        let [cert_name, key_name, ca_name] = names;
+        let chain = certs(&pem.cert, &format!("TLS certificate file {cert_name}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&pem.key)
+            .map_err(|e| format!("TLS key file {key_name}: {e}"))?;
         let mut roots = RootCertStore::empty();
-        for c in certs(&files.ca, "TLS CA file")? {
+        for c in certs(&pem.ca, &format!("TLS CA file {ca_name}"))? {
             roots
                 .add(c)
-                .map_err(|e| format!("TLS CA file {}: {e}", files.ca.display()))?;
+                .map_err(|e| format!("TLS CA file {ca_name}: {e}"))?;
         }
         Ok(TlsAuth {
             certs: chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
             server_name: None,
-            files: files.cert.display().to_string(),
+            files: cert_name.to_string(),
         })
     }
 

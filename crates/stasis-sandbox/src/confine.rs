@@ -151,6 +151,17 @@ pub fn check_writable(what: &str, target: &Path) -> Result<(), String> {
     if std::env::var_os("STASIS_TEST_SKIP_WRITE_CHECK").is_some() {
         return Ok(());
     }
+    // `..` after a directory that does not exist yet would be resolved
+    // only when it is created: refused rather than guessed at.
+    if target
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!(
+            "{what} {}: a path with '..' in it is not accepted here; give it without",
+            target.display()
+        ));
+    }
     // The target is written beside itself first (a temporary sibling,
     // renamed into place): its directory must be writable.
     let target_dir = match target.parent() {

@@ -233,11 +233,36 @@ pub(crate) fn allowed(kind: ThreadKind) -> Vec<i64> {
     all
 }
 
+/// Argument conditions on some calls of the guest-facing threads: a vCPU
+/// thread may make only KVM's ioctls (type 0xAE, so no `TIOCSTI` on an
+/// inherited terminal), and vCPU and signal threads may signal only
+/// threads of their own process.
+fn conditions(kind: ThreadKind, nr: i64) -> Result<Vec<SeccompRule>, String> {
+    use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
+    let guest_facing = matches!(kind, ThreadKind::Vcpu | ThreadKind::Signals);
+    let cond = |arg, len, op, value| Cond::new(arg, len, op, value).map_err(|e| e.to_string());
+    let rule = |c: Vec<Cond>| SeccompRule::new(c).map_err(|e| e.to_string());
+    if kind == ThreadKind::Vcpu && nr == libc::SYS_ioctl {
+        return Ok(vec![rule(vec![cond(
+            1,
+            Len::Dword,
+            Op::MaskedEq(0xff00),
+            0xae00,
+        )?])?]);
+    }
+    if guest_facing && nr == libc::SYS_tgkill {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() } as u64;
+        return Ok(vec![rule(vec![cond(0, Len::Dword, Op::Eq, pid)?])?]);
+    }
+    Ok(Vec::new())
+}
+
 fn build(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, String> {
     let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
         .into_iter()
-        .map(|nr| (nr, Vec::new()))
-        .collect();
+        .map(|nr| Ok((nr, conditions(kind, nr)?)))
+        .collect::<Result<_, String>>()?;
     let mismatch = match mode {
         Mode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,

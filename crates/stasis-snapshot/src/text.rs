@@ -52,7 +52,9 @@ pub fn from_json_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, S
 }
 
 fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> String {
-    let path = e.path().to_string();
+    // The path holds map keys from the input: escaped and cut like any
+    // other string from a file.
+    let path = shorten(&e.path().to_string());
     let path = if path == "." { String::new() } else { path };
     describe_plain(&path, e.inner())
 }

@@ -33,19 +33,36 @@ pub fn prepare(req: &MigrateRequest) -> Result<Plan, String> {
         }
         _ if req.tls.is_some() => {
             let t = req.tls.as_ref().expect("checked");
-            let files = stasis_migration::TlsFiles {
-                cert: t.cert.clone().into(),
-                key: t.key.clone().into(),
-                ca: t.ca.clone().into(),
-            };
             let host = match &address {
                 MigrationAddress::Tcp { host, .. } => host.clone(),
                 MigrationAddress::Unix { .. } => "localhost".into(),
             };
-            Auth::Tls(stasis_migration::TlsAuth::from_files(&files)?.for_server(&host))
+            let tls = match &req.tls_pem {
+                // Read by the client: this VMM may not open the files.
+                Some(p) => stasis_migration::TlsAuth::from_pem(
+                    &stasis_migration::TlsPem {
+                        cert: p.cert.clone().into_bytes(),
+                        key: p.key.clone().into_bytes(),
+                        ca: p.ca.clone().into_bytes(),
+                    },
+                    [&t.cert, &t.key, &t.ca],
+                )?,
+                None => stasis_migration::TlsAuth::from_files(&stasis_migration::TlsFiles {
+                    cert: t.cert.clone().into(),
+                    key: t.key.clone().into(),
+                    ca: t.ca.clone().into(),
+                })?,
+            };
+            Auth::Tls(tls.for_server(&host))
         }
         (Some(_), true) => return Err("give a key file or insecure, not both".into()),
-        (Some(p), false) => Auth::Psk(Key::from_file(std::path::Path::new(p))?),
+        (Some(p), false) => match &req.psk_hex {
+            // Read by the client: this VMM may not open the file.
+            Some(hex) => Auth::Psk(Key::new(decode_hex(hex).ok_or_else(|| {
+                format!("psk_hex for {p}: not an even number of hex digits")
+            })?)?),
+            None => Auth::Psk(Key::from_file(std::path::Path::new(p))?),
+        },
         // A UNIX socket is this host's: the receiver made it its user's
         // only, and checks who connects.
         (None, _) if address.is_local() => Auth::None,
@@ -216,4 +233,15 @@ pub fn run(control: &VmControl, plan: Plan, progress: Arc<Progress>) -> JobResul
     })?;
     serde_json::to_value(&report)
         .map_err(|e| internal(format!("cannot encode the migration report: {e}")))
+}
+
+/// Bytes from hex digits, or `None` if `s` is not an even number of them.
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }

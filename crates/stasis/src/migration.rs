@@ -31,11 +31,17 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let psk_file = match &args.psk {
-        None => None,
-        Some(p) => match std::path::absolute(p) {
-            Ok(p) => Some(p.display().to_string()),
-            Err(e) => return fail(format!("{}: {e}", p.display())),
+    // The secrets are read here, by the user's own process, and sent: the
+    // VMM is confined to its state directories (docs/SECURITY.md §3).
+    let (psk_file, psk_hex) = match &args.psk {
+        None => (None, None),
+        Some(p) => match (std::path::absolute(p), stasis_migration::Key::from_file(p)) {
+            (Ok(abs), Ok(key)) => (
+                Some(abs.display().to_string()),
+                Some(key.bytes().iter().map(|b| format!("{b:02x}")).collect()),
+            ),
+            (Err(e), _) => return fail(format!("{}: {e}", p.display())),
+            (_, Err(e)) => return fail(e),
         },
     };
     let abs = |p: &std::path::Path| {
@@ -43,12 +49,22 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
             .map(|p| p.display().to_string())
             .map_err(|e| format!("{}: {e}", p.display()))
     };
-    let tls = match args.tls.files() {
-        Some(f) => match (abs(&f.cert), abs(&f.key), abs(&f.ca)) {
-            (Ok(cert), Ok(key), Ok(ca)) => Some(stasis_api::TlsPaths { cert, key, ca }),
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
+    let (tls, tls_pem) = match args.tls.files() {
+        Some(f) => match (abs(&f.cert), abs(&f.key), abs(&f.ca), f.read()) {
+            (Ok(cert), Ok(key), Ok(ca), Ok(pem)) => {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                (
+                    Some(stasis_api::TlsPaths { cert, key, ca }),
+                    Some(stasis_api::TlsPaths {
+                        cert: text(&pem.cert),
+                        key: text(&pem.key),
+                        ca: text(&pem.ca),
+                    }),
+                )
+            }
+            (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => return fail(e),
         },
-        None => None,
+        None => (None, None),
     };
     let destination = args.destination.to_string();
     if args.postcopy || args.postcopy_after.is_some() {
@@ -68,7 +84,9 @@ pub fn migrate(args: &MigrateArgs) -> i32 {
         postcopy_after_rounds: args.postcopy_after,
         connections: Some(args.connections),
         psk_file,
+        psk_hex,
         tls,
+        tls_pem,
         insecure: args.insecure,
         detach: args.detach,
     };

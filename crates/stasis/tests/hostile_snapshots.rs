@@ -502,6 +502,15 @@ fn saved_output_destinations_never_harm_a_file() {
             format!("file:{}", dir.join("notes.txt").display()),
             "inside the snapshot's directory",
         ),
+        // A file the guest would fill, where none is (an authorized_keys).
+        (
+            format!("file:{}", s.join("authorized_keys").display()),
+            "a restore never creates a file or socket at a path read from a snapshot",
+        ),
+        (
+            format!("socket:{}", s.join("new.sock").display()),
+            "a restore never creates a file or socket at a path read from a snapshot",
+        ),
     ] {
         reseal(&dir, |b| {
             let (mode, path) = dest.split_once(':').unwrap();
@@ -513,6 +522,8 @@ fn saved_output_destinations_never_harm_a_file() {
             "the user's file\n"
         );
         assert!(!dir.join("notes.txt").exists());
+        assert!(!s.join("authorized_keys").exists());
+        assert!(!s.join("new.sock").exists());
     }
     // A FIFO, saved or given: refused, not waited on.
     let fifo = s.join("fifo");

@@ -146,21 +146,27 @@ fn require_sandbox_refuses_to_run_unconfined() {
 
 #[test]
 fn a_migrated_vm_is_confined_on_its_destination_too() {
-    use common::migration::{migrate, receiver};
+    use common::migration::{key_file, migrate, receiver};
     let s = Scratch::new("landlock-receive");
     let state = s.join("state");
     let elsewhere = s.join("elsewhere");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::create_dir_all(&elsewhere).unwrap();
+    // The key lies outside the VMs' state directories: `stasis migrate`
+    // reads it for the confined VMM.
+    let keys = s.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = key_file(&keys, "key", 7);
+    let key = key.to_str().unwrap();
     let mut src = start("landlock-src", &s, Some(&state), &[]);
     let dst = receiver(
         "landlock-dst",
         None,
         "127.0.0.1",
-        &["--insecure", "--state-dir", state.to_str().unwrap()],
+        &["--psk", key, "--state-dir", state.to_str().unwrap()],
         &[],
     );
-    let out = migrate(&src, &dst.address, &["--insecure"]);
+    let out = migrate(&src, &dst.address, &["--psk", key]);
     assert!(out.status.success(), "{}", err_text(&out));
     src.wait_exit(Duration::from_secs(60));
     let mut arrived = dst.named(&src.name);

@@ -86,7 +86,9 @@ fn a_forbidden_call_from_each_kind_of_thread_ends_the_vmm_naming_it() {
             &[("STASIS_SECCOMP_PROBE", kind)],
         );
         if kind == "job" {
-            // A job thread exists once a snapshot is asked for.
+            // The first job-kind thread may be the one that drops KVM's
+            // probe VM at start, or the snapshot's job: either way a
+            // thread of that kind makes the call.
             vm.wait_socket();
             let s = Scratch::new("seccomp-job-snap");
             let _ = vm.cli(&["snapshot", &vm.name, s.join("snap").to_str().unwrap()]);

@@ -4,8 +4,8 @@
 //! was taken from, as host paths. A snapshot can come from someone else,
 //! so a destination it names (one the user did not give again on the
 //! command line) is used only if using it cannot harm a file of the
-//! user's: nothing is there yet, a socket is there, or a file stasis
-//! itself created for output (it bears
+//! user's and creates nothing: a socket is there (a socket destination,
+//! replaced), or a file stasis itself created for output (it bears
 //! [`crate::devices::output_file::OUTPUT_XATTR`]). No destination, saved
 //! or given, may lie inside the snapshot's directory. Restore says which
 //! saved destinations it uses.
@@ -89,7 +89,15 @@ pub fn check(
             continue;
         }
         match std::fs::symlink_metadata(path) {
-            Err(_) => {}
+            // A restore creates nothing at a path a snapshot names: the
+            // guest, whose memory the snapshot also chose, would write the
+            // new file's contents (a missing ~/.ssh/authorized_keys, a
+            // cron file).
+            Err(_) => {
+                return Err(refuse(
+                    "nothing is there, and a restore never creates a file or socket at a path read from a snapshot; give the destination again to create it".into(),
+                ))
+            }
             Ok(md) if is_socket && md.file_type().is_socket() => {}
             Ok(md) if is_socket => {
                 return Err(refuse(format!(
