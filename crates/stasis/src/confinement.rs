@@ -9,6 +9,9 @@ use clap::Args;
 use stasis_config::{SerialConfig, VmConfig};
 use stasis_sandbox::{Confinement, FsPolicy};
 
+use crate::privileges::Identity;
+use std::os::unix::fs::DirBuilderExt;
+
 /// The confinement flags of `stasis run` and `stasis restore`.
 #[derive(Debug, Clone, Args)]
 pub struct SandboxArgs {
@@ -44,9 +47,31 @@ fn dir_of(path: &Path) -> PathBuf {
     }
 }
 
+/// Creates `dir` (mode 0700) for the VMM, owned by `owner` when it will
+/// become that user (`--user`): made by root now, used by the user later.
+fn private_dir(dir: &Path, owner: Option<Identity>) -> Result<(), String> {
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        return Err(format!("cannot create {}: {e}", dir.display()));
+    }
+    if let Some(id) = owner {
+        std::os::unix::fs::chown(dir, Some(id.uid), Some(id.gid))
+            .map_err(|e| format!("cannot give {} to uid {}: {e}", dir.display(), id.uid))?;
+    }
+    Ok(())
+}
+
 /// The state directories of `cfg` under `args`, created if they are the
 /// default per-VM directory.
-fn state_dirs(cfg: &VmConfig, args: &SandboxArgs, socket: &Path) -> Result<Vec<PathBuf>, String> {
+fn state_dirs(
+    cfg: &VmConfig,
+    args: &SandboxArgs,
+    socket: &Path,
+    owner: Option<Identity>,
+) -> Result<Vec<PathBuf>, String> {
     let given: Vec<PathBuf> = args
         .state_dirs
         .iter()
@@ -64,9 +89,19 @@ fn state_dirs(cfg: &VmConfig, args: &SandboxArgs, socket: &Path) -> Result<Vec<P
     if let Some(d) = cfg.disk.first() {
         return Ok(vec![dir_of(&d.path)]);
     }
-    let dir = dir_of(socket).join(format!("{}.state", cfg.name));
-    stasis_api::runtime::ensure_private_dir(&dir)
-        .map_err(|e| format!("cannot create the state directory {}: {e}", dir.display()))?;
+    let runtime = dir_of(socket);
+    if owner.is_some() && !runtime.exists() {
+        // The user's runtime directory, which the user will bind its
+        // socket in: it must exist (and be theirs) for the ruleset.
+        private_dir(&runtime, owner)?;
+    }
+    let dir = runtime.join(format!("{}.state", cfg.name));
+    if owner.is_some() {
+        private_dir(&dir, owner)?;
+    } else {
+        stasis_api::runtime::ensure_private_dir(&dir)
+            .map_err(|e| format!("cannot create the state directory {}: {e}", dir.display()))?;
+    }
     Ok(vec![dir])
 }
 
@@ -83,14 +118,17 @@ pub struct SnapshotDirs {
 /// Prepares Landlock for a VM of `cfg` whose API socket is `socket`
 /// (restored from the snapshots in `snapshots`) and says on standard
 /// error how confined it will be. Call before the VM's threads exist.
+/// With `owner` (`--user`), the directories it creates belong to that
+/// user.
 pub fn prepare(
     cfg: &VmConfig,
     args: &SandboxArgs,
     socket: &Path,
     snapshots: &SnapshotDirs,
+    owner: Option<Identity>,
 ) -> Result<(), String> {
     let mut policy = FsPolicy {
-        state_dirs: state_dirs(cfg, args, socket)?,
+        state_dirs: state_dirs(cfg, args, socket, owner)?,
         private_dirs: Vec::new(),
         read_dirs: snapshots.read.clone(),
         // KVM, taps and userfaultfd (a rollback builds the VM again), the
@@ -129,7 +167,19 @@ pub fn prepare(
     let outputs = std::iter::once(&cfg.serial).chain(cfg.console.iter().map(|c| &c.output));
     for o in outputs {
         match o {
-            SerialConfig::File { path } => policy.files.push(path.clone()),
+            SerialConfig::File { path } => {
+                // Created now (as the VM would a moment later) so that the
+                // ruleset can name it: a rollback opens it again.
+                if !path.exists() {
+                    if let Ok(f) = stasis_vmm::devices::output_file::open_append(path) {
+                        drop(f);
+                        if let Some(id) = owner {
+                            let _ = std::os::unix::fs::chown(path, Some(id.uid), Some(id.gid));
+                        }
+                    }
+                }
+                policy.files.push(path.clone())
+            }
             SerialConfig::Socket { path } => policy.private_dirs.push(dir_of(path)),
             SerialConfig::Stdout | SerialConfig::Null => {}
         }

@@ -271,7 +271,7 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
             .map_err(|e| e.to_string())?;
             // Confined before any thread of the arriving VM exists: its
             // configuration is known only now.
-            crate::confinement::prepare(config, &args.sandbox, &socket, &Default::default())?;
+            crate::confinement::prepare(config, &args.sandbox, &socket, &Default::default(), None)?;
             bound = Some((server, socket, takeover));
             Ok(())
         })

@@ -66,14 +66,26 @@ fn restore_vm(args: &RestoreArgs) -> Result<i32, String> {
     let server = match become_user {
         Some(id) => {
             let socket = crate::run::user_socket_path(&plan.config, id);
-            crate::confinement::prepare(&plan.config, &args.sandbox, &socket, &snapshot_dirs)?;
+            crate::confinement::prepare(
+                &plan.config,
+                &args.sandbox,
+                &socket,
+                &snapshot_dirs,
+                Some(id),
+            )?;
             None
         }
         None => {
             let socket = api_socket_path(&plan.config)?;
             let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
             crate::panics::install(&plan.config.name, vec![socket.clone()]);
-            crate::confinement::prepare(&plan.config, &args.sandbox, &socket, &snapshot_dirs)?;
+            crate::confinement::prepare(
+                &plan.config,
+                &args.sandbox,
+                &socket,
+                &snapshot_dirs,
+                None,
+            )?;
             Some(server)
         }
     };

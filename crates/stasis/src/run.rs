@@ -144,12 +144,12 @@ pub fn run_vm(
         // allocates anything.
         let server = ApiServer::bind(&socket).map_err(|e| e.to_string())?;
         crate::panics::install(&cfg.name, vec![socket.clone()]);
-        crate::confinement::prepare(cfg, sandbox, &socket, &Default::default())?;
+        crate::confinement::prepare(cfg, sandbox, &socket, &Default::default(), None)?;
         let vm = Vm::create(cfg).map_err(|e| e.to_string())?;
         return serve(vm, cfg, server, "running");
     };
     let socket = user_socket_path(cfg, id);
-    crate::confinement::prepare(cfg, sandbox, &socket, &Default::default())?;
+    crate::confinement::prepare(cfg, sandbox, &socket, &Default::default(), Some(id))?;
     let vm = Vm::create(cfg).map_err(|e| e.to_string())?;
     let server = bind_as(cfg, id)?;
     serve(vm, cfg, server, "running")

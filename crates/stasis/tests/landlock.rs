@@ -181,3 +181,39 @@ fn a_migrated_vm_is_confined_on_its_destination_too() {
     let out = snapshot(&arrived.vm, &state.join("snap"));
     assert!(out.status.success(), "{}", err_text(&out));
 }
+
+#[test]
+fn a_confined_vm_rolls_back_with_its_output_file_elsewhere() {
+    // The state directory is the disk's; the serial log is in another
+    // directory, created by the VM: a rollback opens it again.
+    let s = Scratch::new("landlock-rollback");
+    let disks = s.join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let disk = disks.join("d0.img");
+    sparse_file(&disk, 16 << 20);
+    let mut vm = VmProcess::start(
+        "landlock-rollback",
+        VmOpts {
+            memory: "32M",
+            cmdline: "console=ttyS0 workload=heartbeat hb_ms=50",
+            extra: vec!["--disk".into(), format!("id=d0,path={}", disk.display())],
+            env: vec![("STASIS_STATE_DIR".into(), String::new())],
+            ..Default::default()
+        },
+    );
+    vm.wait_tagged("HB", 2, Duration::from_secs(60));
+    vm.wait_socket();
+    let out = vm.cli(&["checkpoint", &vm.name, "c1", "--external"]);
+    assert!(out.status.success(), "{}", err_text(&out));
+    assert!(disks.join(format!("{}.checkpoints", vm.name)).is_dir());
+    let before = vm.tagged("HB").len();
+    let out = vm.cli(&["rollback", &vm.name, "c1"]);
+    assert!(out.status.success(), "{}", err_text(&out));
+    vm.wait_tagged("HB", before + 3, Duration::from_secs(60));
+    assert!(
+        vm.stderr().contains("restored from a snapshot"),
+        "{}",
+        vm.stderr()
+    );
+    assert!(vm.child.try_wait().unwrap().is_none(), "{}", vm.stderr());
+}

@@ -383,8 +383,11 @@ fn root_gives_itself_up_with_user_and_group() {
     require_root();
     let s = Scratch::new("priv-drop");
     let home = home(&s);
+    // No state directory given: the VM's own, RUNTIME_DIR/NAME.state,
+    // made by root for the user.
     let mut cmd = stasis_cmd();
     cmd.env("STASIS_RUNTIME_DIR", home.join("run"))
+        .env_remove("STASIS_STATE_DIR")
         .args(run_args(&home, "dropped"))
         .args([
             "--user",
@@ -402,7 +405,9 @@ fn root_gives_itself_up_with_user_and_group() {
     // The socket was made by the user, who drives the VM.
     let sock = home.join("run/dropped.sock");
     assert_eq!(std::fs::metadata(&sock).unwrap().uid(), USER);
-    let snap = home.join("snap");
+    let own = home.join("run/dropped.state");
+    assert_eq!(std::fs::metadata(&own).unwrap().uid(), USER);
+    let snap = own.join("snap");
     user_cli(&home, &["snapshot", "dropped", snap.to_str().unwrap()]);
     assert_eq!(
         std::fs::metadata(snap.join("manifest.json")).unwrap().uid(),
