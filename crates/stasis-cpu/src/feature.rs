@@ -207,9 +207,22 @@ pub fn by_name(name: &str) -> Option<FeatureBit> {
         .find(|(a, _)| *a == lower)
         .map(|(_, c)| *c)
         .unwrap_or(lower.as_str());
-    all_named()
-        .find(|(n, _)| *n == canonical)
-        .map(|(_, bit)| bit)
+    name_index().by_name.get(canonical).copied()
+}
+
+/// [`all_named`] indexed both ways, built once: names are looked up for
+/// every feature printed and every `--cpu-features` entry.
+struct NameIndex {
+    by_name: std::collections::HashMap<&'static str, FeatureBit>,
+    by_bit: std::collections::HashMap<FeatureBit, &'static str>,
+}
+
+fn name_index() -> &'static NameIndex {
+    static INDEX: std::sync::OnceLock<NameIndex> = std::sync::OnceLock::new();
+    INDEX.get_or_init(|| NameIndex {
+        by_name: all_named().collect(),
+        by_bit: all_named().map(|(n, b)| (b, n)).collect(),
+    })
 }
 
 /// The bit a [`FeatureBit::name`] of an unnamed bit stands for
@@ -243,7 +256,7 @@ pub fn parse_unnamed(name: &str) -> Option<FeatureBit> {
 
 /// The name of `bit`, if it has one.
 pub fn name_of(bit: FeatureBit) -> Option<&'static str> {
-    all_named().find(|(_, b)| *b == bit).map(|(n, _)| n)
+    name_index().by_bit.get(&bit).copied()
 }
 
 /// Known names close to `name` (for "did you mean" hints).

@@ -19,6 +19,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, OnceLock};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -84,7 +85,7 @@ struct Tracked {
 #[derive(Debug)]
 pub struct DirtyLog {
     uffd: Userfaultfd,
-    pagemap: File,
+    pagemap: Arc<File>,
     ranges: Vec<Tracked>,
     buf: Vec<PageRegion>,
 }
@@ -100,6 +101,19 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// `/proc/self/pagemap`, opened by [`keep_pagemap_open`].
+static KEPT_PAGEMAP: OnceLock<Arc<File>> = OnceLock::new();
+
+/// Opens `/proc/self/pagemap` and keeps it for the life of the process: a
+/// process that gives root up (`--user`) is no longer dumpable, and its
+/// `/proc/self` files then belong to root, so it could not open it later.
+pub fn keep_pagemap_open() -> io::Result<()> {
+    if KEPT_PAGEMAP.get().is_none() {
+        let _ = KEPT_PAGEMAP.set(Arc::new(File::open("/proc/self/pagemap")?));
+    }
+    Ok(())
+}
+
 impl DirtyLog {
     /// Starts tracking every region of `mem`. Nothing is protected yet:
     /// the first [`DirtyLog::collect`] reports all of RAM and protects it.
@@ -107,7 +121,10 @@ impl DirtyLog {
         let uffd = Userfaultfd::new(
             FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED,
         )?;
-        let pagemap = File::open("/proc/self/pagemap")?;
+        let pagemap = match KEPT_PAGEMAP.get() {
+            Some(kept) => kept.clone(),
+            None => Arc::new(File::open("/proc/self/pagemap")?),
+        };
         let mut log = DirtyLog {
             uffd,
             pagemap,

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 /// `UFFD_API`: the only API version.
 const UFFD_API: u64 = 0xAA;
@@ -155,10 +156,40 @@ fn ioctl<T>(fd: RawFd, request: u64, arg: &mut T, what: &str) -> io::Result<()> 
 /// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 
+/// `/dev/userfaultfd`, opened by [`keep_device_open`] while the process
+/// could.
+static KEPT_DEVICE: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Opens `/dev/userfaultfd` and keeps it for the life of the process, so
+/// that a VMM that gives root up (`--user`) can still make userfaultfds
+/// (live migration, background snapshots and restores): the device checks
+/// who may use it when it is opened, and `USERFAULTFD_IOC_NEW` makes one
+/// for the calling process's own memory only. Returns whether it was
+/// opened (`false` on kernels before 6.1, which have no such device).
+pub fn keep_device_open() -> io::Result<bool> {
+    if KEPT_DEVICE.get().is_some() {
+        return Ok(true);
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/userfaultfd")
+    {
+        Ok(f) => {
+            let _ = KEPT_DEVICE.set(f);
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// A new userfaultfd with `flags`: from the system call, or where that is
 /// refused to this user (`vm.unprivileged_userfaultfd=0` without
-/// `CAP_SYS_PTRACE`), from `/dev/userfaultfd` (Linux 6.1), which the
-/// administrator may let a group open.
+/// `CAP_SYS_PTRACE`), from `/dev/userfaultfd` (Linux 6.1): the one kept
+/// open by [`keep_device_open`], or else opened now (the administrator may
+/// let a group open it).
 fn open_uffd(flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: the syscall takes flags only and returns a new fd or -1.
     let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -170,13 +201,21 @@ fn open_uffd(flags: libc::c_int) -> io::Result<OwnedFd> {
     if refused.raw_os_error() != Some(libc::EPERM) {
         return Err(refused);
     }
-    let dev = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-    {
-        Ok(f) => f,
-        Err(_) => return Err(refused),
+    let opened;
+    let dev = match KEPT_DEVICE.get() {
+        Some(kept) => kept,
+        None => {
+            opened = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open("/dev/userfaultfd")
+            {
+                Ok(f) => f,
+                Err(_) => return Err(refused),
+            };
+            &opened
+        }
     };
     // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and
     // returns a new fd or -1; `dev` is open for the call.

@@ -381,6 +381,10 @@ pub struct ReceiveArgs {
     /// Confinement: seccomp filters and Landlock.
     #[command(flatten)]
     pub sandbox: crate::confinement::SandboxArgs,
+    /// Giving root up once the arriving VM exists (tcp: only; a local
+    /// upgrade needs no root: run the receiver as the source's user).
+    #[command(flatten)]
+    pub privileges: crate::privileges::PrivilegeArgs,
 }
 
 /// `stasis migrate NAME tcp:HOST:PORT|unix:PATH`.

@@ -232,6 +232,13 @@ fn receiver_auth(args: &ReceiveArgs) -> Result<Auth, String> {
 
 fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
     let auth = receiver_auth(args)?;
+    let become_user = args.privileges.identity()?;
+    if become_user.is_some() && args.listen.is_local() {
+        return Err(
+            "--user is for tcp: listeners; a local upgrade needs no root: run stasis receive as the user the source VM runs as"
+                .into(),
+        );
+    }
     let overrides = args.vm.overrides();
     let listener = args
         .listen
@@ -259,6 +266,19 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
     let mut bound = None;
     let config = incoming
         .check(&overrides, |config| {
+            if let Some(id) = become_user {
+                // The socket is bound as the user once the VM exists.
+                let socket = crate::run::user_socket_path(config, id);
+                crate::confinement::prepare(
+                    config,
+                    &args.sandbox,
+                    &socket,
+                    &Default::default(),
+                    Some(id),
+                )?;
+                bound = Some((None, socket, false));
+                return Ok(());
+            }
             let socket = api_socket_path(config)?;
             // A local upgrade in the same runtime directory: the control
             // socket is the source's own, taken over once the VM runs here.
@@ -272,7 +292,7 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
             // Confined before any thread of the arriving VM exists: its
             // configuration is known only now.
             crate::confinement::prepare(config, &args.sandbox, &socket, &Default::default(), None)?;
-            bound = Some((server, socket, takeover));
+            bound = Some((Some(server), socket, takeover));
             Ok(())
         })
         .map_err(|e| e.to_string())?;
@@ -294,7 +314,9 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
     drop(listener);
     // The source's socket is never removed from here; a taken-over one is
     // ours only once serving starts.
-    crate::panics::install(&config.name, if takeover { vec![] } else { vec![socket] });
+    if server.is_some() {
+        crate::panics::install(&config.name, if takeover { vec![] } else { vec![socket] });
+    }
     eprintln!(
         "stasis: receiving '{}' from {peer} ({}, {} MiB)",
         config.name, incoming.source_software, config.memory_mib
@@ -361,6 +383,18 @@ fn receive_vm(args: &ReceiveArgs) -> Result<i32, String> {
             started.elapsed().as_secs_f64() * 1e3
         );
     }
+    // With --user, root goes now that the VM exists; the socket follows.
+    let server = match (server, become_user) {
+        (Some(server), _) => server,
+        (None, Some(id)) => match crate::run::bind_as(&arrival.config, id) {
+            Ok(server) => server,
+            Err(e) => {
+                incoming.refuse(&e);
+                return Err(e);
+            }
+        },
+        (None, None) => unreachable!("a server is bound unless --user"),
+    };
     stasis_failpoint::hit("migrate.before_confirm");
     let cfg = arrival.config;
     serve_then(

@@ -97,6 +97,12 @@ impl PrivilegeArgs {
         if uid == 0 {
             return Err("--user: becoming root is not giving root up".into());
         }
+        if gid == 0 {
+            return Err(
+                "--group: the root group (gid 0) is not giving root up; name the user's own group"
+                    .into(),
+            );
+        }
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return Err("--user needs stasis to be started as root".into());
@@ -115,6 +121,21 @@ pub fn become_user(id: Identity) -> Result<(), String> {
             std::io::Error::last_os_error()
         )
     };
+    // Userfaultfds (live migration, background snapshots and restores)
+    // come from /dev/userfaultfd once root is gone: opened now, kept.
+    match stasis_vmm::uffd::keep_device_open() {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "this kernel has no /dev/userfaultfd: as uid {}, live migration and background snapshots and restores need vm.unprivileged_userfaultfd=1",
+            id.uid
+        ),
+        Err(e) => tracing::warn!("cannot open /dev/userfaultfd before giving root up: {e}"),
+    }
+    // Once root is gone the process is not dumpable and /proc/self is
+    // root's: dirty-page tracking's pagemap is opened now.
+    if let Err(e) = stasis_vmm::dirty::keep_pagemap_open() {
+        tracing::warn!("cannot open /proc/self/pagemap before giving root up: {e}");
+    }
     // SAFETY: setgroups with a count of 0 reads no memory.
     if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
         return Err(fail("setgroups"));

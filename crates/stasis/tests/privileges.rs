@@ -130,8 +130,9 @@ fn user_cli(home: &Path, args: &[&str]) -> Output {
 fn thread_ids(pid: u32) -> Vec<(String, String, String)> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .map(|t| {
-            let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        .filter_map(|t| {
+            // A thread that ended meanwhile is skipped.
+            let status = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
             let field = |k: &str| {
                 status
                     .lines()
@@ -142,7 +143,7 @@ fn thread_ids(pid: u32) -> Vec<(String, String, String)> {
                     .collect::<Vec<_>>()
                     .join(" ")
             };
-            (field("Uid:"), field("Gid:"), field("Groups:"))
+            Some((field("Uid:"), field("Gid:"), field("Groups:")))
         })
         .collect()
 }
@@ -324,20 +325,7 @@ fn an_unprivileged_user_runs_snapshots_restores_checkpoints_and_migrates() {
     ]);
     let mut arrived = spawn_vm(cmd, "restored", &home, "priv-arrived");
     arrived.serial = home.join("arrived.log");
-    let address = {
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(a) = arrived
-                .stderr()
-                .lines()
-                .find_map(|l| l.strip_prefix("stasis: waiting for a migration on "))
-            {
-                break a.trim().to_string();
-            }
-            assert!(std::time::Instant::now() < end, "{}", arrived.stderr());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let address = listening_address(&arrived);
     user_cli(&home, &["migrate", "restored", &address, "--insecure"]);
     assert_eq!(restored.wait_exit(Duration::from_secs(60)).code(), Some(0));
     arrived.wait_tagged("HB", 2, Duration::from_secs(60));
@@ -413,8 +401,39 @@ fn root_gives_itself_up_with_user_and_group() {
         std::fs::metadata(snap.join("manifest.json")).unwrap().uid(),
         USER
     );
-    user_cli(&home, &["stop", "dropped"]);
+    // A receiver started as root gives root up too, once the arriving VM
+    // exists, and binds the socket as the user.
+    let mut cmd = stasis_cmd();
+    cmd.env("STASIS_RUNTIME_DIR", home.join("run2")).args([
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--insecure",
+        "--serial",
+        &format!("file:{}", home.join("arrived.log").display()),
+        "--user",
+        &USER.to_string(),
+        "--group",
+        &kvm_gid().to_string(),
+    ]);
+    let mut arrived = spawn_vm(cmd, "dropped", &home, "priv-drop-arrived");
+    arrived.serial = home.join("arrived.log");
+    arrived.runtime_dir = home.join("run2");
+    let address = listening_address(&arrived);
+    user_cli(&home, &["migrate", "dropped", &address, "--insecure"]);
     assert_eq!(vm.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    arrived.wait_tagged("HB", 2, Duration::from_secs(60));
+    arrived.wait_socket();
+    assert_runs_as_user(&arrived);
+    let sock = home.join("run2/dropped.sock");
+    assert_eq!(std::fs::metadata(&sock).unwrap().uid(), USER);
+    let out = as_user(&home)
+        .env("STASIS_RUNTIME_DIR", home.join("run2"))
+        .args(["stop", "dropped"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", err_text(&out));
+    assert_eq!(arrived.wait_exit(Duration::from_secs(60)).code(), Some(0));
 
     // Wrong uses are refused before anything starts.
     for (args, want) in [
@@ -427,6 +446,10 @@ fn root_gives_itself_up_with_user_and_group() {
             "becoming root is not giving root up",
         ),
         (vec!["--user", "64101"], "a numeric uid needs --group"),
+        (
+            vec!["--user", "64101", "--group", "0"],
+            "the root group (gid 0) is not giving root up",
+        ),
     ] {
         let out = stasis_cmd()
             .env("STASIS_RUNTIME_DIR", home.join("run"))
@@ -440,5 +463,42 @@ fn root_gives_itself_up_with_user_and_group() {
             "{args:?}: {}",
             err_text(&out)
         );
+    }
+    // A local upgrade needs no root, so a receiver on a UNIX socket does
+    // not take --user.
+    let out = stasis_cmd()
+        .env("STASIS_RUNTIME_DIR", home.join("run"))
+        .args(["receive", "--listen"])
+        .arg(format!("unix:{}", home.join("upgrade.sock").display()))
+        .args([
+            "--user",
+            &USER.to_string(),
+            "--group",
+            &kvm_gid().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err_text(&out).contains("--user is for tcp: listeners"),
+        "{}",
+        err_text(&out)
+    );
+    assert!(!home.join("upgrade.sock").exists());
+}
+
+/// The address a receiver printed that it waits on.
+fn listening_address(receiver: &VmProcess) -> String {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(a) = receiver
+            .stderr()
+            .lines()
+            .find_map(|l| l.strip_prefix("stasis: waiting for a migration on "))
+        {
+            return a.trim().to_string();
+        }
+        assert!(std::time::Instant::now() < end, "{}", receiver.stderr());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
