@@ -68,6 +68,20 @@ fn every_thread_of_a_running_vm_is_filtered() {
     vm.cli(&["pause", &vm.name]);
     vm.cli(&["resume", &vm.name]);
     vm.wait_tagged("HB", 4, Duration::from_secs(60));
+    // A SIGSYS another process sends is not taken for a forbidden call.
+    // SAFETY: kill takes plain integers.
+    assert_eq!(unsafe { libc::kill(vm.child.id() as i32, libc::SIGSYS) }, 0);
+    let status = vm.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(159), "{}", vm.stderr());
+    let err = vm.stderr();
+    assert!(
+        err.contains(&format!(
+            "SIGSYS sent by process {} (not a forbidden system call)",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("made a forbidden system call"), "{err}");
 }
 
 #[test]
