@@ -28,9 +28,14 @@ pub struct FsPolicy {
     /// reflink clones, checkpoint stores).
     pub state_dirs: Vec<PathBuf>,
     /// Directories the VMM itself writes in, which are not offered for
-    /// state: the runtime directory (its API socket), the directories of
-    /// output sockets, a restored snapshot whose working set is recorded.
+    /// state: a restored snapshot whose working set is recorded.
     pub private_dirs: Vec<PathBuf>,
+    /// Directories where the VMM only binds and removes sockets: the
+    /// runtime directory (its API socket; a rollback binds it again, a
+    /// local upgrade renames its own over it) and the directories of
+    /// output sockets. It may create sockets and remove files there,
+    /// and nothing else: no file is written or made in them.
+    pub socket_dirs: Vec<PathBuf>,
     /// Directories whose tree may only be read (a restored snapshot and
     /// its parents).
     pub read_dirs: Vec<PathBuf>,
@@ -80,6 +85,11 @@ pub fn prepare(policy: &FsPolicy) -> Result<Confinement, SandboxError> {
         .add_rules(path_beneath_rules(existing(&policy.state_dirs), all))
         .map_err(|e| fail(&e))?
         .add_rules(path_beneath_rules(existing(&policy.private_dirs), all))
+        .map_err(|e| fail(&e))?
+        .add_rules(path_beneath_rules(
+            existing(&policy.socket_dirs),
+            AccessFs::MakeSock | AccessFs::RemoveFile,
+        ))
         .map_err(|e| fail(&e))?
         .add_rules(path_beneath_rules(existing(&policy.read_dirs), read))
         .map_err(|e| fail(&e))?

@@ -130,6 +130,7 @@ pub fn prepare(
     let mut policy = FsPolicy {
         state_dirs: state_dirs(cfg, args, socket, owner)?,
         private_dirs: Vec::new(),
+        socket_dirs: Vec::new(),
         read_dirs: snapshots.read.clone(),
         // KVM, taps and userfaultfd (a rollback builds the VM again), the
         // page map that tracks dirty pages for live snapshots and
@@ -161,8 +162,9 @@ pub fn prepare(
     }
     // The runtime directory (the API socket is removed at the end and
     // bound again by a rollback), and output destinations (a rollback
-    // opens them again; a socket is bound again beside itself).
-    policy.private_dirs.push(dir_of(socket));
+    // opens them again; a socket is bound again beside itself): sockets
+    // only, not a place for files.
+    policy.socket_dirs.push(dir_of(socket));
     policy.private_dirs.extend(snapshots.write.clone());
     let outputs = std::iter::once(&cfg.serial).chain(cfg.console.iter().map(|c| &c.output));
     for o in outputs {
@@ -180,7 +182,7 @@ pub fn prepare(
                 }
                 policy.files.push(path.clone())
             }
-            SerialConfig::Socket { path } => policy.private_dirs.push(dir_of(path)),
+            SerialConfig::Socket { path } => policy.socket_dirs.push(dir_of(path)),
             SerialConfig::Stdout | SerialConfig::Null => {}
         }
     }

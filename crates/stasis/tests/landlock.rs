@@ -101,6 +101,26 @@ fn landlock_stops_a_write_that_stasis_did_not_refuse() {
         std::fs::read_dir(&elsewhere).unwrap().next().is_none(),
         "something was written outside"
     );
+    // The runtime directory takes the API socket, and nothing else.
+    let before: Vec<_> = std::fs::read_dir(&vm.runtime_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let out = snapshot(&vm, &vm.runtime_dir.join("snap"));
+    assert_eq!(out.status.code(), Some(1), "{}", err_text(&out));
+    assert!(
+        err_text(&out).contains("Permission denied"),
+        "{}",
+        err_text(&out)
+    );
+    let after: Vec<_> = std::fs::read_dir(&vm.runtime_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        before, after,
+        "something was written in the runtime directory"
+    );
     // Inside still works: the failure was Landlock's, not a broken VM.
     let out = snapshot(&vm, &state.join("snap"));
     assert!(out.status.success(), "{}", err_text(&out));
