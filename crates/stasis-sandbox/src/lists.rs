@@ -237,6 +237,11 @@ pub(crate) fn allowed(kind: ThreadKind) -> Vec<i64> {
 /// thread may make only KVM's ioctls (type 0xAE, so no `TIOCSTI` on an
 /// inherited terminal), and vCPU and signal threads may signal only
 /// threads of their own process.
+/// `TIOCSTI`: pushes a byte into a terminal's input.
+const TIOCSTI: u32 = 0x5412;
+/// `TIOCLINUX`: the Linux console's subcommands (one pastes a selection).
+const TIOCLINUX: u32 = 0x541c;
+
 fn conditions(kind: ThreadKind, nr: i64) -> Result<Vec<SeccompRule>, String> {
     use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
     let guest_facing = matches!(kind, ThreadKind::Vcpu | ThreadKind::Signals);
@@ -249,6 +254,23 @@ fn conditions(kind: ThreadKind, nr: i64) -> Result<Vec<SeccompRule>, String> {
             Op::MaskedEq(0xff00),
             0xae00,
         )?])?]);
+    }
+    if kind == ThreadKind::DeviceIo && nr == libc::SYS_ioctl {
+        // The types of the ioctls virtio devices and disk checkpoints make:
+        // KVM's (interrupts), block devices' (sizes), FICLONE's and
+        // FS_IOC_GETVERSION's (reflinks, disk identity), and the
+        // terminal/TUN type 'T' (tap offloads, FIONBIO, TCGETS) but not
+        // TIOCSTI or TIOCLINUX, which type into a terminal.
+        let mut rules = Vec::new();
+        for ty in [0xae00, 0x1200, 0x9400, 0x7600] {
+            rules.push(rule(vec![cond(1, Len::Dword, Op::MaskedEq(0xff00), ty)?])?);
+        }
+        rules.push(rule(vec![
+            cond(1, Len::Dword, Op::MaskedEq(0xff00), 0x5400)?,
+            cond(1, Len::Dword, Op::Ne, u64::from(TIOCSTI))?,
+            cond(1, Len::Dword, Op::Ne, u64::from(TIOCLINUX))?,
+        ])?);
+        return Ok(rules);
     }
     if guest_facing && nr == libc::SYS_tgkill {
         // SAFETY: getpid has no preconditions.
@@ -332,6 +354,59 @@ mod tests {
                 libc::SYS_renameat2,
             ] {
                 assert!(!list.contains(&nr), "{kind:?} allows {nr}");
+            }
+        }
+    }
+
+    /// Set in the child the next test runs itself as: which ioctl it makes
+    /// under the device I/O filter.
+    const CHILD_ENV: &str = "STASIS_SANDBOX_TEST_IOCTL";
+
+    #[test]
+    fn device_io_threads_may_make_only_their_devices_ioctls() {
+        use std::os::unix::process::ExitStatusExt;
+        if let Ok(which) = std::env::var(CHILD_ENV) {
+            let (fd, request): (i32, u64) = match which.as_str() {
+                "fionbio" => (0, libc::FIONBIO),
+                "kvm" => (0, 0xae00),
+                "tiocsti" => (0, u64::from(TIOCSTI)),
+                "tioclinux" => (0, u64::from(TIOCLINUX)),
+                "siocgifflags" => (0, libc::SIOCGIFFLAGS),
+                _ => unreachable!(),
+            };
+            let program = program(ThreadKind::DeviceIo, Mode::Kill).unwrap();
+            seccompiler::apply_filter(program).unwrap();
+            let mut arg = [0u8; 64];
+            // SAFETY: an ioctl on standard input with a 64-byte buffer it
+            // may fill; every request here fails or reads no more than that.
+            unsafe { libc::ioctl(fd, request as _, arg.as_mut_ptr()) };
+            std::process::exit(0);
+        }
+        let exe = std::env::current_exe().unwrap();
+        for (which, allowed) in [
+            ("fionbio", true),
+            ("kvm", true),
+            ("tiocsti", false),
+            ("tioclinux", false),
+            ("siocgifflags", false),
+        ] {
+            let status = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "lists::tests::device_io_threads_may_make_only_their_devices_ioctls",
+                    "--test-threads",
+                    "1",
+                ])
+                .env(CHILD_ENV, which)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            if allowed {
+                assert_eq!(status.code(), Some(0), "{which}: {status:?}");
+            } else {
+                assert_eq!(status.signal(), Some(libc::SIGSYS), "{which}: {status:?}");
             }
         }
     }
