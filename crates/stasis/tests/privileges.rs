@@ -315,14 +315,8 @@ fn an_unprivileged_user_runs_snapshots_restores_checkpoints_and_migrates() {
     // Migrate it to a receiver, both as the user.
     // Its own runtime directory: the VM keeps its name on arrival.
     let mut cmd = as_user(&home);
-    cmd.env("STASIS_RUNTIME_DIR", home.join("run2")).args([
-        "receive",
-        "--listen",
-        "tcp:127.0.0.1:0",
-        "--insecure",
-        "--serial",
-        &format!("file:{}", home.join("arrived.log").display()),
-    ]);
+    cmd.env("STASIS_RUNTIME_DIR", home.join("run2"))
+        .args(receiver_args(&home));
     let mut arrived = spawn_vm(cmd, "restored", &home, "priv-arrived");
     arrived.serial = home.join("arrived.log");
     let address = listening_address(&arrived);
@@ -330,13 +324,7 @@ fn an_unprivileged_user_runs_snapshots_restores_checkpoints_and_migrates() {
     assert_eq!(restored.wait_exit(Duration::from_secs(60)).code(), Some(0));
     arrived.wait_tagged("HB", 2, Duration::from_secs(60));
     assert_runs_as_user(&arrived);
-    let out = as_user(&home)
-        .env("STASIS_RUNTIME_DIR", home.join("run2"))
-        .args(["stop", "restored"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", err_text(&out));
-    assert_eq!(arrived.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    stop_arrived(&home, &mut arrived);
 
     // Checkpoints of a VM with a disk: an external one (a qcow2 overlay
     // made by the user beside the disk), listed, then rolled back to.
@@ -404,18 +392,14 @@ fn root_gives_itself_up_with_user_and_group() {
     // A receiver started as root gives root up too, once the arriving VM
     // exists, and binds the socket as the user.
     let mut cmd = stasis_cmd();
-    cmd.env("STASIS_RUNTIME_DIR", home.join("run2")).args([
-        "receive",
-        "--listen",
-        "tcp:127.0.0.1:0",
-        "--insecure",
-        "--serial",
-        &format!("file:{}", home.join("arrived.log").display()),
-        "--user",
-        &USER.to_string(),
-        "--group",
-        &kvm_gid().to_string(),
-    ]);
+    cmd.env("STASIS_RUNTIME_DIR", home.join("run2"))
+        .args(receiver_args(&home))
+        .args([
+            "--user",
+            &USER.to_string(),
+            "--group",
+            &kvm_gid().to_string(),
+        ]);
     let mut arrived = spawn_vm(cmd, "dropped", &home, "priv-drop-arrived");
     arrived.serial = home.join("arrived.log");
     arrived.runtime_dir = home.join("run2");
@@ -427,13 +411,7 @@ fn root_gives_itself_up_with_user_and_group() {
     assert_runs_as_user(&arrived);
     let sock = home.join("run2/dropped.sock");
     assert_eq!(std::fs::metadata(&sock).unwrap().uid(), USER);
-    let out = as_user(&home)
-        .env("STASIS_RUNTIME_DIR", home.join("run2"))
-        .args(["stop", "dropped"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", err_text(&out));
-    assert_eq!(arrived.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    stop_arrived(&home, &mut arrived);
 
     // Wrong uses are refused before anything starts.
     for (args, want) in [
@@ -485,6 +463,31 @@ fn root_gives_itself_up_with_user_and_group() {
         err_text(&out)
     );
     assert!(!home.join("upgrade.sock").exists());
+}
+
+/// `stasis receive` on a free loopback port, its log in `home`.
+fn receiver_args(home: &Path) -> Vec<String> {
+    [
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--insecure",
+        "--serial",
+        &format!("file:{}", home.join("arrived.log").display()),
+    ]
+    .map(String::from)
+    .into()
+}
+
+/// Stops, as USER, a VM that arrived at a receiver in `home/run2`.
+fn stop_arrived(home: &Path, arrived: &mut VmProcess) {
+    let out = as_user(home)
+        .env("STASIS_RUNTIME_DIR", home.join("run2"))
+        .args(["stop", &arrived.name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", err_text(&out));
+    assert_eq!(arrived.wait_exit(Duration::from_secs(60)).code(), Some(0));
 }
 
 /// The address a receiver printed that it waits on.
