@@ -68,6 +68,18 @@ impl Line {
         }
     }
 
+    /// Writes the line to standard error and ends the process with
+    /// [`EXIT_STATUS`].
+    fn print_and_exit(&self) -> ! {
+        // SAFETY: write(2) to standard error from a buffer of `len` bytes,
+        // then exit_group: both allowed in every list, both
+        // async-signal-safe.
+        unsafe {
+            libc::write(2, self.buf.as_ptr().cast(), self.len);
+            libc::_exit(EXIT_STATUS)
+        }
+    }
+
     fn push_number(&mut self, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
@@ -124,11 +136,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         line.push(b"stasis: SIGSYS sent by process ");
         line.push_number(u64::from(pid.unsigned_abs()));
         line.push(b" (not a forbidden system call); the VMM ends\n");
-        // SAFETY: as below.
-        unsafe {
-            libc::write(2, line.buf.as_ptr().cast(), line.len);
-            libc::_exit(EXIT_STATUS);
-        }
+        line.print_and_exit();
     }
     // SAFETY: a seccomp SIGSYS carries the system call's number at its
     // documented place.
@@ -152,10 +160,5 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     line.push(b" (");
     line.push_number(u64::from(nr.unsigned_abs()));
     line.push(b"); the VMM ends\n");
-    // SAFETY: write(2) to standard error from a buffer of `len` bytes,
-    // then exit_group: both allowed in every list, both async-signal-safe.
-    unsafe {
-        libc::write(2, line.buf.as_ptr().cast(), line.len);
-        libc::_exit(EXIT_STATUS);
-    }
+    line.print_and_exit();
 }
